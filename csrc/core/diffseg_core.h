@@ -1,0 +1,107 @@
+/*
+ * diffseg core: DiffSeg post-processing on float32 buffers.
+ *
+ * Plain C99 (+ optional OpenMP). No Python, no torch: a C program can include
+ * this header and link the core directly.
+ *
+ * Conventions
+ *   - Matrices are dense, row-major, C-contiguous float32.
+ *   - Every function returns DSEG_OK (0) or an error code; the message is
+ *     available from dseg_last_error() (thread-local). Nothing exits or aborts.
+ *   - Results are bit-identical for any thread count.
+ */
+#ifndef DIFFSEG_CORE_H
+#define DIFFSEG_CORE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    DSEG_OK = 0,
+    DSEG_EINVAL = 1, /* invalid argument (message names it) */
+    DSEG_ENOMEM = 2, /* allocation failed */
+};
+
+/* Message of the last failed call on this thread ("" if none). */
+const char *dseg_last_error(void);
+
+/* Thread count used by the core's parallel loops (n < 1 means "all cores"). */
+void dseg_set_num_threads(int n);
+int dseg_get_num_threads(void);
+/* 1 when the core was compiled with OpenMP. */
+int dseg_has_openmp(void);
+
+/*
+ * Optional external single-precision GEMM with the Fortran BLAS ABI (for
+ * example the sgemm that SciPy exports). NULL restores the built-in kernel.
+ * Merge decisions do not depend on which GEMM runs: pairs whose fast distance
+ * is close to a threshold are recomputed exactly (see merge.c).
+ */
+typedef void (*dseg_sgemm_fn)(const char *transa, const char *transb,
+                              const int *m, const int *n, const int *k,
+                              const float *alpha, const float *a, const int *lda,
+                              const float *b, const int *ldb,
+                              const float *beta, float *c, const int *ldc);
+void dseg_set_sgemm(dseg_sgemm_fn fn);
+dseg_sgemm_fn dseg_get_sgemm(void);
+
+/*
+ * Aggregate attention of several resolutions into one (R*R, R*R) matrix.
+ *
+ * maps[i] is a row-stochastic (res[i]^2, res[i]^2) matrix (query rows,
+ * row-major positions). Each query's key map is bilinearly upsampled
+ * res -> out_res (half-pixel centres, edge clamp), normalised to sum 1,
+ * duplicated over the out_res/res x out_res/res queries it covers, and added
+ * with weight weights[i]. Every res[i] must divide out_res.
+ * out: (out_res^2, out_res^2), overwritten.
+ */
+int dseg_aggregate(int n_maps, const int *res, const float *const *maps,
+                   const float *weights, int out_res, float *out);
+
+/* Anchor coordinates along one axis, as the official code: grid values. */
+int dseg_anchor_coords(int R, int grid, int *coords);
+
+/* Optional statistics of one dseg_merge call. */
+typedef struct {
+    int64_t pairs;           /* distances decided */
+    int64_t exact_rechecks;  /* of those, recomputed exactly in float64 */
+} dseg_merge_stats;
+
+/*
+ * Iterative KL merging.
+ *
+ * A: (R*R, R*R) aggregated attention (row i = attention map of query i).
+ * Iteration 0 averages, for each of the grid*grid anchors, every row of A
+ * whose symmetric KL to the anchor is < thresholds[0]. Iterations
+ * 1..n_iter-1 greedily merge the proposals (non-exclusive, in index order).
+ * proposals: caller buffer of grid*grid*R*R floats; the first *n_proposals
+ * rows hold the result. stats may be NULL.
+ */
+int dseg_merge(const float *A, int R, int grid, const double *thresholds,
+               int n_iter, float *proposals, int *n_proposals,
+               dseg_merge_stats *stats);
+
+/*
+ * Symmetric KL D(p, q) = 1/2 sum (p - q)(log p - log q) between every row of
+ * P (m, n) and every row of Q (k, n) into D (m, k), in float64 with the
+ * conventions 0 log 0 = 0 and D = +inf when one has zero mass where the
+ * other has positive mass.
+ */
+int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D);
+
+/*
+ * Label map: bilinearly upsample each of the K (h, w) proposals to (H, W)
+ * (half-pixel centres, edge clamp) and take the argmax (first index on ties).
+ * Labels are renumbered to 0..n-1 in proposal order. labels: (H, W) int32.
+ * n_labels may be NULL.
+ */
+int dseg_nms(const float *proposals, int K, int h, int w, int H, int W,
+             int32_t *labels, int *n_labels);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,37 @@
+/* Private helpers shared by the core's translation units. */
+#ifndef DIFFSEG_INTERNAL_H
+#define DIFFSEG_INTERNAL_H
+
+#include <stddef.h>
+#include "diffseg_core.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Record a printf-style message for dseg_last_error(); returns code. */
+int dseg_fail(int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void dseg_clear_error(void);
+
+/* Threads for the next parallel region (never 0). */
+int dseg_threads(void);
+
+/*
+ * C (m, n) = X (m, k) * Y (n, k)^T (+ C when accumulate), row-major with
+ * leading dimensions ldx, ldy, ldc. Uses the external sgemm when set, else a
+ * blocked, OpenMP-parallel kernel.
+ */
+void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
+                  int ldy, float *C, int ldc, int accumulate);
+
+/* Bilinear source index pair and weight of each destination pixel
+ * (half-pixel centres, edge clamp: torch align_corners=False). */
+void dseg_bilinear_table(int in, int out, int *i0, int *i1, float *frac);
+
+void *dseg_malloc(size_t bytes);
+
+#endif

@@ -1,0 +1,354 @@
+/*
+ * diffseg._core: CPython bindings of the C core.
+ *
+ * Each function validates its arrays (float32, C-contiguous, shape, finite,
+ * non-negative) while holding the GIL, then releases it around the C call.
+ * The friendlier conversions (float64, strides, mappings) live in
+ * diffseg/core.py; this layer refuses anything it would have to copy.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/diffseg_core.h"
+
+/* Raise for a failed core call: EINVAL -> ValueError, ENOMEM -> MemoryError. */
+static PyObject *core_error(int rc) {
+    PyErr_SetString(rc == DSEG_ENOMEM ? PyExc_MemoryError : PyExc_ValueError, dseg_last_error());
+    return NULL;
+}
+
+/* A float32 C-contiguous array of the given rank whose values are finite and
+ * >= 0, or NULL with TypeError/ValueError naming `name`. Borrowed reference. */
+static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy array, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "%s must be float32", name);
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", name, ndim,
+                     PyArray_NDIM(arr));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", name);
+        return NULL;
+    }
+    if (PyArray_SIZE(arr) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s is empty", name);
+        return NULL;
+    }
+    const float *v = (const float *)PyArray_DATA(arr);
+    const npy_intp n = PyArray_SIZE(arr);
+    for (npy_intp i = 0; i < n; i++) {
+        /* One test catches NaN (comparison false), -x and +inf. */
+        if (!(v[i] >= 0.0f && v[i] <= 3.402823466e38f)) {
+            PyErr_Format(PyExc_ValueError, "%s must be finite and non-negative (bad value at flat index %zd)",
+                         name, (Py_ssize_t)i);
+            return NULL;
+        }
+    }
+    return arr;
+}
+
+static int positive_int(PyObject *obj, const char *name, int *out) {
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred()) return 0;
+    if (v < 1 || v > 1000000) {
+        PyErr_Format(PyExc_ValueError, "%s must be in [1, 1000000], got %ld", name, v);
+        return 0;
+    }
+    *out = (int)v;
+    return 1;
+}
+
+/* aggregate(maps: list[ndarray], weights: list[float], out_res: int) */
+static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *maps_obj, *weights_obj, *out_res_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &maps_obj, &weights_obj, &out_res_obj)) return NULL;
+    int out_res;
+    if (!positive_int(out_res_obj, "out_res", &out_res)) return NULL;
+    if (!PyList_Check(maps_obj) || !PyList_Check(weights_obj)) {
+        PyErr_SetString(PyExc_TypeError, "attn and weights must be lists");
+        return NULL;
+    }
+    const Py_ssize_t n = PyList_GET_SIZE(maps_obj);
+    if (n < 1 || n > 64) {
+        PyErr_SetString(PyExc_ValueError, "attn must hold 1 to 64 maps");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(weights_obj) != n) {
+        PyErr_SetString(PyExc_ValueError, "weights must have one entry per attention map");
+        return NULL;
+    }
+    int res[64];
+    float weights[64];
+    const float *ptrs[64];
+    char name[48];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        snprintf(name, sizeof name, "attn[%zd]", i);
+        PyArrayObject *a = checked_array(PyList_GET_ITEM(maps_obj, i), 2, name);
+        if (!a) return NULL;
+        const npy_intp q = PyArray_DIM(a, 0);
+        const long s = lround(sqrt((double)q));
+        if (PyArray_DIM(a, 1) != q || (npy_intp)s * s != q) {
+            PyErr_Format(PyExc_ValueError, "%s must be (s*s, s*s) for an integer s, got (%zd, %zd)",
+                         name, (Py_ssize_t)q, (Py_ssize_t)PyArray_DIM(a, 1));
+            return NULL;
+        }
+        res[i] = (int)s;
+        ptrs[i] = (const float *)PyArray_DATA(a);
+        const double w = PyFloat_AsDouble(PyList_GET_ITEM(weights_obj, i));
+        if (w == -1.0 && PyErr_Occurred()) return NULL;
+        if (!(w >= 0.0 && w < 1e30)) {
+            PyErr_Format(PyExc_ValueError, "weights[%zd] must be finite and >= 0, got %g", i, w);
+            return NULL;
+        }
+        weights[i] = (float)w;
+    }
+    const npy_intp N = (npy_intp)out_res * out_res;
+    if (N > 46225) { /* 215^2: keeps every index in range */
+        PyErr_Format(PyExc_ValueError, "out_res %d is too large (at most 215)", out_res);
+        return NULL;
+    }
+    npy_intp dims[2] = {N, N};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_aggregate((int)n, res, ptrs, weights, out_res,
+                        (float *)PyArray_DATA((PyArrayObject *)out));
+    Py_END_ALLOW_THREADS
+    if (rc != DSEG_OK) {
+        Py_DECREF(out);
+        return core_error(rc);
+    }
+    return out;
+}
+
+/* merge(A: (N, N) ndarray, grid: int, thresholds: sequence of float)
+ *   -> (proposals (K, R, R), pairs, exact_rechecks) */
+static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *A_obj, *grid_obj, *thr_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &A_obj, &grid_obj, &thr_obj)) return NULL;
+    PyArrayObject *A = checked_array(A_obj, 2, "A");
+    if (!A) return NULL;
+    const npy_intp N = PyArray_DIM(A, 0);
+    const long R = lround(sqrt((double)N));
+    if (PyArray_DIM(A, 1) != N || (npy_intp)R * R != N) {
+        PyErr_Format(PyExc_ValueError, "A must be (R*R, R*R) for an integer R, got (%zd, %zd)",
+                     (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
+        return NULL;
+    }
+    if (R > 215) {
+        PyErr_Format(PyExc_ValueError, "A: resolution %ld is too large (at most 215)", R);
+        return NULL;
+    }
+    int grid;
+    if (!positive_int(grid_obj, "grid", &grid)) return NULL;
+    if (grid > R) {
+        PyErr_Format(PyExc_ValueError, "grid must be in [1, %ld] for A of resolution %ld, got %d",
+                     R, R, grid);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(thr_obj, "kl_threshold must be a sequence of floats");
+    if (!seq) return NULL;
+    const Py_ssize_t n_iter = PySequence_Fast_GET_SIZE(seq);
+    if (n_iter < 1 || n_iter > 1000) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "kl_threshold must hold 1 to 1000 values");
+        return NULL;
+    }
+    double *thr = malloc(sizeof(double) * n_iter);
+    if (!thr) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n_iter; i++) {
+        thr[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if ((thr[i] == -1.0 && PyErr_Occurred()) || !(thr[i] > 0.0 && thr[i] < 1e300)) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "kl_threshold[%zd] must be finite and > 0, got %g",
+                             i, thr[i]);
+            Py_DECREF(seq);
+            free(thr);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+
+    const npy_intp G = (npy_intp)grid * grid;
+    float *buf = malloc(sizeof(float) * (size_t)G * N);
+    if (!buf) {
+        free(thr);
+        return PyErr_NoMemory();
+    }
+    int K = 0, rc;
+    dseg_merge_stats stats = {0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_merge((const float *)PyArray_DATA(A), (int)R, grid, thr, (int)n_iter, buf, &K,
+                    &stats);
+    Py_END_ALLOW_THREADS
+    free(thr);
+    if (rc != DSEG_OK) {
+        free(buf);
+        return core_error(rc);
+    }
+    npy_intp dims[3] = {K, R, R};
+    PyObject *out = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (!out) {
+        free(buf);
+        return NULL;
+    }
+    memcpy(PyArray_DATA((PyArrayObject *)out), buf, sizeof(float) * (size_t)K * N);
+    free(buf);
+    return Py_BuildValue("NLL", out, (long long)stats.pairs, (long long)stats.exact_rechecks);
+}
+
+/* nms(proposals: (K, h, w) ndarray, H: int, W: int) -> (labels (H, W) int32, n_labels) */
+static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *P_obj, *H_obj, *W_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &P_obj, &H_obj, &W_obj)) return NULL;
+    PyArrayObject *P = checked_array(P_obj, 3, "proposals");
+    if (!P) return NULL;
+    int H, W;
+    if (!positive_int(H_obj, "size[0]", &H) || !positive_int(W_obj, "size[1]", &W)) return NULL;
+    const npy_intp K = PyArray_DIM(P, 0), h = PyArray_DIM(P, 1), w = PyArray_DIM(P, 2);
+    if (K > 1000000 || h > 1000000 || w > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "proposals is too large");
+        return NULL;
+    }
+    npy_intp dims[2] = {H, W};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_INT32);
+    if (!out) return NULL;
+    int rc, n_labels = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_nms((const float *)PyArray_DATA(P), (int)K, (int)h, (int)w, H, W,
+                  (int32_t *)PyArray_DATA((PyArrayObject *)out), &n_labels);
+    Py_END_ALLOW_THREADS
+    if (rc != DSEG_OK) {
+        Py_DECREF(out);
+        return core_error(rc);
+    }
+    return Py_BuildValue("Ni", out, n_labels);
+}
+
+/* sym_kl(P: (m, n), Q: (k, n)) -> (m, k) float64 */
+static PyObject *py_sym_kl(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *P_obj, *Q_obj;
+    if (!PyArg_ParseTuple(args, "OO", &P_obj, &Q_obj)) return NULL;
+    PyArrayObject *P = checked_array(P_obj, 2, "p"), *Q = P ? checked_array(Q_obj, 2, "q") : NULL;
+    if (!Q) return NULL;
+    if (PyArray_DIM(P, 1) != PyArray_DIM(Q, 1) || PyArray_DIM(P, 1) > 2000000000) {
+        PyErr_SetString(PyExc_ValueError, "p and q must have the same number of columns");
+        return NULL;
+    }
+    npy_intp dims[2] = {PyArray_DIM(P, 0), PyArray_DIM(Q, 0)};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (!out) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_sym_kl((const float *)PyArray_DATA(P), (int)dims[0], (const float *)PyArray_DATA(Q),
+                     (int)dims[1], (int)PyArray_DIM(P, 1),
+                     (double *)PyArray_DATA((PyArrayObject *)out));
+    Py_END_ALLOW_THREADS
+    if (rc != DSEG_OK) {
+        Py_DECREF(out);
+        return core_error(rc);
+    }
+    return out;
+}
+
+static PyObject *py_anchor_coords(PyObject *Py_UNUSED(self), PyObject *args) {
+    int R, grid;
+    if (!PyArg_ParseTuple(args, "ii", &R, &grid)) return NULL;
+    if (R < 1 || R > 100000) {
+        PyErr_Format(PyExc_ValueError, "resolution must be in [1, 100000], got %d", R);
+        return NULL;
+    }
+    if (grid < 1 || grid > R) {
+        PyErr_Format(PyExc_ValueError, "grid must be in [1, %d], got %d", R, grid);
+        return NULL;
+    }
+    npy_intp dims[1] = {grid};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_INT32);
+    if (!out) return NULL;
+    int rc = dseg_anchor_coords(R, grid, (int *)PyArray_DATA((PyArrayObject *)out));
+    if (rc != DSEG_OK) {
+        Py_DECREF(out);
+        return core_error(rc);
+    }
+    return out;
+}
+
+static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    dseg_set_num_threads(n > 100000 ? 100000 : (int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return PyLong_FromLong(dseg_get_num_threads());
+}
+
+static PyObject *py_has_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return PyBool_FromLong(dseg_has_openmp());
+}
+
+/* set_sgemm(capsule or None): a Fortran-ABI sgemm, e.g. from
+ * scipy.linalg.cython_blas.__pyx_capi__["sgemm"]. The caller keeps the
+ * module that owns it alive (scipy stays imported). */
+static PyObject *py_set_sgemm(PyObject *Py_UNUSED(self), PyObject *arg) {
+    if (arg == Py_None) {
+        dseg_set_sgemm(NULL);
+        Py_RETURN_NONE;
+    }
+    if (!PyCapsule_CheckExact(arg)) {
+        PyErr_SetString(PyExc_TypeError, "sgemm must be a PyCapsule or None");
+        return NULL;
+    }
+    void *fn = PyCapsule_GetPointer(arg, PyCapsule_GetName(arg));
+    if (!fn) return NULL;
+    dseg_set_sgemm((dseg_sgemm_fn)fn);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_sgemm_backend(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return PyUnicode_FromString(dseg_get_sgemm() ? "external" : "builtin");
+}
+
+static PyMethodDef methods[] = {
+    {"aggregate", py_aggregate, METH_VARARGS, "aggregate(maps, weights, out_res) -> (N, N) float32"},
+    {"merge", py_merge, METH_VARARGS,
+     "merge(A, grid, thresholds) -> (proposals, pairs, exact_rechecks)"},
+    {"nms", py_nms, METH_VARARGS, "nms(proposals, H, W) -> (labels, n_labels)"},
+    {"sym_kl", py_sym_kl, METH_VARARGS, "sym_kl(p, q) -> (m, k) float64 symmetric KL"},
+    {"anchor_coords", py_anchor_coords, METH_VARARGS, "anchor_coords(R, grid) -> int32 coords"},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n); n < 1 means all cores"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "threads the core uses"},
+    {"has_openmp", py_has_openmp, METH_NOARGS, "whether the core was built with OpenMP"},
+    {"set_sgemm", py_set_sgemm, METH_O, "set_sgemm(capsule or None)"},
+    {"sgemm_backend", py_sgemm_backend, METH_NOARGS, "'external' or 'builtin'"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "diffseg._core",
+                                    "DiffSeg C core (see csrc/core/diffseg_core.h).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,318 @@
+"""The DiffSeg post-processing stages on NumPy arrays, backed by the C core.
+
+Inputs are converted, not refused: any float dtype becomes float32 and any
+memory layout becomes C-contiguous (a copy; the caller's array is never
+modified). Integer, boolean, complex or object arrays raise ``TypeError``;
+wrong shapes, NaN/Inf, negative values, empty input and bad parameters raise
+``ValueError`` naming the argument.
+
+Exact zeros: the symmetric KL uses ``0 log 0 = 0`` and is ``+inf`` when one
+map has zero mass where the other has positive mass, so such maps never merge
+(see csrc/core/merge.c for how this differs from the official code's NaN).
+"""
+import os
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _core
+
+DEFAULT_KL_THRESHOLD = (1.1, 1.1, 1.1)
+"""COCO-Stuff-27 setting of the official benchmark (0.9 for Cityscapes)."""
+
+
+def _use_blas_sgemm():
+    """Route the merge GEMMs to SciPy's BLAS sgemm when available.
+
+    The core's own kernel stays the fallback (and is forced with
+    ``DIFFSEG_GEMM=builtin``). Decisions do not depend on the GEMM used.
+    """
+    if os.environ.get("DIFFSEG_GEMM", "").lower() == "builtin":
+        return
+    try:
+        from scipy.linalg import cython_blas
+    except ImportError:
+        return
+    capsule = cython_blas.__pyx_capi__.get("sgemm")
+    if capsule is not None:
+        _core.set_sgemm(capsule)
+
+
+_use_blas_sgemm()
+
+
+def gemm_backend():
+    """``"external"`` (SciPy BLAS) or ``"builtin"`` (the core's kernel)."""
+    return _core.sgemm_backend()
+
+
+def set_num_threads(n):
+    """Threads for the C core (and the libtorch shim when it is loaded).
+
+    ``n < 1`` means all cores. Results are bit-identical for any value.
+    """
+    n = int(n)
+    _core.set_num_threads(n)
+    shim = sys.modules.get("diffseg._torch")
+    if shim is not None and hasattr(shim, "set_num_threads"):
+        shim.set_num_threads(n)
+
+
+def get_num_threads():
+    """Threads the C core uses."""
+    return _core.get_num_threads()
+
+
+def _float32(x, name):
+    """``x`` as a C-contiguous float32 array (copied only if needed)."""
+    arr = np.asarray(x)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize <= 8
+    ):
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _square_side(n, name):
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"{name}: {n} positions is not a square number")
+    return side
+
+
+def _collect_attention(attn):
+    """``attn`` (mapping or sequence) -> ``{resolution: (s*s, s*s) float32}``.
+
+    Several maps at one resolution (a sequence, a list value, or a stacked
+    3-D array of layers or heads) are averaged, as the official model does.
+    """
+    if isinstance(attn, np.ndarray):
+        raise TypeError("attn must be a mapping {resolution: array} or a sequence of arrays")
+    if isinstance(attn, Mapping):
+        items = list(attn.items())
+    else:
+        try:
+            items = [(None, a) for a in attn]
+        except TypeError:
+            raise TypeError(
+                "attn must be a mapping {resolution: array} or a sequence of arrays"
+            ) from None
+    if not items:
+        raise ValueError("attn is empty: give at least one attention map")
+
+    groups = {}
+    for key, value in items:
+        name = f"attn[{key!r}]" if key is not None else "attn[...]"
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            arr = _float32(v, name)
+            stack = arr[None] if arr.ndim == 2 else arr
+            if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
+                raise ValueError(
+                    f"{name} must be (s*s, s*s) or a stack (n, s*s, s*s), got shape {arr.shape}"
+                )
+            side = _square_side(stack.shape[1], name)
+            if key is not None and int(key) != side:
+                raise ValueError(f"{name} has resolution {side}, not {key}")
+            groups.setdefault(side, []).extend(stack)
+    out = {}
+    for side in sorted(groups, reverse=True):
+        maps = groups[side]
+        total = np.array(maps[0], dtype=np.float32)
+        for m in maps[1:]:
+            total += m
+        out[side] = total / np.float32(len(maps)) if len(maps) > 1 else total
+    return out
+
+
+def _resolution_weights(resolutions, weights):
+    """Relative weights per resolution, normalised to sum 1 (rows of A stay
+    distributions). Default: proportional to resolution (8:4:2:1 for 64..8)."""
+    if weights is None:
+        w = np.array(resolutions, dtype=np.float64)
+    elif isinstance(weights, Mapping):
+        missing = [r for r in resolutions if r not in weights]
+        if missing:
+            raise ValueError(f"weights has no entry for resolution(s) {missing}")
+        w = np.array([weights[r] for r in resolutions], dtype=np.float64)
+    else:
+        w = np.asarray(weights, dtype=np.float64).ravel()
+        if w.size != len(resolutions):
+            raise ValueError(
+                f"weights has {w.size} values for {len(resolutions)} resolutions "
+                f"{list(resolutions)} (ordered highest first)"
+            )
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be finite, >= 0, and not all zero")
+    return w / w.sum()
+
+
+def aggregate(attn, weights=None, out_res=None):
+    """Aggregate self-attention of several resolutions (DiffSeg step 2).
+
+    Parameters
+    ----------
+    attn : mapping ``{s: (s*s, s*s)}`` or sequence of ``(s*s, s*s)`` arrays
+        Row-stochastic attention (row = query, row-major positions). Several
+        maps at one resolution are averaged.
+    weights : None, mapping ``{s: w}``, or sequence (highest resolution first)
+        Relative weights; default proportional to resolution. Normalised.
+    out_res : int, optional
+        Output resolution ``R`` (default: the highest input resolution); every
+        input resolution must divide it.
+
+    Returns
+    -------
+    A : (R*R, R*R) float32
+        ``A[i]`` is the attention map of query ``i``; rows sum to 1.
+    """
+    maps = _collect_attention(attn)
+    resolutions = list(maps)
+    w = _resolution_weights(resolutions, weights)
+    if out_res is None:
+        out_res = resolutions[0]
+    if isinstance(out_res, bool) or not isinstance(out_res, (int, np.integer)) or out_res < 1:
+        raise ValueError(f"out_res must be a positive integer, got {out_res!r}")
+    for s in resolutions:
+        if out_res % s:
+            raise ValueError(f"attn: resolution {s} does not divide out_res {out_res}")
+    return _core.aggregate([maps[s] for s in resolutions], [float(x) for x in w], int(out_res))
+
+
+def _thresholds(kl_threshold):
+    if np.isscalar(kl_threshold):
+        kl_threshold = (kl_threshold,) * len(DEFAULT_KL_THRESHOLD)
+    try:
+        values = [float(t) for t in kl_threshold]
+    except (TypeError, ValueError):
+        raise TypeError("kl_threshold must be a number or a sequence of numbers") from None
+    if not values:
+        raise ValueError("kl_threshold is empty: give one threshold per iteration")
+    for i, t in enumerate(values):
+        if not (np.isfinite(t) and t > 0):
+            raise ValueError(f"kl_threshold[{i}] must be finite and > 0, got {t}")
+    return values
+
+
+def _check_int(value, name, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return int(value)
+
+
+def _as_matrix(A):
+    A = _float32(A, "A")
+    if A.ndim == 4:
+        R = A.shape[0]
+        if A.shape != (R, R, R, R):
+            raise ValueError(f"A must be (R*R, R*R) or (R, R, R, R), got shape {A.shape}")
+        A = A.reshape(R * R, R * R)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be (R*R, R*R) or (R, R, R, R), got shape {A.shape}")
+    return A, _square_side(A.shape[0], "A")
+
+
+def anchor_coords(R, grid=16):
+    """Anchor coordinates along one axis, as the official code: for R=64,
+    grid=16 -> 1, 5, ..., 61. ``grid=1`` gives the centre ``(R-1)//2``."""
+    R = _check_int(R, "R", 1)
+    grid = _check_int(grid, "grid", 1, R)
+    return _core.anchor_coords(R, grid).astype(np.int64)
+
+
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
+    """Iterative KL merging (DiffSeg step 3).
+
+    Parameters
+    ----------
+    A : (R*R, R*R) or (R, R, R, R) array
+        Aggregated attention from :func:`aggregate`.
+    grid : int
+        Anchors per axis (``grid**2`` anchors), ``1 <= grid <= R``.
+    kl_threshold : float or sequence of float
+        One threshold per iteration (strict ``D < tau``); a number means that
+        value for each of 3 iterations. Iteration 0 averages, per anchor, every
+        row of ``A`` closer than the threshold; later iterations merge
+        proposals greedily (non-exclusive, in index order).
+    return_stats : bool
+        Also return ``{"pairs": ..., "exact_rechecks": ...}``: how many
+        distances were decided and how many of those were recomputed in
+        float64 because the fast estimate was close to a threshold.
+
+    Returns
+    -------
+    proposals : (K, R, R) float32, each summing to 1.
+    """
+    A, _ = _as_matrix(A)
+    thresholds = _thresholds(kl_threshold)
+    R = _square_side(A.shape[0], "A")
+    grid = _check_int(grid, "grid", 1, R)
+    proposals, pairs, rechecks = _core.merge(A, grid, thresholds)
+    if return_stats:
+        return proposals, {"pairs": pairs, "exact_rechecks": rechecks}
+    return proposals
+
+
+def _size(size):
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        h, w = size
+    except (TypeError, ValueError):
+        raise TypeError(f"size must be an int or a (height, width) pair, got {size!r}") from None
+    return _check_int(h, "size[0]", 1, 1 << 16), _check_int(w, "size[1]", 1, 1 << 16)
+
+
+def nms(proposals, size=(512, 512)):
+    """Label map from proposals (DiffSeg step 4).
+
+    Each ``(h, w)`` proposal is bilinearly upsampled to ``size`` (half-pixel
+    centres); each pixel takes the proposal with the largest value (the first
+    on ties). Labels are renumbered 0..n-1 in proposal order.
+
+    Parameters
+    ----------
+    proposals : (K, h, w) array, or (h, w) for a single proposal
+    size : int or (height, width)
+
+    Returns
+    -------
+    labels : (height, width) int32
+    """
+    P = _float32(proposals, "proposals")
+    if P.ndim == 2:
+        P = P[None]
+    if P.ndim != 3:
+        raise ValueError(f"proposals must be (K, h, w), got shape {P.shape}")
+    height, width = _size(size)
+    labels, _ = _core.nms(P, height, width)
+    return labels
+
+
+def sym_kl(p, q):
+    """Symmetric KL ``1/2 sum (p - q)(log p - log q)`` between every row of
+    ``p`` (m, n) and of ``q`` (k, n), in float64 -> (m, k). 1-D inputs are
+    single rows. Conventions for zeros as in the module docstring."""
+    P, Q = _float32(p, "p"), _float32(q, "q")
+    P = P[None] if P.ndim == 1 else P
+    Q = Q[None] if Q.ndim == 1 else Q
+    if P.ndim != 2 or Q.ndim != 2 or P.shape[1] != Q.shape[1]:
+        raise ValueError(f"p and q must be (m, n) and (k, n), got {P.shape} and {Q.shape}")
+    return _core.sym_kl(P, Q)
+
+
+def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
+                      weights=None):
+    """Aggregate, merge and label: attention maps -> ``(height, width)`` int32 labels.
+
+    See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments.
+    """
+    thresholds = _thresholds(kl_threshold)
+    size = _size(size)
+    return nms(merge(aggregate(attn, weights=weights), grid=grid, kl_threshold=thresholds), size)

@@ -1,0 +1,97 @@
+"""Build diffseg's extensions.
+
+diffseg._core   C core + CPython bindings (always). OpenMP is probed at build
+                time; DIFFSEG_NO_OPENMP=1 turns it off, and a compiler without
+                it gets a serial build.
+diffseg._torch  libtorch shim (only when torch is importable at build time:
+                pip install --no-build-isolation). See csrc/torch/.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CORE_SOURCES = [
+    "csrc/core/common.c",
+    "csrc/core/aggregate.c",
+    "csrc/core/merge.c",
+    "csrc/core/nms.c",
+    "csrc/python/core_module.c",
+]
+# -ffp-contract=off: no FMA contraction, so nms matches diffseg.reference bit for bit.
+CORE_CFLAGS = ["-std=gnu99", "-O3", "-Wall", "-Wextra", "-ffp-contract=off", "-fopenmp-simd"]
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def compiler_accepts(compiler, flags):
+    """Compile and link a tiny OpenMP program with `flags`."""
+    tmp = tempfile.mkdtemp()
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+        compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=flags)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        for ext in self.extensions:
+            if ext.name == "diffseg._core":
+                self._configure_openmp(ext)
+        super().build_extensions()
+
+    def _configure_openmp(self, ext):
+        if env_flag("DIFFSEG_NO_OPENMP"):
+            print("diffseg: OpenMP disabled by DIFFSEG_NO_OPENMP", file=sys.stderr)
+            return
+        if compiler_accepts(self.compiler, ["-fopenmp"]):
+            ext.extra_compile_args.append("-fopenmp")
+            ext.extra_link_args.append("-fopenmp")
+        else:
+            print("diffseg: compiler has no OpenMP; building the core serial", file=sys.stderr)
+
+
+def core_extension():
+    cflags = list(CORE_CFLAGS)
+    ldflags = []
+    sanitize = os.environ.get("DIFFSEG_SANITIZE")  # e.g. "address,undefined"
+    if sanitize:
+        cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-O1", "-g"]
+        ldflags += [f"-fsanitize={sanitize}"]
+    return Extension(
+        "diffseg._core",
+        sources=CORE_SOURCES,
+        include_dirs=[numpy.get_include(), "csrc/core"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+
+
+def torch_extension():
+    """The libtorch shim, or None when torch is not importable."""
+    try:
+        from csrc.torch.build import torch_extension as make
+    except ImportError:
+        return None
+    return make()
+
+
+extensions = [core_extension()]
+shim = torch_extension()
+if shim is not None:
+    extensions.append(shim)
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
