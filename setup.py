@@ -4,7 +4,8 @@ diffseg._core   C core + CPython bindings (always). OpenMP is probed at build
                 time; DIFFSEG_NO_OPENMP=1 turns it off, and a compiler without
                 it gets a serial build.
 diffseg._torch  libtorch shim (only when torch is importable at build time:
-                pip install --no-build-isolation). See csrc/torch/.
+                pip install --no-build-isolation; DIFFSEG_NO_TORCH=1 skips
+                it). See csrc/torch/.
 """
 import os
 import shutil
@@ -17,13 +18,20 @@ from setuptools.command.build_ext import build_ext
 
 CORE_SOURCES = [
     "csrc/core/common.c",
+    "csrc/core/gemm.c",
     "csrc/core/aggregate.c",
     "csrc/core/merge.c",
     "csrc/core/nms.c",
     "csrc/python/core_module.c",
 ]
-# -ffp-contract=off: no FMA contraction, so nms matches diffseg.reference bit for bit.
-CORE_CFLAGS = ["-std=gnu99", "-O3", "-Wall", "-Wextra", "-ffp-contract=off", "-fopenmp-simd"]
+# -ffp-contract=off: no FMA contraction, so aggregate and nms match
+# diffseg.reference bit for bit; gemm.c alone may contract (PER_FILE_CFLAGS).
+CORE_CFLAGS = [
+    "-std=gnu99", "-O3", "-Wall", "-Wextra", "-ffp-contract=off", "-fno-trapping-math",
+    "-fno-math-errno", "-fopenmp-simd",
+]
+
+PER_FILE_CFLAGS = {"gemm.c": ["-ffp-contract=fast"]}
 
 
 def env_flag(name):
@@ -51,6 +59,13 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             if ext.name == "diffseg._core":
                 self._configure_openmp(ext)
+        compile_one = self.compiler._compile
+
+        def compile_with_file_flags(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            extra = PER_FILE_CFLAGS.get(os.path.basename(src), [])
+            compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
+
+        self.compiler._compile = compile_with_file_flags
         super().build_extensions()
 
     def _configure_openmp(self, ext):
@@ -81,7 +96,10 @@ def core_extension():
 
 
 def torch_extension():
-    """The libtorch shim, or None when torch is not importable."""
+    """The libtorch shim, or None when torch is not importable or
+    DIFFSEG_NO_TORCH=1 (the core alone)."""
+    if env_flag("DIFFSEG_NO_TORCH"):
+        return None
     try:
         from csrc.torch.build import torch_extension as make
     except ImportError:

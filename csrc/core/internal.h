@@ -9,6 +9,15 @@
 #include <omp.h>
 #endif
 
+/* Run-time dispatch of hot loops to AVX-512 / AVX2+FMA clones where the
+ * compiler supports it. Only for code whose output does not depend on the
+ * clone (estimates, or element-wise work with contraction off). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DSEG_NO_CLONES)
+#define DSEG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DSEG_CLONES
+#endif
+
 /* Record a printf-style message for dseg_last_error(); returns code. */
 int dseg_fail(int code, const char *fmt, ...)
 #if defined(__GNUC__)

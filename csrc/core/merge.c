@@ -17,6 +17,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "internal.h"
@@ -25,33 +26,67 @@
  * A dot product of 2 * 4096 terms is far inside it (typical error ~ 50 ulp,
  * see the recheck counts in benchmarks/bench_core.py). */
 #define GEMM_REL_ERROR 1e-4
-#define ROW_BLOCK 256
+/* Columns per accumulation pass: a (N x COLS) slab of A stays in cache while
+ * every anchor adds its selected rows. */
+#define COLS 256
 
 typedef struct {
-    double h;     /* sum x log x */
-    double mass;  /* sum x */
+    double h;      /* sum x log x */
+    double mass;   /* sum x */
     double maxlog; /* max |log x| over x > 0 */
     int has_zero;
 } row_stats;
 
+/* Natural log of a positive finite float (normal or subnormal), branch-free so
+ * that loops over it vectorise; Cephes' logf polynomial, about 1 ulp. */
+static inline float log_positive(float x) {
+    const int subnormal = x < 1.17549435e-38f;
+    const float xs = x * (subnormal ? 8388608.0f : 1.0f); /* 2^23 */
+    int32_t bits;
+    memcpy(&bits, &xs, sizeof bits);
+    int32_t e = ((bits >> 23) & 0xff) - 126 - 23 * subnormal;
+    bits = (bits & 0x007fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int low = m < 0.707106781f;
+    e -= low;
+    m = (m + (low ? m : 0.0f)) - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return (m + y) + 0.693359375f * fe;
+}
+
 /* logx[j] = log x[j] (0 where x[j] == 0) and the row's statistics. */
+DSEG_CLONES
 static void log_row(const float *x, int n, float *logx, row_stats *st) {
-    double h = 0.0, mass = 0.0;
-    float maxlog = 0.0f;
-    int has_zero = 0;
+#pragma omp simd
     for (int j = 0; j < n; j++) {
-        if (x[j] > 0.0f) {
-            const float l = logf(x[j]);
-            logx[j] = l;
-            h += (double)x[j] * l;
-            mass += x[j];
-            if (fabsf(l) > maxlog) maxlog = fabsf(l);
-        } else {
-            logx[j] = 0.0f;
-            has_zero = 1;
-        }
+        const float l = log_positive(x[j] > 0.0f ? x[j] : 1.0f);
+        logx[j] = x[j] > 0.0f ? l : 0.0f;
     }
-    st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = has_zero;
+    double h = 0.0, mass = 0.0;
+    float maxlog = 0.0f, minx = x[0];
+#pragma omp simd reduction(+ : h, mass) reduction(max : maxlog) reduction(min : minx)
+    for (int j = 0; j < n; j++) {
+        h += (double)x[j] * (double)logx[j];
+        mass += (double)x[j];
+        const float a = fabsf(logx[j]);
+        maxlog = a > maxlog ? a : maxlog;
+        minx = x[j] < minx ? x[j] : minx;
+    }
+    st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
 }
 
 static void log_rows(const float *X, int m, int n, float *logX, row_stats *st) {
@@ -105,56 +140,95 @@ static void mean_into(const double *acc, int64_t count, int n, float *out) {
     for (int j = 0; j < n; j++) out[j] = (float)(acc[j] * inv);
 }
 
-/* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const float *A, int N, const int *anchor_rows, int G,
-                       double tau, float *proposals, dseg_merge_stats *stats) {
-    const int B = N < ROW_BLOCK ? N : ROW_BLOCK;
-    float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
-    float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
-    float *logY = dseg_malloc(sizeof(float) * (size_t)B * N);
-    float *cross = dseg_malloc(sizeof(float) * (size_t)G * B);
-    double *acc = calloc((size_t)G * N, sizeof(double));
-    int64_t *count = calloc((size_t)G, sizeof(int64_t));
-    row_stats *sx = malloc(sizeof(row_stats) * G), *sy = malloc(sizeof(row_stats) * B);
-    int rc = DSEG_OK;
-    if (!X || !logX || !logY || !cross || !acc || !count || !sx || !sy) {
-        rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
-        goto done;
-    }
-    for (int g = 0; g < G; g++)
-        memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
-    log_rows(X, G, N, logX, sx);
+enum { GROUP = 16 }; /* anchors that share each read of a row of A */
 
-    int64_t rechecks = 0;
-    for (int p0 = 0; p0 < N; p0 += B) {
-        const int nb = N - p0 < B ? N - p0 : B;
-        const float *Y = A + (size_t)p0 * N;
-        log_rows(Y, nb, N, logY, sy);
-        cross_terms(X, logX, G, Y, logY, nb, N, cross);
-        /* Each anchor's accumulator is owned by one thread and rows are added
-         * in index order: deterministic for any thread count. */
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks) num_threads(dseg_threads())
-        for (int g = 0; g < G; g++) {
-            const float *x = X + (size_t)g * N;
+/* For anchors g0..g0+ng-1: acc[g][c0:c1] += every row p of A with
+ * mask[g][p], in increasing p. A row selected by several anchors of the group
+ * is read once; the group's slabs of acc stay in L1. */
+DSEG_CLONES
+static void add_selected_rows(double *acc, const float *A, int N, const unsigned char *mask,
+                              int g0, int ng, int c0, int c1) {
+    for (int p = 0; p < N; p++) {
+        const float *y = A + (size_t)p * N;
+        for (int g = g0; g < g0 + ng; g++) {
+            if (!mask[(size_t)g * N + p]) continue;
             double *a = acc + (size_t)g * N;
-            for (int p = 0; p < nb; p++) {
-                if (!below(cross[(size_t)g * B + p], sx + g, sy + p, x, Y + (size_t)p * N, N,
-                           tau, &rechecks))
-                    continue;
-                const float *y = Y + (size_t)p * N;
-                for (int j = 0; j < N; j++) a[j] += y[j];
-                count[g]++;
-            }
+#pragma omp simd
+            for (int c = c0; c < c1; c++) a[c] += y[c];
+        }
+    }
+}
+
+/* Mean of the selected rows of A for each anchor, in float64, rows added in
+ * index order: deterministic for any thread count. */
+static void selected_means(const float *A, int N, int G, const unsigned char *mask,
+                           const int32_t *count, double *acc, float *proposals) {
+    const int groups = (G + GROUP - 1) / GROUP;
+#pragma omp parallel num_threads(dseg_threads())
+    for (int c0 = 0; c0 < N; c0 += COLS) {
+        const int c1 = c0 + COLS < N ? c0 + COLS : N;
+#pragma omp for schedule(static)
+        for (int grp = 0; grp < groups; grp++) {
+            const int g0 = grp * GROUP, ng = G - g0 < GROUP ? G - g0 : GROUP;
+            add_selected_rows(acc, A, N, mask, g0, ng, c0, c1);
         }
     }
     for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
         mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
+}
+
+/* Iteration 0: each anchor averages every row of A closer than tau. */
+static int anchor_step(const float *A, int N, const int *anchor_rows, int G,
+                       double tau, float *proposals, dseg_merge_stats *stats) {
+    float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
+    float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
+    float *logA = dseg_malloc(sizeof(float) * (size_t)N * N);
+    float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
+    row_stats *sx = malloc(sizeof(row_stats) * G), *sa = malloc(sizeof(row_stats) * N);
+    unsigned char *mask = NULL;
+    int32_t *count = NULL;
+    double *acc = NULL;
+    int rc = DSEG_OK;
+    if (!X || !logX || !logA || !cross || !sx || !sa) goto oom;
+    for (int g = 0; g < G; g++)
+        memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
+    log_rows(X, G, N, logX, sx);
+    log_rows(A, N, N, logA, sa);
+    cross_terms(X, logX, G, A, logA, N, N, cross);
+    free(logA), logA = NULL;
+
+    mask = malloc((size_t)G * N);
+    count = malloc(sizeof(int32_t) * G);
+    if (!mask || !count) goto oom;
+    int64_t rechecks = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks) num_threads(dseg_threads())
+    for (int g = 0; g < G; g++) {
+        int32_t n_sel = 0;
+        unsigned char *m = mask + (size_t)g * N;
+        const float *x = X + (size_t)g * N, *c = cross + (size_t)g * N;
+        for (int p = 0; p < N; p++) {
+            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau,
+                                        &rechecks);
+            n_sel += m[p];
+        }
+        count[g] = n_sel;
+    }
+    free(cross), cross = NULL;
+    free(X), free(logX), X = logX = NULL;
+
+    acc = calloc((size_t)G * N, sizeof(double));
+    if (!acc) goto oom;
+    selected_means(A, N, G, mask, count, acc, proposals);
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->exact_rechecks += rechecks;
     }
+    goto done;
+oom:
+    rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
 done:
-    free(X), free(logX), free(logY), free(cross), free(acc), free(count), free(sx), free(sy);
+    free(X), free(logX), free(logA), free(cross), free(sx), free(sa);
+    free(mask), free(count), free(acc);
     return rc;
 }
 

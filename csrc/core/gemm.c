@@ -1,0 +1,92 @@
+/*
+ * C = X Y^T for the merge's cross terms. Built with FMA contraction allowed
+ * (setup.py): its results only feed distance estimates that merge.c re-checks
+ * near a threshold, so neither contraction nor the ISA clone chosen at run
+ * time changes any output.
+ */
+#include <stddef.h>
+
+#include "internal.h"
+
+static dseg_sgemm_fn external_sgemm = NULL;
+
+void dseg_set_sgemm(dseg_sgemm_fn fn) { external_sgemm = fn; }
+
+dseg_sgemm_fn dseg_get_sgemm(void) { return external_sgemm; }
+
+enum {
+    TILE = 4,    /* 4 x 4 dot products per micro-kernel call */
+    KBLOCK = 1024, /* reduction slice */
+    JBLOCK = 64,   /* rows of Y per thread task: a JBLOCK x KBLOCK slab stays in L2 */
+};
+
+/* acc[a][b] = sum over k in [0, len) of x[a][k] * y[b][k]. */
+DSEG_CLONES
+static void dot_tile(const float *const x[TILE], const float *const y[TILE], int len,
+                     float acc[TILE][TILE]) {
+    float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+    float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    const float *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
+#pragma omp simd reduction(+ : c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, \
+                               c22, c23, c30, c31, c32, c33)
+    for (int k = 0; k < len; k++) {
+        c00 += x0[k] * y0[k]; c01 += x0[k] * y1[k]; c02 += x0[k] * y2[k]; c03 += x0[k] * y3[k];
+        c10 += x1[k] * y0[k]; c11 += x1[k] * y1[k]; c12 += x1[k] * y2[k]; c13 += x1[k] * y3[k];
+        c20 += x2[k] * y0[k]; c21 += x2[k] * y1[k]; c22 += x2[k] * y2[k]; c23 += x2[k] * y3[k];
+        c30 += x3[k] * y0[k]; c31 += x3[k] * y1[k]; c32 += x3[k] * y2[k]; c33 += x3[k] * y3[k];
+    }
+    acc[0][0] = c00; acc[0][1] = c01; acc[0][2] = c02; acc[0][3] = c03;
+    acc[1][0] = c10; acc[1][1] = c11; acc[1][2] = c12; acc[1][3] = c13;
+    acc[2][0] = c20; acc[2][1] = c21; acc[2][2] = c22; acc[2][3] = c23;
+    acc[3][0] = c30; acc[3][1] = c31; acc[3][2] = c32; acc[3][3] = c33;
+}
+
+/* Rows r..r+TILE-1 of M (clamped to the last row: results past the edge are
+ * computed and dropped), starting at column k0. */
+static void tile_rows(const float *M, int rows, int ld, int r, int k0, const float *out[TILE]) {
+    for (int a = 0; a < TILE; a++)
+        out[a] = M + (size_t)(r + a < rows ? r + a : rows - 1) * ld + k0;
+}
+
+static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
+                            int ldy, float *C, int ldc, int accumulate) {
+    const int jblocks = (n + JBLOCK - 1) / JBLOCK;
+    /* A thread owns whole column blocks of C, and each entry sums its k
+     * slices in order: the result does not depend on the thread count. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads())
+    for (int jb = 0; jb < jblocks; jb++) {
+        const int j_end = (jb + 1) * JBLOCK < n ? (jb + 1) * JBLOCK : n;
+        for (int k0 = 0; k0 < k; k0 += KBLOCK) {
+            const int len = k - k0 < KBLOCK ? k - k0 : KBLOCK;
+            const int add = accumulate || k0 > 0;
+            for (int i = 0; i < m; i += TILE) {
+                const float *xr[TILE];
+                tile_rows(X, m, ldx, i, k0, xr);
+                for (int j = jb * JBLOCK; j < j_end; j += TILE) {
+                    const float *yr[TILE];
+                    float acc[TILE][TILE];
+                    tile_rows(Y, n, ldy, j, k0, yr);
+                    dot_tile(xr, yr, len, acc);
+                    for (int a = 0; a < TILE && i + a < m; a++)
+                        for (int b = 0; b < TILE && j + b < j_end; b++) {
+                            float *c = C + (size_t)(i + a) * ldc + (j + b);
+                            *c = add ? *c + acc[a][b] : acc[a][b];
+                        }
+                }
+            }
+        }
+    }
+}
+
+void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, int ldy,
+                  float *C, int ldc, int accumulate) {
+    if (m <= 0 || n <= 0) return;
+    if (external_sgemm) {
+        /* Row-major C = X Y^T is column-major C^T = Y X^T. */
+        const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+        external_sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
+        return;
+    }
+    builtin_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate);
+}

@@ -1,0 +1,126 @@
+"""Pure-NumPy twin of the C core: the oracle the tests compare against.
+
+Readable first, vectorised where that keeps it readable. Same algorithm and
+conventions as csrc/core (see ``diffseg.core``), but distances are exact
+float64 everywhere. ``dtype=np.float32`` runs the same code in float32 with
+plain BLAS GEMMs (no exact rechecks): the "vectorised NumPy" baseline of
+benchmarks/bench_core.py, whose decisions may differ near a threshold.
+"""
+import numpy as np
+
+from ._interp import bilinear_table, resize_bilinear
+from .core import DEFAULT_KL_THRESHOLD, _collect_attention, _resolution_weights
+
+
+def anchor_coords(R, grid):
+    """Official ``generate_sampling_grid``: grid points spaced (R-1)//(grid-1), centred."""
+    if grid == 1:
+        return np.array([(R - 1) // 2])
+    seg = (R - 1) // (grid - 1)
+    start = (R - 1 - seg * (grid - 1)) // 2
+    return start + seg * np.arange(grid)
+
+
+def aggregate(attn, weights=None, out_res=None, dtype=np.float64):
+    """Reference :func:`diffseg.aggregate` -> (R*R, R*R) in ``dtype``."""
+    maps = _collect_attention(attn)
+    resolutions = list(maps)
+    w = _resolution_weights(resolutions, weights)
+    R = resolutions[0] if out_res is None else out_res
+    A = np.zeros((R, R, R * R), dtype=dtype)
+    for s, weight in zip(resolutions, w):
+        keys = maps[s].reshape(s * s, s, s)  # query, key_y, key_x
+        up = resize_bilinear(keys, R, R).astype(dtype).reshape(s * s, R * R)
+        up /= up.sum(axis=1, keepdims=True)
+        r = R // s  # query (i, j) at R reads query (i // r, j // r) at s
+        up = up.reshape(s, s, R * R).repeat(r, axis=0).repeat(r, axis=1)
+        A += weight * up
+    return A.reshape(R * R, R * R)
+
+
+def _plogq(P, Q):
+    """sum_j P_ij log Q_kj with 0 log q = 0 (q > 0 where p > 0 is assumed)."""
+    return P @ np.log(np.where(Q > 0, Q, 1)).T
+
+
+def sym_kl(P, Q, exact=True):
+    """All-pairs symmetric KL 1/2 sum (p - q)(log p - log q) -> (m, k).
+
+    0 log 0 = 0; +inf where one row has zero mass where the other has mass.
+    In float32 (``exact=False``) it is the plain GEMM expansion.
+    """
+    dtype = np.float64 if exact else np.float32
+    P, Q = np.asarray(P, dtype), np.asarray(Q, dtype)
+    hp = np.sum(P * np.log(np.where(P > 0, P, 1)), axis=1)
+    hq = np.sum(Q * np.log(np.where(Q > 0, Q, 1)), axis=1)
+    D = 0.5 * (hp[:, None] + hq[None, :] - _plogq(P, Q) - _plogq(Q, P).T)
+    # Rows with zeros: the expansion is wrong there; recompute those pairs directly.
+    zero_p = np.flatnonzero((P == 0).any(axis=1))
+    zero_q = np.flatnonzero((Q == 0).any(axis=1))
+    for i in zero_p:
+        D[i, :] = [_sym_kl_pair(P[i], q) for q in Q]
+    for k in zero_q:
+        D[:, k] = [_sym_kl_pair(p, Q[k]) for p in P]
+    return D
+
+
+def _sym_kl_pair(p, q):
+    p, q = p.astype(np.float64), q.astype(np.float64)
+    differ = p != q
+    if np.any(differ & ((p == 0) | (q == 0))):
+        return np.inf
+    p, q = p[differ], q[differ]
+    return 0.5 * np.sum((p - q) * (np.log(p) - np.log(q)))
+
+
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64):
+    """Reference :func:`diffseg.merge` -> (K, R, R) float32."""
+    exact = dtype == np.float64
+    A = np.asarray(A, dtype=np.float32)
+    N = A.shape[0] if A.ndim == 2 else A.shape[0] * A.shape[1]
+    A = A.reshape(N, N)
+    R = int(round(np.sqrt(N)))
+    thresholds = [kl_threshold] * 3 if np.isscalar(kl_threshold) else list(kl_threshold)
+
+    # Iteration 0: every anchor averages all rows of A closer than tau.
+    coords = anchor_coords(R, grid)
+    anchors = (coords[:, None] * R + coords[None, :]).ravel()  # row-major, first slowest
+    close = sym_kl(A[anchors], A, exact) < thresholds[0]
+    sums = close.astype(dtype) @ A.astype(dtype)
+    proposals = (sums / close.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    # Later iterations: greedy, non-exclusive, in index order.
+    for tau in thresholds[1:]:
+        close = sym_kl(proposals, proposals, exact) < tau
+        matched = np.zeros(len(proposals), dtype=bool)
+        merged = []
+        for i in range(len(proposals)):
+            if matched[i]:
+                continue
+            group = close[i].copy()
+            group[i] = True
+            matched |= group
+            merged.append(proposals[group].astype(np.float64).mean(axis=0))
+        proposals = np.array(merged, dtype=np.float32)
+    return proposals.reshape(-1, R, R)
+
+
+def nms(proposals, size=(512, 512)):
+    """Reference :func:`diffseg.nms`: bilinear upsampling, argmax, consecutive labels."""
+    P = np.asarray(proposals, dtype=np.float32)
+    P = P[None] if P.ndim == 2 else P
+    height, width = (size, size) if np.isscalar(size) else size
+    winner = resize_bilinear(P, height, width).argmax(axis=0)
+    _, labels = np.unique(winner, return_inverse=True)
+    return labels.reshape(height, width).astype(np.int32)
+
+
+def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
+                      weights=None, dtype=np.float64):
+    """Reference :func:`diffseg.segment_attention`."""
+    A = aggregate(attn, weights=weights, dtype=dtype)
+    return nms(merge(A, grid=grid, kl_threshold=kl_threshold, dtype=dtype), size)
+
+
+__all__ = ["anchor_coords", "aggregate", "sym_kl", "merge", "nms", "segment_attention",
+           "bilinear_table"]
