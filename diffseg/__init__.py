@@ -32,7 +32,7 @@ _LAZY = {
     "segment": "diffseg.model",
     "export_bundle": "diffseg.export",
     "HungarianMetrics": "diffseg.metrics",
-    "evaluate": "diffseg.evaluate",
+    "evaluate": "diffseg.evaluation",
     "load_image": "diffseg.image",
     "save_attention": "diffseg.attention_io",
     "load_attention": "diffseg.attention_io",

@@ -11,7 +11,7 @@ COMMANDS = [
     "diffseg.export",      # export
     "diffseg.model",       # attention
     "diffseg.segment_cli",  # segment
-    "diffseg.evaluate",    # eval
+    "diffseg.evaluation",  # eval
     "diffseg.info",        # info
 ]
 

@@ -22,29 +22,33 @@ DEFAULT_KL_THRESHOLD = (1.1, 1.1, 1.1)
 """COCO-Stuff-27 setting of the official benchmark (0.9 for Cityscapes)."""
 
 
-def _use_blas_sgemm():
-    """Route the merge GEMMs to SciPy's BLAS sgemm when available.
+def use_gemm(backend):
+    """Choose the GEMM behind the merge's distance estimates.
 
-    The core's own kernel stays the fallback (and is forced with
-    ``DIFFSEG_GEMM=builtin``). Decisions do not depend on the GEMM used.
+    ``"builtin"`` (default): the core's blocked, OpenMP-parallel kernel.
+    ``"blas"``: SciPy's BLAS ``sgemm`` (OpenBLAS). On a 2-core machine the
+    built-in kernel was faster end to end, because OpenBLAS's spinning worker
+    threads compete with the core's OpenMP threads (benchmarks/bench_core.py).
+    Merge results do not depend on the choice: pairs close to a threshold are
+    recomputed exactly. The environment variable ``DIFFSEG_GEMM`` sets the
+    default at import.
     """
-    if os.environ.get("DIFFSEG_GEMM", "").lower() == "builtin":
-        return
-    try:
+    if backend == "builtin":
+        _core.set_sgemm(None)
+    elif backend == "blas":
         from scipy.linalg import cython_blas
-    except ImportError:
-        return
-    capsule = cython_blas.__pyx_capi__.get("sgemm")
-    if capsule is not None:
-        _core.set_sgemm(capsule)
+
+        _core.set_sgemm(cython_blas.__pyx_capi__["sgemm"])
+    else:
+        raise ValueError(f"backend must be 'builtin' or 'blas', got {backend!r}")
 
 
-_use_blas_sgemm()
+use_gemm(os.environ.get("DIFFSEG_GEMM", "builtin").lower() or "builtin")
 
 
 def gemm_backend():
-    """``"external"`` (SciPy BLAS) or ``"builtin"`` (the core's kernel)."""
-    return _core.sgemm_backend()
+    """``"blas"`` or ``"builtin"``: see :func:`use_gemm`."""
+    return "blas" if _core.sgemm_backend() == "external" else "builtin"
 
 
 def set_num_threads(n):

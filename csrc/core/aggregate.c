@@ -48,7 +48,7 @@ static int add_resolution(const float *map, int s, float weight, int R,
     dseg_bilinear_table(s, R, t.i0, t.i1, t.frac);
 
     int empty_query = -1, oom = 0;
-#pragma omp parallel num_threads(dseg_threads())
+#pragma omp parallel num_threads(dseg_threads_for((double)s * s * n))
     {
         float *buf = dseg_malloc(sizeof(float) * (n + (size_t)s));
         if (!buf) {

@@ -42,6 +42,8 @@ int dseg_threads(void) {
 #endif
 }
 
+int dseg_threads_for(double work) { return work < 262144.0 ? 1 : dseg_threads(); }
+
 int dseg_get_num_threads(void) { return dseg_threads(); }
 
 int dseg_has_openmp(void) {

@@ -54,7 +54,7 @@ static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const 
     const int jblocks = (n + JBLOCK - 1) / JBLOCK;
     /* A thread owns whole column blocks of C, and each entry sums its k
      * slices in order: the result does not depend on the thread count. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads())
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)m * n * k))
     for (int jb = 0; jb < jblocks; jb++) {
         const int j_end = (jb + 1) * JBLOCK < n ? (jb + 1) * JBLOCK : n;
         for (int k0 = 0; k0 < k; k0 += KBLOCK) {

@@ -28,6 +28,9 @@ void dseg_clear_error(void);
 
 /* Threads for the next parallel region (never 0). */
 int dseg_threads(void);
+/* Threads for a region of about `work` element operations: one when that is
+ * too little to repay waking a team. */
+int dseg_threads_for(double work);
 
 /*
  * C (m, n) = X (m, k) * Y (n, k)^T (+ C when accumulate), row-major with

@@ -90,7 +90,7 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
 }
 
 static void log_rows(const float *X, int m, int n, float *logX, row_stats *st) {
-#pragma omp parallel for schedule(static) num_threads(dseg_threads())
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * n * 8))
     for (int i = 0; i < m; i++) log_row(X + (size_t)i * n, n, logX + (size_t)i * n, st + i);
 }
 
@@ -107,7 +107,7 @@ static double sym_kl_exact(const float *p, const float *q, int n) {
 int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) {
     dseg_clear_error();
     if (m < 0 || k < 0 || n < 1) return dseg_fail(DSEG_EINVAL, "sym_kl: bad sizes");
-#pragma omp parallel for schedule(static) num_threads(dseg_threads())
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * k * n))
     for (int i = 0; i < m; i++)
         for (int j = 0; j < k; j++)
             D[(size_t)i * k + j] = sym_kl_exact(P + (size_t)i * n, Q + (size_t)j * n, n);
@@ -164,7 +164,7 @@ static void add_selected_rows(double *acc, const float *A, int N, const unsigned
 static void selected_means(const float *A, int N, int G, const unsigned char *mask,
                            const int32_t *count, double *acc, float *proposals) {
     const int groups = (G + GROUP - 1) / GROUP;
-#pragma omp parallel num_threads(dseg_threads())
+#pragma omp parallel num_threads(dseg_threads_for((double)G * N * 16))
     for (int c0 = 0; c0 < N; c0 += COLS) {
         const int c1 = c0 + COLS < N ? c0 + COLS : N;
 #pragma omp for schedule(static)
@@ -201,7 +201,8 @@ static int anchor_step(const float *A, int N, const int *anchor_rows, int G,
     count = malloc(sizeof(int32_t) * G);
     if (!mask || !count) goto oom;
     int64_t rechecks = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks) num_threads(dseg_threads())
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks) \
+    num_threads(dseg_threads_for((double)G * N * 8))
     for (int g = 0; g < G; g++) {
         int32_t n_sel = 0;
         unsigned char *m = mask + (size_t)g * N;
@@ -251,7 +252,8 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
     log_rows(P, k, N, logP, st);
     cross_terms(P, logP, k, P, logP, k, N, cross);
     int64_t rechecks = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) num_threads(dseg_threads())
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
+    num_threads(dseg_threads_for((double)k * k * 8))
     for (int i = 0; i < k; i++)
         for (int j = 0; j < k; j++)
             close[(size_t)i * k + j] =

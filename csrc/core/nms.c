@@ -47,7 +47,7 @@ int dseg_nms(const float *proposals, int K, int h, int w, int H, int W, int32_t 
     dseg_bilinear_table(h, H, iy0, iy1, fy);
     dseg_bilinear_table(w, W, ix0, ix1, fx);
 
-#pragma omp parallel num_threads(dseg_threads())
+#pragma omp parallel num_threads(dseg_threads_for((double)H * W * K))
     {
         float *tmp = malloc(sizeof(float) * (size_t)K * w);
         if (!tmp) {

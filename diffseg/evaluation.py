@@ -1,0 +1,519 @@
+"""Benchmark evaluation: segment a dataset, score it with Hungarian matching.
+
+Per image, the attention maps come from precomputed ``<attention_dir>/<id>.npz``
+files (:func:`diffseg.save_attention`, ``diffseg attention``) or from a model
+(``model.attention(image)``, one UNet pass); they are aggregated once, then
+merged and labelled once per KL-threshold setting, so several settings cost one
+attention computation. Labels are predicted at the label map's size (512 after
+the standard preprocessing).
+
+With ``output_dir``, the accumulated counts are saved after every image
+(``state.json``); running again with the same settings skips the images already
+done and ends with the same numbers. ``results.json`` and ``results.md`` are
+written at the end.
+"""
+import json
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .core import DEFAULT_KL_THRESHOLD, aggregate, merge, nms
+from .metrics import HungarianMetrics, _check_protocol
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+# -- KL threshold settings ----------------------------------------------------
+def _setting(value, where):
+    """One setting -> tuple of per-iteration thresholds."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(",", " ").split() if p]
+        try:
+            value = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{where}: cannot read {value!r} as a threshold "
+                             f"(a number, or numbers separated by commas)") from None
+        value = value[0] if len(value) == 1 else tuple(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values = (float(value),) * len(DEFAULT_KL_THRESHOLD)
+    else:
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where} must be a number or a sequence of numbers, got {value!r}") from None
+    if not values:
+        raise ValueError(f"{where} is empty")
+    for t in values:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"{where}: thresholds must be finite and > 0, got {t}")
+    return values
+
+
+def kl_settings(kl_threshold):
+    """Normalise ``kl_threshold`` to a list of settings (tuples of floats).
+
+    A number (``1.1`` = ``(1.1, 1.1, 1.1)``), a tuple of numbers (one
+    threshold per iteration) or a string (``"1.1"``, ``"0.9,1.0,1.1"``) is one
+    setting; a **list** -- or a tuple holding tuples, lists or strings -- is
+    several settings, each a number, tuple/list or string.
+    """
+    nested = isinstance(kl_threshold, tuple) and any(
+        isinstance(v, (tuple, list, str)) for v in kl_threshold)
+    if isinstance(kl_threshold, list) or nested:
+        kl_threshold = list(kl_threshold)
+        if not kl_threshold:
+            raise ValueError("kl_threshold: empty list of settings")
+        settings = [_setting(v, f"kl_threshold[{i}]") for i, v in enumerate(kl_threshold)]
+    else:
+        settings = [_setting(kl_threshold, "kl_threshold")]
+    seen = set()
+    for s in settings:
+        if s in seen:
+            raise ValueError(f"kl_threshold: setting {setting_label(s)} is given twice")
+        seen.add(s)
+    return settings
+
+
+def setting_label(setting):
+    """``(1.1, 1.1, 1.1)`` -> ``"1.1"``; ``(0.9, 1.0, 1.1)`` -> ``"0.9,1,1.1"``."""
+    fmt = lambda t: f"{t:g}"  # noqa: E731
+    if len(setting) == len(DEFAULT_KL_THRESHOLD) and len(set(setting)) == 1:
+        return fmt(setting[0])
+    return ",".join(fmt(t) for t in setting)
+
+
+# -- helpers ----------------------------------------------------------------
+def _json_clean(x):
+    """NaN/inf -> None, NumPy scalars -> Python (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    return x
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_clean(data), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written file
+
+
+def _weights_json(weights):
+    if weights is None:
+        return None
+    if isinstance(weights, dict):
+        return {str(int(k)): float(v) for k, v in weights.items()}
+    return [float(v) for v in np.asarray(weights, dtype=np.float64).ravel()]
+
+
+def _item_parts(item):
+    """Sample, or an ``(id, image, label)`` tuple -> (id, label, image getter)."""
+    if hasattr(item, "id") and hasattr(item, "label"):
+        return str(item.id), item.label, lambda: item.image
+    try:
+        sample_id, image, label = item
+    except (TypeError, ValueError):
+        raise TypeError("dataset items must be Samples or (id, image, label) tuples") from None
+    return str(sample_id), label, lambda: image
+
+
+def _describe(dataset, n_classes):
+    if hasattr(dataset, "describe"):
+        info = dict(dataset.describe())
+    else:
+        info = {"name": type(dataset).__name__, "images": len(dataset)}
+    info["n_classes"] = n_classes
+    return info
+
+
+# -- evaluation ---------------------------------------------------------------
+def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limit=None,
+             protocol="per-image", grid=16, weights=None, n_classes=None, class_names=None,
+             ignore_index=-1, output_dir=None, resume=True, progress=True):
+    """Segment every image of ``dataset`` and score it.
+
+    Parameters
+    ----------
+    dataset : a :mod:`diffseg.datasets` dataset, or a sequence of
+        ``(id, image, label)`` (image may be None with ``attention_dir``).
+    model : object with ``.attention(image) -> {res: array}``, or a bundle
+        path for :func:`diffseg.load_model`; optional with ``attention_dir``.
+    kl_threshold : setting or list of settings
+        A number, a per-iteration tuple, or a list of those (several settings
+        from one attention computation per image). Default: the dataset's
+        official value (1.1 COCO-Stuff, 0.9 Cityscapes), else ``(1.1,)*3``.
+    attention_dir : directory of ``<id>.npz`` attention files. Without a
+        model every file must exist; with a model, missing ones are computed
+        and saved there (a cache).
+    limit : evaluate only the first ``limit`` images.
+    protocol : ``"per-image"`` (DiffSeg) or ``"per-dataset"`` (see
+        :mod:`diffseg.metrics`).
+    grid, weights : passed to :func:`diffseg.merge` / :func:`diffseg.aggregate`.
+    n_classes, class_names : default from the dataset.
+    output_dir : where ``state.json``, ``results.json`` and ``results.md`` go.
+        Needed to resume.
+    resume : continue the run saved in ``output_dir`` (same settings); False
+        starts over.
+    progress : show a tqdm progress bar.
+
+    Returns
+    -------
+    dict with ``dataset``, ``protocol``, ``settings`` (one entry per KL
+    setting: ``kl_threshold``, ``pixel_accuracy``, ``miou``, ``iou`` and
+    counts, ``seconds_per_image``) and timing.
+    """
+    from tqdm.auto import tqdm
+
+    protocol = _check_protocol(protocol)
+    if kl_threshold is None:
+        kl_threshold = getattr(dataset, "kl_threshold", None) or DEFAULT_KL_THRESHOLD
+    settings = kl_settings(kl_threshold)
+    if n_classes is None:
+        n_classes = getattr(dataset, "n_classes", None)
+        if n_classes is None:
+            raise ValueError("n_classes: the dataset does not say; pass n_classes=")
+    if class_names is None:
+        class_names = tuple(getattr(dataset, "class_names", ()) or ())
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != n_classes:
+        class_names = [str(i) for i in range(n_classes)]
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
+        raise ValueError(f"grid must be a positive integer, got {grid!r}")
+    total = len(dataset)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        total = min(total, int(limit))
+    if total == 0:
+        raise ValueError("dataset is empty")
+
+    if isinstance(model, (str, os.PathLike)):
+        from . import load_model  # lazy: torch
+
+        model = load_model(model)
+    if model is not None and not callable(getattr(model, "attention", None)):
+        raise TypeError(f"model must have an .attention(image) method, got {type(model).__name__}")
+    if attention_dir is not None:
+        attention_dir = Path(attention_dir)
+        if model is None and not attention_dir.is_dir():
+            raise FileNotFoundError(f"attention_dir: no such directory: {attention_dir}")
+    elif model is None:
+        raise ValueError("give a model or attention_dir (precomputed attention)")
+
+    ids = getattr(dataset, "ids", None)
+    ids = [str(i) for i in ids[:total]] if ids is not None else None
+    if model is None and ids is not None:
+        missing = [attention_dir / f"{i}.npz" for i in ids if not (attention_dir / f"{i}.npz").is_file()]
+        if missing:
+            from .datasets import _missing_error
+
+            raise _missing_error("attention files", missing, total,
+                                 "(one <id>.npz per image, from diffseg.save_attention / "
+                                 "`diffseg attention`; or pass a model)")
+
+    described = _describe(dataset, n_classes)
+    config = {  # what must match for a saved run to be resumed
+        "dataset": {k: described.get(k) for k in ("name", "n_classes", "size", "split")
+                    if k in described},
+        "protocol": protocol,
+        "ignore_index": int(ignore_index),
+        "kl_thresholds": [list(s) for s in settings],
+        "grid": int(grid),
+        "weights": _weights_json(weights),
+    }
+
+    metrics = [HungarianMetrics(n_classes, protocol, ignore_index) for _ in settings]
+    done = []
+    seconds = {"attention": 0.0, "total": 0.0, "segment": [0.0] * len(settings)}
+    state_path = None
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        state_path = output_dir / STATE_FILE
+        if resume and state_path.is_file():
+            done, metrics, seconds = _load_state(state_path, config, metrics)
+
+    done_set = set(done)
+    source = (f"precomputed attention ({attention_dir})" if model is None
+              else f"model {getattr(model, 'name', type(model).__name__)}"
+              + (f", cache {attention_dir}" if attention_dir is not None else ""))
+    todo = total - (sum(1 for i in ids if i in done_set) if ids is not None else 0)
+    bar = tqdm(total=total, initial=total - todo, disable=not progress, unit="img",
+               desc=f"eval {config['dataset'].get('name', '')}".strip(), dynamic_ncols=True)
+    try:
+        for index in range(total):
+            if ids is not None and ids[index] in done_set:
+                continue
+            t_start = time.perf_counter()
+            sample_id, label, get_image = _item_parts(dataset[index])
+            if sample_id in done_set:
+                continue
+            label = np.asarray(label)
+            if label.ndim != 2:
+                raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
+            attn = _attention(sample_id, get_image, model, attention_dir)
+            A = aggregate(attn, weights=weights)
+            t_attn = time.perf_counter()
+            for k, setting in enumerate(settings):
+                t0 = time.perf_counter()
+                pred = nms(merge(A, grid=grid, kl_threshold=setting), size=label.shape)
+                metrics[k].update(pred, label)
+                seconds["segment"][k] += time.perf_counter() - t0
+            seconds["attention"] += t_attn - t_start
+            seconds["total"] += time.perf_counter() - t_start
+            done.append(sample_id)
+            done_set.add(sample_id)
+            if state_path is not None:
+                _save_state(state_path, config, done, metrics, seconds)
+            bar.update(1)
+            if progress:
+                first = metrics[0].compute()
+                bar.set_postfix(acc=f"{100 * first['pixel_accuracy']:.1f}",
+                                miou=f"{100 * first['miou']:.1f}", refresh=False)
+    finally:
+        bar.close()
+
+    results = _results(config, settings, metrics, seconds, len(done), class_names, source)
+    results["dataset"] = _json_clean({**described, "evaluated": len(done)})
+    if output_dir is not None:
+        _write_json(output_dir / RESULTS_JSON, results)
+        (output_dir / RESULTS_MD).write_text(markdown_table(results))
+    return results
+
+
+def _attention(sample_id, get_image, model, attention_dir):
+    from .attention_io import load_attention, save_attention
+
+    path = attention_dir / f"{sample_id}.npz" if attention_dir is not None else None
+    if path is not None and path.is_file():
+        return load_attention(path)
+    if model is None:
+        raise FileNotFoundError(f"attention_dir: no attention file for {sample_id!r}: {path}")
+    image = get_image()
+    if image is None:
+        raise ValueError(f"sample {sample_id!r} has no image to run the model on")
+    attn = model.attention(image)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_attention(path, attn)
+    return attn
+
+
+def _save_state(path, config, done, metrics, seconds):
+    _write_json(path, {
+        "version": STATE_VERSION,
+        "config": config,
+        "done": done,
+        "metrics": [m.state_dict() for m in metrics],
+        "seconds": seconds,
+    })
+
+
+def _load_state(path, config, metrics):
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the saved state ({e}); delete it or pass "
+                         f"resume=False / --no-resume to start over") from None
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: state version {state.get('version')} is not {STATE_VERSION}; "
+                         f"start over with resume=False / --no-resume")
+    saved = state.get("config", {})
+    if _json_clean(config) != saved:
+        diff = sorted(k for k in set(saved) | set(config)
+                      if _json_clean(config.get(k)) != saved.get(k))
+        raise ValueError(
+            f"{path} belongs to a run with different settings ({', '.join(diff)}); "
+            f"use another output directory, or resume=False / --no-resume to overwrite it")
+    loaded = [HungarianMetrics.from_state_dict(s) for s in state["metrics"]]
+    if len(loaded) != len(metrics):
+        raise ValueError(f"{path}: {len(loaded)} saved accumulators for {len(metrics)} settings")
+    seconds = state["seconds"]
+    return list(state["done"]), loaded, seconds
+
+
+def _results(config, settings, metrics, seconds, n_done, class_names, source):
+    per = max(n_done, 1)
+    rows = []
+    for k, (setting, m) in enumerate(zip(settings, metrics)):
+        r = m.compute()
+        rows.append({
+            "kl_threshold": list(setting),
+            "label": setting_label(setting),
+            "pixel_accuracy": r["pixel_accuracy"],
+            "miou": r["miou"],
+            "iou": dict(zip(class_names, r["iou"])),
+            "tp": r["tp"], "fp": r["fp"], "fn": r["fn"],
+            "images": r["images"],
+            "valid_pixels": r["valid_pixels"],
+            # what segmenting one image with this setting alone costs
+            "seconds_per_image": (seconds["attention"] + seconds["segment"][k]) / per,
+        })
+    return {
+        "dataset": config["dataset"],
+        "protocol": config["protocol"],
+        "ignore_index": config["ignore_index"],
+        "grid": config["grid"],
+        "weights": config["weights"],
+        "attention": source,
+        "class_names": list(class_names),
+        "images": n_done,
+        "seconds_per_image": seconds["total"] / per,
+        "attention_seconds_per_image": seconds["attention"] / per,
+        "settings": rows,
+    }
+
+
+def _pct(x, digits=2):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def markdown_table(results):
+    """Results dict (from :func:`evaluate`) -> a markdown report."""
+    ds = results["dataset"]
+    protocol = {"per-image": "Hungarian matching per image (DiffSeg, DiffCut)",
+                "per-dataset": "Hungarian matching over the dataset (PiCIE, STEGO)"}
+    weights = results["weights"]
+    lines = [
+        f"# DiffSeg evaluation: {ds.get('name', 'dataset')}",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| protocol | {protocol.get(results['protocol'], results['protocol'])} |",
+        f"| images | {results['images']} |",
+        f"| classes | {ds.get('n_classes')} |",
+        f"| label size | {ds.get('size')} |",
+        f"| attention | {results['attention']} |",
+        f"| anchor grid | {results['grid']} |",
+        f"| resolution weights | {'proportional to resolution' if weights is None else weights} |",
+        f"| seconds per image | {results['seconds_per_image']:.3f} "
+        f"(reading, attention and aggregation: {results['attention_seconds_per_image']:.3f}) |",
+        "",
+        "| KL threshold | ACC (%) | mIoU (%) | images | s / image |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in results["settings"]:
+        lines.append(f"| {row['label']} | {_pct(row['pixel_accuracy'])} | {_pct(row['miou'])} "
+                     f"| {row['images']} | {row['seconds_per_image']:.3f} |")
+    lines += ["", "## Per-class IoU (%)", "",
+              "| class | " + " | ".join(r["label"] for r in results["settings"]) + " |",
+              "|---|" + "---:|" * len(results["settings"])]
+    for name in results["class_names"]:
+        vals = " | ".join(_pct(r["iou"].get(name), 1) for r in results["settings"])
+        lines.append(f"| {name} | {vals} |")
+    lines += ["", "n/a: a class that never occurs and is never matched (left out of the mean).", ""]
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------
+def _open_dataset(args, need_images):
+    from .datasets import CocoStuff27, Cityscapes, FolderDataset, dataset_kind
+
+    kind = dataset_kind(args.dataset)
+    size = None if args.size == 0 else args.size
+    if kind == "coco-stuff-27":
+        if args.root is None and (args.label_dir is None):
+            raise ValueError("--dataset coco-stuff-27 needs --root (or --label-dir and --image-list)")
+        return CocoStuff27(args.root, args.image_list, image_dir=args.image_dir,
+                           label_dir=args.label_dir, size=size, require_images=need_images)
+    if kind == "cityscapes":
+        if args.root is None:
+            raise ValueError("--dataset cityscapes needs --root (the folder holding leftImg8bit/ and gtFine/)")
+        return Cityscapes(args.root, args.split, size=size, require_images=need_images)
+    image_dir, label_dir = args.image_dir, args.label_dir
+    if args.root is not None:
+        image_dir = image_dir or Path(args.root) / "images"
+        label_dir = label_dir or Path(args.root) / "labels"
+    if label_dir is None:
+        raise ValueError("--dataset folder needs --label-dir (and --image-dir), or --root with "
+                         "images/ and labels/")
+    return FolderDataset(image_dir, label_dir, n_classes=args.n_classes,
+                         label_suffix=args.label_suffix,
+                         ignore_values=tuple(args.ignore_value or (255,)), size=size,
+                         require_images=need_images)
+
+
+def _run_cli(args):
+    if args.threads is not None:
+        from .core import set_num_threads
+
+        set_num_threads(args.threads)
+    if args.model is None and args.attention_dir is None:
+        raise ValueError("give --attention-dir (precomputed attention) or --model (a bundle)")
+    dataset = _open_dataset(args, need_images=args.model is not None)
+    kl = args.kl_threshold
+    if kl is not None:
+        kl = list(kl)
+    model = None
+    if args.model is not None:
+        from .model import load_model  # lazy: torch
+
+        model = load_model(args.model, **({"device": args.device} if args.device else {}))
+    results = evaluate(
+        dataset, model, kl_threshold=kl, attention_dir=args.attention_dir,
+        limit=args.limit, protocol=args.protocol, grid=args.grid,
+        n_classes=args.n_classes if args.dataset == "folder" else None,
+        output_dir=args.output_dir, resume=not args.no_resume, progress=not args.no_progress,
+    )
+    print(markdown_table(results))
+    print(f"wrote {Path(args.output_dir) / RESULTS_JSON} and {Path(args.output_dir) / RESULTS_MD}")
+    return 0
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate on COCO-Stuff-27 / Cityscapes / a folder (Hungarian-matched ACC, mIoU)",
+        description=(
+            "Segment a dataset and report Hungarian-matched pixel accuracy and mIoU. "
+            "Attention comes from --attention-dir (<id>.npz per image) or --model. "
+            "Several --kl-threshold settings share one attention computation per image. "
+            "Rerunning the same command resumes an interrupted run."),
+    )
+    p.add_argument("--dataset", required=True,
+                   help="coco-stuff-27 | cityscapes | folder")
+    p.add_argument("--root", help="dataset root directory")
+    p.add_argument("--image-list", help="COCO-Stuff: the curated list Coco164kFull_Stuff_Coarse_7.txt "
+                   "(2175 ids), or 'all'")
+    p.add_argument("--image-dir", help="images directory (COCO-Stuff / folder)")
+    p.add_argument("--label-dir", help="label PNG directory (COCO-Stuff / folder)")
+    p.add_argument("--split", default="val", help="Cityscapes split (default: val)")
+    p.add_argument("--n-classes", type=int, help="folder: number of classes (default: from the labels)")
+    p.add_argument("--label-suffix", default=".png", help="folder: label file = <stem><suffix> (.png)")
+    p.add_argument("--ignore-value", type=int, action="append",
+                   help="folder: label value to ignore (repeatable; default 255)")
+    p.add_argument("--size", type=int, default=512,
+                   help="label size after the centre crop (default 512; 0 = crop only)")
+    p.add_argument("--attention-dir", help="precomputed attention, <id>.npz per image "
+                   "(with --model: a cache, missing files are computed and saved)")
+    p.add_argument("--model", help="model bundle or checkpoint for diffseg.load_model (needs torch)")
+    p.add_argument("--device", help="with --model: cpu or cuda (default: load_model's)")
+    p.add_argument("--kl-threshold", nargs="+", action="extend", metavar="T",
+                   help="KL threshold setting(s): each T is a number or per-iteration values "
+                        "'0.9,1.0,1.1'; several settings are evaluated from one attention pass "
+                        "(default: 1.1 COCO-Stuff, 0.9 Cityscapes)")
+    p.add_argument("--grid", type=int, default=16, help="anchor grid per axis (default 16)")
+    p.add_argument("--protocol", default="per-image", choices=["per-image", "per-dataset"],
+                   help="Hungarian matching per image (DiffSeg; default) or over the dataset")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("-o", "--output-dir", default="diffseg-eval",
+                   help="results.json, results.md and the resume state (default: diffseg-eval)")
+    p.add_argument("--no-resume", action="store_true", help="start over, ignoring a saved state")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="threads for the C core (default: all)")
+    p.set_defaults(func=_run_cli)
+    return p

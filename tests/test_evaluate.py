@@ -1,0 +1,378 @@
+"""diffseg.evaluate (diffseg/evaluation.py) and `diffseg eval` on precomputed attention (no model)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffseg
+from diffseg import cli
+from diffseg.attention_io import save_attention
+from diffseg.datasets import COCO_CURATED_LIST, CocoStuff27, Cityscapes, FolderDataset
+from diffseg.evaluation import evaluate, kl_settings, markdown_table, setting_label
+from diffseg.metrics import HungarianMetrics
+
+R = 16          # latent side of the test attention (resolutions 16, 8, 4)
+GRID = 4        # 16 anchors
+LABEL = 32      # label maps after the crop: 32 x 32 (2 x R)
+N_CLASSES = 5
+
+
+def planted_attention(blocks, rng, noise=0.3, eps=0.05):
+    """Row-stochastic attention at 16, 8 and 4 for a 4 x 4 block partition:
+    each query attends to its own region (plus a floor eps), with
+    multiplicative noise so that different KL thresholds disagree."""
+    region16 = np.kron(blocks, np.ones((4, 4), int))
+    attn = {}
+    for s in (16, 8, 4):
+        reg = region16[:: 16 // s, :: 16 // s].ravel()
+        same = (reg[:, None] == reg[None, :]).astype(np.float64)
+        rows = (1 - eps) * same / same.sum(1, keepdims=True) + eps / (s * s)
+        rows *= rng.uniform(1 - noise, 1 + noise, rows.shape)
+        attn[s] = (rows / rows.sum(1, keepdims=True)).astype(np.float32)
+    return attn
+
+
+def make_eval_folder(root, n_images=5, seed=0):
+    """A folder dataset (40 x 32 label PNGs: the centre 32 x 32 is the crop) and
+    one attention .npz per image."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "attn").mkdir()
+    for k in range(n_images):
+        stem = f"im{k:02d}"
+        blocks = rng.integers(0, int(rng.integers(2, 5)), (4, 4))
+        classes = rng.permutation(N_CLASSES)[blocks]          # region -> class
+        lab = np.kron(classes, np.ones((8, 8), int)).astype(np.uint8)  # 32 x 32
+        lab[rng.random(lab.shape) < 0.03] = 255                  # ignored pixels
+        full = np.full((40, 32), 4, np.uint8)                    # rows cropped away
+        full[4:36] = lab
+        Image.fromarray(full).save(root / "labels" / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+        save_attention(root / "attn" / f"{stem}.npz", planted_attention(blocks, rng))
+    return FolderDataset(root / "images", root / "labels", n_classes=N_CLASSES, size=LABEL)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_eval_folder(tmp_path / "data")
+
+
+# within a region the test attention has KL ~0.01, across regions ~3: thresholds
+# near 0.01 split regions, larger ones do not
+SETTINGS = [1.1, 0.011, (0.009, 1.1, 1.1)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: threads only add overhead (and 2 CPUs are shared)."""
+    before = diffseg.get_num_threads()
+    diffseg.set_num_threads(1)
+    yield
+    diffseg.set_num_threads(before)
+
+
+def by_hand(dataset, attn_dir, setting):
+    """The same evaluation, spelled out with the public stages."""
+    m = HungarianMetrics(dataset.n_classes)
+    for s in dataset:
+        attn = diffseg.load_attention(attn_dir / f"{s.id}.npz")
+        pred = diffseg.segment_attention(attn, kl_threshold=setting, grid=GRID, size=s.label.shape)
+        m.update(pred, s.label)
+    return m.compute()
+
+
+def strip_time(results):
+    out = json.loads(json.dumps(results, default=str))
+    for key in ("seconds_per_image", "attention_seconds_per_image"):
+        out.pop(key, None)
+    for row in out["settings"]:
+        row.pop("seconds_per_image")
+    return out
+
+
+def test_several_settings_match_separate_runs(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+    res = evaluate(folder, kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID, progress=False)
+    assert res["images"] == 5 and res["protocol"] == "per-image"
+    assert [r["label"] for r in res["settings"]] == ["1.1", "0.011", "0.009,1.1,1.1"]
+    accs = set()
+    for setting, row in zip(SETTINGS, res["settings"]):
+        want = by_hand(folder, attn_dir, setting)
+        assert row["pixel_accuracy"] == want["pixel_accuracy"]
+        assert row["miou"] == want["miou"]
+        assert (row["tp"], row["fp"], row["fn"]) == (want["tp"], want["fp"], want["fn"])
+        assert list(row["iou"]) == [str(c) for c in range(N_CLASSES)]
+        assert 0 <= row["pixel_accuracy"] <= 1 and 0 <= row["miou"] <= 1
+        accs.add(row["pixel_accuracy"])
+    assert len(accs) > 1  # the settings do differ on this data
+    assert max(accs) > 0.9  # the planted regions are found
+
+
+def test_limit_and_default_threshold(folder, tmp_path):
+    import diffseg.evaluation  # noqa: F401  (importing the module must not shadow the function)
+
+    res = diffseg.evaluate(folder, attention_dir=tmp_path / "data" / "attn", grid=GRID, limit=2, progress=False)
+    assert res["images"] == 2 and len(res["settings"]) == 1
+    assert res["settings"][0]["kl_threshold"] == [1.1, 1.1, 1.1]
+
+
+def test_outputs_and_resume_after_interruption(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+    full = evaluate(folder, kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID,
+                    output_dir=tmp_path / "full", progress=False)
+
+    class Interrupted:  # the dataset dies while reading item 3
+        def __init__(self, ds):
+            self.ds, self.ids, self.n_classes = ds, ds.ids, ds.n_classes
+            self.class_names, self.describe = ds.class_names, ds.describe
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise KeyboardInterrupt
+            return self.ds[i]
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Interrupted(folder), kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID,
+                 output_dir=out, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert state["done"] == ["im00", "im01", "im02"]
+    assert not (out / "results.json").exists()
+
+    seen = []  # what the resumed run reads
+    orig = folder.load_label
+    folder.load_label = lambda i: seen.append(i) or orig(i)
+    resumed = evaluate(folder, kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID,
+                       output_dir=out, progress=False)
+    assert seen == [3, 4]  # done images are skipped
+    assert strip_time(resumed) == strip_time(full)
+    saved = json.loads((out / "results.json").read_text())
+    assert strip_time(saved) == strip_time(json.loads((tmp_path / "full" / "results.json").read_text()))
+    # a finished run resumes to the same numbers without work
+    seen.clear()
+    again = evaluate(folder, kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID,
+                     output_dir=out, progress=False)
+    assert seen == [] and strip_time(again) == strip_time(full)
+    # other settings: refused, unless starting over
+    with pytest.raises(ValueError, match="different settings.*kl_thresholds"):
+        evaluate(folder, kl_threshold=0.7, attention_dir=attn_dir, grid=GRID, output_dir=out,
+                 progress=False)
+    fresh = evaluate(folder, kl_threshold=0.7, attention_dir=attn_dir, grid=GRID, output_dir=out,
+                     resume=False, progress=False)
+    assert fresh["images"] == 5
+
+    md = (tmp_path / "full" / "results.md").read_text()
+    assert "| KL threshold | ACC (%) | mIoU (%) | images | s / image |" in md
+    acc = full["settings"][0]["pixel_accuracy"]
+    assert f"| 1.1 | {100 * acc:.2f} |" in md
+    assert "## Per-class IoU (%)" in md and "| 4 |" in md
+    assert "per image" in md
+
+
+def test_nan_iou_is_null_in_json(tmp_path):
+    data = make_eval_folder(tmp_path / "data", n_images=1, seed=3)
+    ds = FolderDataset(data.image_dir, data.label_dir, n_classes=8, size=LABEL)  # 5..7 never occur
+    res = evaluate(ds, attention_dir=tmp_path / "data" / "attn", grid=GRID,
+                   output_dir=tmp_path / "out", progress=False)
+    assert np.isnan(res["settings"][0]["iou"]["7"])
+    text = (tmp_path / "out" / "results.json").read_text()
+    assert json.loads(text)["settings"][0]["iou"]["7"] is None  # strict JSON, no NaN
+    assert "n/a" in markdown_table(res)
+
+
+def test_fake_model_and_attention_cache(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+
+    class FakeModel:
+        name = "fake"
+
+        def __init__(self):
+            self.calls = 0
+
+        def attention(self, image):
+            assert image.dtype == np.uint8 and image.shape == (40, 32, 3)
+            self.calls += 1
+            return diffseg.load_attention(attn_dir / f"im{self.calls - 1:02d}.npz")
+
+    want = evaluate(folder, kl_threshold=SETTINGS, attention_dir=attn_dir, grid=GRID, progress=False)
+    model = FakeModel()
+    got = evaluate(folder, model, kl_threshold=SETTINGS, grid=GRID, progress=False)
+    assert model.calls == 5  # one attention computation per image for all settings
+    assert strip_time(got)["settings"] == strip_time(want)["settings"]
+    cache = tmp_path / "cache"
+    model = FakeModel()
+    evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz"]
+    model = FakeModel()
+    evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
+    assert model.calls == 0  # read back from the cache
+
+
+def test_tuple_dataset(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+    items = [(s.id, None, s.label) for s in folder]
+    got = evaluate(items, attention_dir=attn_dir, grid=GRID, n_classes=N_CLASSES, progress=False)
+    want = evaluate(folder, attention_dir=attn_dir, grid=GRID, progress=False)
+    assert strip_time(got)["settings"] == strip_time(want)["settings"]
+
+
+def test_bad_arguments(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+    with pytest.raises(ValueError, match="model or attention_dir"):
+        evaluate(folder)
+    with pytest.raises(FileNotFoundError, match="attention_dir"):
+        evaluate(folder, attention_dir=tmp_path / "nope")
+    (attn_dir / "im03.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 5 attention files(.|\n)*im03\.npz"):
+        evaluate(folder, attention_dir=attn_dir, grid=GRID, progress=False)
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate(folder, attention_dir=attn_dir, kl_threshold=[1.1, (1.1, 1.1, 1.1)], limit=1)
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate(folder, attention_dir=attn_dir, protocol="per-pixel", limit=1)
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(folder, attention_dir=attn_dir, limit=0)
+    with pytest.raises(TypeError, match="attention"):
+        evaluate(folder, object(), limit=1)
+    # per-dataset needs dataset-wide ids; DiffSeg's per-image segments have more
+    with pytest.raises(ValueError, match="per-dataset"):
+        evaluate(folder, attention_dir=attn_dir, grid=GRID, protocol="per-dataset",
+                 kl_threshold=0.001, limit=1, progress=False)
+
+
+def test_kl_settings_parsing():
+    assert kl_settings(1.1) == [(1.1, 1.1, 1.1)]
+    assert kl_settings((0.9, 1.0, 1.1)) == [(0.9, 1.0, 1.1)]
+    assert kl_settings([0.9, 1.1]) == [(0.9,) * 3, (1.1,) * 3]
+    assert kl_settings(["0.9,1,1.1", "1.2", [0.5, 0.5]]) == [(0.9, 1.0, 1.1), (1.2,) * 3, (0.5, 0.5)]
+    assert kl_settings(((0.9,) * 3, 1.1)) == [(0.9,) * 3, (1.1,) * 3]
+    assert setting_label((0.9, 1.0, 1.1)) == "0.9,1,1.1" and setting_label((1.1,) * 3) == "1.1"
+    for bad in ([], "x", -1.0, (1.0, float("nan")), ()):
+        with pytest.raises((ValueError, TypeError), match="kl_threshold"):
+            kl_settings(bad)
+
+
+# -- command line --------------------------------------------------------------------
+def test_cli_folder_end_to_end(folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    out = tmp_path / "out"
+    argv = ["eval", "--dataset", "folder", "--root", str(data), "--attention-dir", str(data / "attn"),
+            "--n-classes", str(N_CLASSES), "--size", str(LABEL), "--grid", str(GRID),
+            "--kl-threshold", "1.1", "0.011,0.011,0.011", "--kl-threshold", "0.009,1.1,1.1",
+            "-o", str(out), "--no-progress", "--threads", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| KL threshold |" in printed and "results.json" in printed
+    res = json.loads((out / "results.json").read_text())
+    api = evaluate(folder, kl_threshold=SETTINGS, attention_dir=data / "attn", grid=GRID, progress=False)
+    assert strip_time(res)["settings"] == strip_time(api)["settings"]
+    assert (out / "results.md").is_file() and (out / "state.json").is_file()
+    # a user error: printed, no traceback, exit code 2
+    assert cli.main(["eval", "--dataset", "folder", "--root", str(data), "-o", str(out)]) == 2
+    assert "--attention-dir" in capsys.readouterr().err
+    assert cli.main(["eval", "--dataset", "pascal", "--root", str(data),
+                     "--attention-dir", str(data / "attn")]) == 2
+    assert "dataset must be one of" in capsys.readouterr().err
+
+
+def write_coco_with_attention(root, n=3):
+    rng = np.random.default_rng(11)
+    ids = [f"{k:012d}" for k in (139, 285, 632)][:n]
+    lab_dir = root / "annotations" / "val2017"
+    lab_dir.mkdir(parents=True)
+    (root / "attn").mkdir()
+    fine_ids = np.array([0, 2, 15, 105, 148, 168])  # person, car, bird, clouds, road, tree
+    for i in ids:
+        blocks = rng.integers(0, 3, (4, 4))
+        fine = fine_ids[rng.permutation(len(fine_ids))[:3]][blocks]
+        lab = np.kron(fine, np.ones((8, 8), int)).astype(np.uint8)
+        lab[0] = 255
+        full = np.zeros((32, 48), np.uint8)
+        full[:, 8:40] = lab
+        Image.fromarray(full).save(lab_dir / f"{i}.png")
+        save_attention(root / "attn" / f"{i}.npz", planted_attention(blocks, rng, noise=0.1))
+    lst = root / "curated" / "val2017" / COCO_CURATED_LIST
+    lst.parent.mkdir(parents=True)
+    lst.write_text("\n".join(ids) + "\n")
+    return ids
+
+
+def test_cli_coco_stuff_subprocess(tmp_path):
+    """`python -m diffseg eval` on a COCO-Stuff layout without images."""
+    write_coco_with_attention(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "diffseg", "eval", "--dataset", "coco-stuff-27",
+           "--root", str(tmp_path), "--attention-dir", str(tmp_path / "attn"), "--size", "32",
+           "--grid", str(GRID), "-o", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"]["name"] == "coco-stuff-27" and res["images"] == 3
+    row = res["settings"][0]
+    assert row["kl_threshold"] == [1.1, 1.1, 1.1]
+    assert set(row["iou"]) == set(CocoStuff27.class_names)
+    assert row["pixel_accuracy"] > 0.9
+    assert row["iou"]["water"] is None  # never occurs
+    # same numbers through the API
+    ds = CocoStuff27(tmp_path, size=32, require_images=False)
+    api = evaluate(ds, attention_dir=tmp_path / "attn", grid=GRID, progress=False)
+    assert api["settings"][0]["tp"] == row["tp"]
+
+
+def test_cityscapes_from_attention(tmp_path):
+    rng = np.random.default_rng(2)
+    lab_dir = tmp_path / "gtFine" / "val" / "lindau"
+    lab_dir.mkdir(parents=True)
+    (tmp_path / "attn").mkdir()
+    for k in range(2):
+        i = f"lindau_000000_{k:06d}"
+        # no images: the ids (image stems) come from the label names
+        blocks = rng.integers(0, 3, (4, 4))
+        ids = np.array([7, 11, 26])[blocks]  # road, building, car
+        lab = np.zeros((32, 64), np.uint8)  # labelId 0: ignored, and cropped anyway
+        lab[:, 16:48] = np.kron(ids, np.ones((8, 8), int))
+        Image.fromarray(lab).save(lab_dir / f"{i}_gtFine_labelIds.png")
+        save_attention(tmp_path / "attn" / f"{i}_leftImg8bit.npz", planted_attention(blocks, rng, noise=0.1))
+    ds = Cityscapes(tmp_path, size=32, require_images=False)
+    assert ds.ids == ["lindau_000000_000000_leftImg8bit", "lindau_000000_000001_leftImg8bit"]
+    res = evaluate(ds, attention_dir=tmp_path / "attn", grid=GRID, progress=False)
+    row = res["settings"][0]
+    assert row["kl_threshold"] == [0.9, 0.9, 0.9]  # the Cityscapes default
+    assert row["pixel_accuracy"] > 0.9
+    assert row["iou"]["road"] > 0.8 and row["iou"]["sky"] is not None and np.isnan(row["iou"]["sky"])
+
+
+def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
+    """--model goes through diffseg.model.load_model (replaced by a fake here);
+    --attention-dir is then a cache."""
+    model_mod = pytest.importorskip("diffseg.model")
+    data = tmp_path / "data"
+    calls = []
+
+    class FakeModel:
+        def attention(self, image):
+            calls.append(image.shape)
+            return diffseg.load_attention(data / "attn" / f"im{len(calls) - 1:02d}.npz")
+
+    def fake_load_model(path, **kw):
+        assert path == "bundle.pt" and kw == {"device": "cpu"}
+        return FakeModel()
+
+    monkeypatch.setattr(model_mod, "load_model", fake_load_model)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["eval", "--dataset", "folder", "--root", str(data), "--model", "bundle.pt",
+            "--device", "cpu", "--attention-dir", str(cache), "--n-classes", str(N_CLASSES),
+            "--size", str(LABEL), "--grid", str(GRID), "--limit", "3", "-o", str(out), "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert calls == [(40, 32, 3)] * 3  # the original images, once each
+    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz", "im02.npz"]
+    res = json.loads((out / "results.json").read_text())
+    api = evaluate(folder, attention_dir=data / "attn", grid=GRID, limit=3, progress=False)
+    assert strip_time(res)["settings"] == strip_time(api)["settings"]
