@@ -245,9 +245,11 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
         row of ``A`` closer than the threshold; later iterations merge
         proposals greedily (non-exclusive, in index order).
     return_stats : bool
-        Also return ``{"pairs": ..., "exact_rechecks": ...}``: how many
-        distances were decided and how many of those were recomputed in
-        float64 because the fast estimate was close to a threshold.
+        Also return ``{"pairs", "full_distances", "exact_rechecks"}``: how
+        many distances were decided, how many needed the full-resolution
+        distance (the others were ruled out by a pooled lower bound), and how
+        many were recomputed in float64 because the fast estimate was close
+        to a threshold.
 
     Returns
     -------
@@ -257,9 +259,9 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
     thresholds = _thresholds(kl_threshold)
     R = _square_side(A.shape[0], "A")
     grid = _check_int(grid, "grid", 1, R)
-    proposals, pairs, rechecks = _core.merge(A, grid, thresholds)
+    proposals, pairs, full, rechecks = _core.merge(A, grid, thresholds)
     if return_stats:
-        return proposals, {"pairs": pairs, "exact_rechecks": rechecks}
+        return proposals, {"pairs": pairs, "full_distances": full, "exact_rechecks": rechecks}
     return proposals
 
 

@@ -67,6 +67,7 @@ int dseg_anchor_coords(int R, int grid, int *coords);
 /* Optional statistics of one dseg_merge call. */
 typedef struct {
     int64_t pairs;           /* distances decided */
+    int64_t full_distances;  /* of those, not ruled out by the pooled lower bound */
     int64_t exact_rechecks;  /* of those, recomputed exactly in float64 */
 } dseg_merge_stats;
 

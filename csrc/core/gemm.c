@@ -49,8 +49,18 @@ static void tile_rows(const float *M, int rows, int ld, int r, int k0, const flo
         out[a] = M + (size_t)(r + a < rows ? r + a : rows - 1) * ld + k0;
 }
 
+/* Does the tile at (i, j) hold an entry marked in need? */
+static int tile_needed(const unsigned char *need, int m, int n, int ld, int i, int j) {
+    if (!need) return 1;
+    for (int a = i; a < i + TILE && a < m; a++)
+        for (int b = j; b < j + TILE && b < n; b++)
+            if (need[(size_t)a * ld + b]) return 1;
+    return 0;
+}
+
 static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
-                            int ldy, float *C, int ldc, int accumulate) {
+                            int ldy, float *C, int ldc, int accumulate,
+                            const unsigned char *need) {
     const int jblocks = (n + JBLOCK - 1) / JBLOCK;
     /* A thread owns whole column blocks of C, and each entry sums its k
      * slices in order: the result does not depend on the thread count. */
@@ -64,6 +74,7 @@ static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const 
                 const float *xr[TILE];
                 tile_rows(X, m, ldx, i, k0, xr);
                 for (int j = jb * JBLOCK; j < j_end; j += TILE) {
+                    if (!tile_needed(need, m, n, ldc, i, j)) continue;
                     const float *yr[TILE];
                     float acc[TILE][TILE];
                     tile_rows(Y, n, ldy, j, k0, yr);
@@ -80,7 +91,7 @@ static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const 
 }
 
 void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, int ldy,
-                  float *C, int ldc, int accumulate) {
+                  float *C, int ldc, int accumulate, const unsigned char *need) {
     if (m <= 0 || n <= 0) return;
     if (external_sgemm) {
         /* Row-major C = X Y^T is column-major C^T = Y X^T. */
@@ -88,5 +99,5 @@ void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, 
         external_sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
         return;
     }
-    builtin_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate);
+    builtin_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }

@@ -35,10 +35,12 @@ int dseg_threads_for(double work);
 /*
  * C (m, n) = X (m, k) * Y (n, k)^T (+ C when accumulate), row-major with
  * leading dimensions ldx, ldy, ldc. Uses the external sgemm when set, else a
- * blocked, OpenMP-parallel kernel.
+ * blocked, OpenMP-parallel kernel. need (m, n, leading dimension ldc) may mark
+ * the entries wanted: the built-in kernel then skips 4 x 4 tiles with none
+ * (their entries are left undefined). NULL: all.
  */
 void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
-                  int ldy, float *C, int ldc, int accumulate);
+                  int ldy, float *C, int ldc, int accumulate, const unsigned char *need);
 
 /* Bilinear source index pair and weight of each destination pixel
  * (half-pixel centres, edge clamp: torch align_corners=False). */

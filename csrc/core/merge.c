@@ -9,6 +9,11 @@
  * merge decision is therefore that of the exact float64 distance, whatever
  * GEMM ran and however many threads it used.
  *
+ * Before that, a pass on key maps pooled 4 x 4 (256 bins for R = 64) gives a
+ * lower bound on every distance of iteration 0 (data-processing inequality);
+ * the full-resolution GEMM only computes tiles holding a pair the bound does
+ * not rule out. On segment-like attention most pairs are ruled out.
+ *
  * Exact zeros use the usual conventions: 0 log 0 = 0, and D = +inf when one
  * map has zero mass where the other has positive mass (never merged). The
  * official code has no epsilon and gets NaN in both cases, which never merges
@@ -114,25 +119,37 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) 
     return DSEG_OK;
 }
 
+/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms. */
+static double error_bound(const row_stats *sp, const row_stats *sq) {
+    return GEMM_REL_ERROR * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) +
+                             fabs(sq->h)) + 1e-12;
+}
+
 /* Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM. */
 static int below(float cross, const row_stats *sp, const row_stats *sq,
                  const float *p, const float *q, int n, double tau,
                  int64_t *rechecks) {
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross);
-        const double bound = GEMM_REL_ERROR * (sp->mass * sq->maxlog + sq->mass * sp->maxlog +
-                                               fabs(sp->h) + fabs(sq->h)) + 1e-12;
-        if (fabs(d - tau) > bound) return d < tau;
+        if (fabs(d - tau) > error_bound(sp, sq)) return d < tau;
     }
     ++*rechecks;
     return sym_kl_exact(p, q, n) < tau;
 }
 
-/* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T */
+/* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T, where need says (NULL: all) */
 static void cross_terms(const float *X, const float *logX, int m, const float *Y,
-                        const float *logY, int n_rows, int n, float *cross) {
-    dseg_gemm_nt(m, n_rows, n, X, n, logY, n, cross, n_rows, 0);
-    dseg_gemm_nt(m, n_rows, n, logX, n, Y, n, cross, n_rows, 1);
+                        const float *logY, int n_rows, int n, float *cross,
+                        const unsigned char *need) {
+    dseg_gemm_nt(m, n_rows, n, X, n, logY, n, cross, n_rows, 0, need);
+    dseg_gemm_nt(m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
+}
+
+/* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
+static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double tau) {
+    if (sp->has_zero || sq->has_zero) return 0;
+    const double d = 0.5 * (sp->h + sq->h - (double)cross);
+    return d - error_bound(sp, sq) >= tau;
 }
 
 static void mean_into(const double *acc, int64_t count, int n, float *out) {
@@ -140,74 +157,188 @@ static void mean_into(const double *acc, int64_t count, int n, float *out) {
     for (int j = 0; j < n; j++) out[j] = (float)(acc[j] * inv);
 }
 
-enum { GROUP = 16 }; /* anchors that share each read of a row of A */
+/* Number of rows where two selections differ, counting no further than limit. */
+static int32_t selection_distance(const unsigned char *a, const unsigned char *b, int N,
+                                  int32_t limit) {
+    int32_t d = 0;
+    for (int p0 = 0; p0 < N && d < limit; p0 += 1024) {
+        const int p1 = p0 + 1024 < N ? p0 + 1024 : N;
+        int32_t part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int p = p0; p < p1; p++) part += a[p] != b[p];
+        d += part;
+    }
+    return d;
+}
 
-/* For anchors g0..g0+ng-1: acc[g][c0:c1] += every row p of A with
- * mask[g][p], in increasing p. A row selected by several anchors of the group
- * is read once; the group's slabs of acc stay in L1. */
-DSEG_CLONES
-static void add_selected_rows(double *acc, const float *A, int N, const unsigned char *mask,
-                              int g0, int ng, int c0, int c1) {
+/*
+ * The rows to add for anchor g. Neighbouring anchors usually lie in one
+ * segment and select nearly the same rows, so anchor g starts from the sum of
+ * the earlier anchor (among the `window` before it: the left and upper grid
+ * neighbours included) whose selection differs least, and adds (p) or
+ * removes (-p - 1) the rows where they differ. Where that is no cheaper, it
+ * adds its own selected rows (*pred = -1).
+ */
+static int32_t row_list(const unsigned char *mask, int N, int g, int window, int32_t count,
+                        int32_t *list, int *pred) {
+    const unsigned char *now = mask + (size_t)g * N;
+    int32_t best = count, n = 0;
+    *pred = -1;
+    for (int h = g - 1; h >= 0 && h >= g - window; h--) {
+        const int32_t d = selection_distance(now, mask + (size_t)h * N, N, best);
+        if (d < best) best = d, *pred = h;
+    }
+    const unsigned char *before = *pred >= 0 ? mask + (size_t)*pred * N : NULL;
     for (int p = 0; p < N; p++) {
-        const float *y = A + (size_t)p * N;
-        for (int g = g0; g < g0 + ng; g++) {
-            if (!mask[(size_t)g * N + p]) continue;
-            double *a = acc + (size_t)g * N;
+        if (!before && now[p]) list[n++] = p;
+        if (before && now[p] != before[p]) list[n++] = now[p] ? p : -p - 1;
+    }
+    return n;
+}
+
+/* acc[c0:c1] += or -= the listed rows of A over columns c0..c1, in order. */
+DSEG_CLONES
+static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
+                            int c0, int c1) {
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t e = list[i];
+        const float *y = A + (size_t)(e >= 0 ? e : -e - 1) * N;
+        if (e >= 0) {
 #pragma omp simd
-            for (int c = c0; c < c1; c++) a[c] += y[c];
+            for (int c = c0; c < c1; c++) acc[c] += y[c];
+        } else {
+#pragma omp simd
+            for (int c = c0; c < c1; c++) acc[c] -= y[c];
         }
     }
 }
 
-/* Mean of the selected rows of A for each anchor, in float64, rows added in
- * index order: deterministic for any thread count. */
-static void selected_means(const float *A, int N, int G, const unsigned char *mask,
-                           const int32_t *count, double *acc, float *proposals) {
-    const int groups = (G + GROUP - 1) / GROUP;
-#pragma omp parallel num_threads(dseg_threads_for((double)G * N * 16))
-    for (int c0 = 0; c0 < N; c0 += COLS) {
-        const int c1 = c0 + COLS < N ? c0 + COLS : N;
-#pragma omp for schedule(static)
-        for (int grp = 0; grp < groups; grp++) {
-            const int g0 = grp * GROUP, ng = G - g0 < GROUP ? G - g0 : GROUP;
-            add_selected_rows(acc, A, N, mask, g0, ng, c0, c1);
+/* Mean of the selected rows of A for each anchor, accumulated in float64.
+ * Threads split the columns; every sum follows a fixed order, so the result
+ * does not depend on the thread count. */
+static int selected_means(const float *A, int N, int G, int window, const unsigned char *mask,
+                          const int32_t *count, double *acc, float *proposals) {
+    int32_t *lists = malloc(sizeof(int32_t) * (size_t)G * N), *lengths = malloc(sizeof(int32_t) * G);
+    int *pred = malloc(sizeof(int) * G);
+    const int ok = lists && lengths && pred;
+    if (ok) {
+#pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for((double)G * N * 4))
+        for (int g = 0; g < G; g++)
+            lengths[g] = row_list(mask, N, g, window, count[g], lists + (size_t)g * N, pred + g);
+        const int slabs = (N + COLS - 1) / COLS;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)G * N * 4))
+        for (int sl = 0; sl < slabs; sl++) {
+            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
+            for (int g = 0; g < G; g++) {
+                double *a = acc + (size_t)g * N;
+                if (pred[g] >= 0)
+                    memcpy(a + c0, acc + (size_t)pred[g] * N + c0, sizeof(double) * (c1 - c0));
+                add_listed_rows(a, A, N, lists + (size_t)g * N, lengths[g], c0, c1);
+            }
         }
+        for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
+            mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
     }
-    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
-        mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
+    free(lists), free(lengths), free(pred);
+    return ok;
+}
+
+/* Key-map pooling factor for the pruning pass: f x f blocks of keys are
+ * summed, leaving (R/f)^2 bins (256 for R = 64). 1: no pruning pass. */
+static int pool_factor(int R) {
+    for (int f = 4; f >= 2; f /= 2)
+        if (R % f == 0 && R / f >= 4) return f;
+    return 1;
+}
+
+/* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
+static void pool_rows(const float *X, int rows, int R, int f, float *out) {
+    const int Rp = R / f, Np = Rp * Rp;
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)rows * R * R))
+    for (int i = 0; i < rows; i++) {
+        const float *x = X + (size_t)i * R * R;
+        float *o = out + (size_t)i * Np;
+        for (int by = 0; by < Rp; by++)
+            for (int bx = 0; bx < Rp; bx++) {
+                double s = 0.0;
+                for (int y = by * f; y < by * f + f; y++)
+                    for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * R + xx];
+                o[by * Rp + bx] = (float)s;
+            }
+    }
+}
+
+/*
+ * Pairs that may be closer than tau. Summing bins is a Markov map, so by the
+ * data-processing inequality each KL, and so D, can only shrink under
+ * pooling: a pair whose pooled distance is surely >= tau is surely >= tau at
+ * full resolution. The pooled GEMMs are (R/f)^2 deep instead of R^2.
+ * need: (G, N). Returns 0 on allocation failure.
+ */
+static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G, double tau,
+                           unsigned char *need) {
+    const int N = R * R, f = pool_factor(R);
+    if (f == 1) {
+        memset(need, 1, (size_t)G * N);
+        return 1;
+    }
+    const int Np = (R / f) * (R / f);
+    float *pA = dseg_malloc(sizeof(float) * (size_t)N * Np);
+    float *logpA = dseg_malloc(sizeof(float) * (size_t)N * Np);
+    float *pX = dseg_malloc(sizeof(float) * (size_t)G * Np);
+    float *logpX = dseg_malloc(sizeof(float) * (size_t)G * Np);
+    float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
+    row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
+    const int ok = pA && logpA && pX && logpX && cross && sa && sx;
+    if (ok) {
+        pool_rows(A, N, R, f, pA);
+        for (int g = 0; g < G; g++)
+            memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
+        log_rows(pA, N, Np, logpA, sa);
+        log_rows(pX, G, Np, logpX, sx);
+        cross_terms(pX, logpX, G, pA, logpA, N, Np, cross, NULL);
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)G * N))
+        for (int g = 0; g < G; g++)
+            for (int p = 0; p < N; p++)
+                need[(size_t)g * N + p] =
+                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, tau);
+    }
+    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx);
+    return ok;
 }
 
 /* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const float *A, int N, const int *anchor_rows, int G,
+static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int window,
                        double tau, float *proposals, dseg_merge_stats *stats) {
+    const int N = R * R;
+    unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
     float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logA = dseg_malloc(sizeof(float) * (size_t)N * N);
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sx = malloc(sizeof(row_stats) * G), *sa = malloc(sizeof(row_stats) * N);
-    unsigned char *mask = NULL;
-    int32_t *count = NULL;
+    int32_t *count = malloc(sizeof(int32_t) * G);
     double *acc = NULL;
     int rc = DSEG_OK;
-    if (!X || !logX || !logA || !cross || !sx || !sa) goto oom;
+    if (!mask || !X || !logX || !logA || !cross || !sx || !sa || !count) goto oom;
+    if (!candidate_pairs(A, R, anchor_rows, G, tau, mask)) goto oom;
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
     log_rows(X, G, N, logX, sx);
     log_rows(A, N, N, logA, sa);
-    cross_terms(X, logX, G, A, logA, N, N, cross);
+    cross_terms(X, logX, G, A, logA, N, N, cross, mask);
     free(logA), logA = NULL;
 
-    mask = malloc((size_t)G * N);
-    count = malloc(sizeof(int32_t) * G);
-    if (!mask || !count) goto oom;
-    int64_t rechecks = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks) \
+    int64_t rechecks = 0, candidates = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks, candidates) \
     num_threads(dseg_threads_for((double)G * N * 8))
     for (int g = 0; g < G; g++) {
         int32_t n_sel = 0;
         unsigned char *m = mask + (size_t)g * N;
         const float *x = X + (size_t)g * N, *c = cross + (size_t)g * N;
         for (int p = 0; p < N; p++) {
+            if (!m[p]) continue;
+            candidates++;
             m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau,
                                         &rechecks);
             n_sel += m[p];
@@ -218,10 +349,10 @@ static int anchor_step(const float *A, int N, const int *anchor_rows, int G,
     free(X), free(logX), X = logX = NULL;
 
     acc = calloc((size_t)G * N, sizeof(double));
-    if (!acc) goto oom;
-    selected_means(A, N, G, mask, count, acc, proposals);
+    if (!acc || !selected_means(A, N, G, window, mask, count, acc, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
+        stats->full_distances += candidates;
         stats->exact_rechecks += rechecks;
     }
     goto done;
@@ -250,7 +381,7 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
         goto done;
     }
     log_rows(P, k, N, logP, st);
-    cross_terms(P, logP, k, P, logP, k, N, cross);
+    cross_terms(P, logP, k, P, logP, k, N, cross, NULL);
     int64_t rechecks = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
     num_threads(dseg_threads_for((double)k * k * 8))
@@ -281,6 +412,7 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
     *K = n_out;
     if (stats) {
         stats->pairs += (int64_t)k * k;
+        stats->full_distances += (int64_t)k * k;
         stats->exact_rechecks += rechecks;
     }
 done:
@@ -318,14 +450,14 @@ int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_
     int coords[256]; /* grid <= R <= 215 */
     int rc = dseg_anchor_coords(R, grid, coords);
     if (rc != DSEG_OK) return rc;
-    if (stats) stats->pairs = stats->exact_rechecks = 0;
+    if (stats) stats->pairs = stats->full_distances = stats->exact_rechecks = 0;
 
     const int N = R * R, G = grid * grid;
     int *anchor_rows = malloc(sizeof(int) * G);
     if (!anchor_rows) return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
     for (int a = 0; a < grid; a++) /* row-major, first coordinate slowest */
         for (int b = 0; b < grid; b++) anchor_rows[a * grid + b] = coords[a] * R + coords[b];
-    rc = anchor_step(A, N, anchor_rows, G, thresholds[0], proposals, stats);
+    rc = anchor_step(A, R, anchor_rows, G, grid + 1, thresholds[0], proposals, stats);
     free(anchor_rows);
     int K = G;
     for (int it = 1; rc == DSEG_OK && it < n_iter; it++)

@@ -138,7 +138,7 @@ static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 /* merge(A: (N, N) ndarray, grid: int, thresholds: sequence of float)
- *   -> (proposals (K, R, R), pairs, exact_rechecks) */
+ *   -> (proposals (K, R, R), pairs, full_distances, exact_rechecks) */
 static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *A_obj, *grid_obj, *thr_obj;
     if (!PyArg_ParseTuple(args, "OOO", &A_obj, &grid_obj, &thr_obj)) return NULL;
@@ -195,7 +195,7 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
         return PyErr_NoMemory();
     }
     int K = 0, rc;
-    dseg_merge_stats stats = {0, 0};
+    dseg_merge_stats stats = {0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     rc = dseg_merge((const float *)PyArray_DATA(A), (int)R, grid, thr, (int)n_iter, buf, &K,
                     &stats);
@@ -213,7 +213,8 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     memcpy(PyArray_DATA((PyArrayObject *)out), buf, sizeof(float) * (size_t)K * N);
     free(buf);
-    return Py_BuildValue("NLL", out, (long long)stats.pairs, (long long)stats.exact_rechecks);
+    return Py_BuildValue("NLLL", out, (long long)stats.pairs, (long long)stats.full_distances,
+                         (long long)stats.exact_rechecks);
 }
 
 /* nms(proposals: (K, h, w) ndarray, H: int, W: int) -> (labels (H, W) int32, n_labels) */
@@ -332,7 +333,7 @@ static PyObject *py_sgemm_backend(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED
 static PyMethodDef methods[] = {
     {"aggregate", py_aggregate, METH_VARARGS, "aggregate(maps, weights, out_res) -> (N, N) float32"},
     {"merge", py_merge, METH_VARARGS,
-     "merge(A, grid, thresholds) -> (proposals, pairs, exact_rechecks)"},
+     "merge(A, grid, thresholds) -> (proposals, pairs, full_distances, exact_rechecks)"},
     {"nms", py_nms, METH_VARARGS, "nms(proposals, H, W) -> (labels, n_labels)"},
     {"sym_kl", py_sym_kl, METH_VARARGS, "sym_kl(p, q) -> (m, k) float64 symmetric KL"},
     {"anchor_coords", py_anchor_coords, METH_VARARGS, "anchor_coords(R, grid) -> int32 coords"},

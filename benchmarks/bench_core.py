@@ -1,0 +1,143 @@
+"""Benchmark of the post-processing core on one 512x512 image (R=64, M=16).
+
+Each stage runs in one process for
+  - C:          diffseg (the C core),
+  - NumPy f32:  diffseg.reference with dtype=float32 (vectorised, BLAS GEMMs),
+  - reference:  diffseg.reference in float64 (the test oracle),
+and the merge step is also compared with NumPy's matmul doing the same
+cross-term GEMMs (X log(A)^T + log(X) A^T, float32, logs precomputed).
+Extra peak memory of the C merge is measured from the process's peak RSS.
+
+    python benchmarks/bench_core.py [--repeat 5] [--json out.json]
+
+Targets (issue 2): C pipeline >= 5x the NumPy f32 pipeline; merge <= 2x the
+NumPy GEMM time; extra peak memory of merge <= 3x the size of A.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import diffseg
+from diffseg import reference, synthetic
+
+GRID = 16
+TAU = (1.1, 1.1, 1.1)
+
+
+def best_time(fn, repeat):
+    """Minimum wall time of `repeat` runs (after a pause that lets BLAS worker
+    threads of the previous measurement go idle), and the last result."""
+    times = []
+    for _ in range(repeat):
+        time.sleep(0.2)
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def extra_peak_memory(fn):
+    """Peak RSS above the RSS before `fn` (Linux: /proc/self/clear_refs resets the peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before, _ = rss_bytes()
+    fn()
+    _, peak = rss_bytes()
+    return peak - before
+
+
+def numpy_cross_term_gemms(A):
+    coords = reference.anchor_coords(64, GRID)
+    X = A[(coords[:, None] * 64 + coords[None, :]).ravel()]
+    logA, logX = np.log(A), np.log(X)
+
+    def run():
+        C = X @ logA.T
+        C += logX @ A.T
+        return C
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+
+    attn, truth = synthetic.planted_example(64, 6, seed=0)
+    A = diffseg.aggregate(attn)
+    proposals = diffseg.merge(A, GRID, TAU)
+    r = args.repeat
+    rows = {}
+
+    t_c, _ = best_time(lambda: diffseg.aggregate(attn), r)
+    t_np, _ = best_time(lambda: reference.aggregate(attn, dtype=np.float32), r)
+    t_ref, _ = best_time(lambda: reference.aggregate(attn), max(1, r // 2))
+    rows["aggregate"] = (t_c, t_np, t_ref)
+
+    t_c, (_, stats) = best_time(lambda: diffseg.merge(A, GRID, TAU, return_stats=True), r)
+    t_np, _ = best_time(lambda: reference.merge(A, GRID, TAU, dtype=np.float32), r)
+    t_ref, _ = best_time(lambda: reference.merge(A, GRID, TAU), max(1, r // 2))
+    rows["merge"] = (t_c, t_np, t_ref)
+
+    t_c, _ = best_time(lambda: diffseg.nms(proposals, (512, 512)), r)
+    t_np, _ = best_time(lambda: reference.nms(proposals, (512, 512)), r)
+    rows["nms"] = (t_c, t_np, t_np)  # the reference nms is already float32 NumPy
+
+    t_c, labels = best_time(lambda: diffseg.segment_attention(attn), r)
+    t_np, _ = best_time(lambda: reference.segment_attention(attn, dtype=np.float32), r)
+    t_ref, _ = best_time(lambda: reference.segment_attention(attn), max(1, r // 2))
+    rows["pipeline"] = (t_c, t_np, t_ref)
+
+    t_gemm, _ = best_time(numpy_cross_term_gemms(A), r)
+    diffseg.core.use_gemm("blas")
+    t_merge_blas, _ = best_time(lambda: diffseg.merge(A, GRID, TAU), r)
+    diffseg.core.use_gemm("builtin")
+    extra = extra_peak_memory(lambda: diffseg.merge(A, GRID, TAU))
+
+    print(f"DiffSeg post-processing, R=64, grid={GRID}, tau={TAU}, "
+          f"{diffseg.get_num_threads()} threads, OpenMP={diffseg._core.has_openmp()}")
+    print(f"{'stage':<10}{'C (s)':>10}{'NumPy f32 (s)':>15}{'float64 ref (s)':>17}"
+          f"{'C speed-up vs f32':>20}")
+    for stage, (c, f32, f64) in rows.items():
+        print(f"{stage:<10}{c:>10.4f}{f32:>15.4f}{f64:>17.4f}{f32 / c:>19.1f}x")
+    merge_c = rows["merge"][0]
+    print(f"\nmerge: C {merge_c:.4f} s (built-in GEMM), C {t_merge_blas:.4f} s (SciPy BLAS "
+          f"sgemm), NumPy cross-term GEMMs alone {t_gemm:.4f} s -> "
+          f"merge / GEMM = {merge_c / t_gemm:.2f}")
+    print(f"merge decisions: {stats['pairs']} distances, {stats['full_distances']} not ruled "
+          f"out by the pooled bound, {stats['exact_rechecks']} recomputed exactly near a threshold")
+    print(f"merge extra peak memory: {extra / 2**20:.0f} MiB = {extra / A.nbytes:.2f} x size of A "
+          f"({A.nbytes / 2**20:.0f} MiB)")
+    print(f"segments found: {labels.max() + 1} (planted {truth.max() + 1})")
+
+    targets = {
+        "pipeline_speedup_vs_numpy_f32": rows["pipeline"][1] / rows["pipeline"][0],
+        "merge_over_numpy_gemm": merge_c / t_gemm,
+        "merge_extra_memory_over_A": extra / A.nbytes,
+    }
+    print("\ntargets: pipeline speed-up >= 5: {:.1f}; merge/GEMM <= 2: {:.2f}; "
+          "memory <= 3xA: {:.2f}".format(*targets.values()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"stages": rows, "numpy_gemm": t_gemm, "merge_blas": t_merge_blas,
+                       "merge_stats": stats, "extra_peak_bytes": extra, "targets": targets,
+                       "threads": diffseg.get_num_threads(), "cpu_count": os.cpu_count()},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
