@@ -125,10 +125,13 @@ def _collect_attention(attn):
     out = {}
     for side in sorted(groups, reverse=True):
         maps = groups[side]
-        total = np.array(maps[0], dtype=np.float32)
-        for m in maps[1:]:
+        if len(maps) == 1:
+            out[side] = np.ascontiguousarray(maps[0])  # a view: no copy of the caller's array
+            continue
+        total = maps[0] + maps[1]
+        for m in maps[2:]:
             total += m
-        out[side] = total / np.float32(len(maps)) if len(maps) > 1 else total
+        out[side] = total / np.float32(len(maps))
     return out
 
 
