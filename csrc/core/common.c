@@ -1,4 +1,5 @@
-/* Errors, thread control, allocation and the GEMM used by merging. */
+/* Errors, thread control, allocation and bilinear tables. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>

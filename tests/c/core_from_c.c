@@ -1,0 +1,62 @@
+/* The core used from plain C, without Python: planted two-segment attention
+ * -> aggregate -> merge -> nms, plus error reporting. Prints "ok" on success. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "diffseg_core.h"
+
+#define R 8
+#define N (R * R)
+
+static int fail(const char *what) {
+    printf("FAIL %s: %s\n", what, dseg_last_error());
+    return 1;
+}
+
+int main(void) {
+    static float a8[N * N], a4[(N / 4) * (N / 4)], A[N * N], proposals[16 * N];
+    const float *maps[2] = {a8, a4};
+    const int res[2] = {8, 4};
+    const float weights[2] = {2.0f / 3, 1.0f / 3};
+    /* Left half of the image attends to the left half, right to right. */
+    for (int s = 8, k = 0; k < 2; k++, s /= 2) {
+        float *m = k == 0 ? a8 : a4;
+        for (int q = 0; q < s * s; q++) {
+            double total = 0;
+            for (int p = 0; p < s * s; p++) {
+                const int same = (q % s < s / 2) == (p % s < s / 2);
+                m[q * s * s + p] = same ? 10.0f : 0.1f;
+                total += m[q * s * s + p];
+            }
+            for (int p = 0; p < s * s; p++) m[q * s * s + p] /= (float)total;
+        }
+    }
+    if (dseg_aggregate(2, res, maps, weights, R, A) != DSEG_OK) return fail("aggregate");
+    const double tau[3] = {1.1, 1.1, 1.1};
+    int K = 0;
+    dseg_merge_stats stats;
+    if (dseg_merge(A, R, 4, tau, 3, proposals, &K, &stats) != DSEG_OK) return fail("merge");
+    int32_t labels[16 * 16];
+    int n_labels = 0;
+    if (dseg_nms(proposals, K, R, R, 16, 16, labels, &n_labels) != DSEG_OK) return fail("nms");
+    if (K != 2 || n_labels != 2) {
+        printf("FAIL expected 2 segments, got K=%d labels=%d\n", K, n_labels);
+        return 1;
+    }
+    for (int y = 0; y < 16; y++)
+        for (int x = 0; x < 16; x++)
+            if (labels[y * 16 + x] != (x < 8 ? 0 : 1)) {
+                printf("FAIL label at (%d, %d)\n", y, x);
+                return 1;
+            }
+    /* Errors come back as codes with a message, never an exit. */
+    if (dseg_merge(A, R, 0, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("grid 0");
+    printf("error message: %s\n", dseg_last_error());
+    const int bad_res[1] = {3};
+    if (dseg_aggregate(1, bad_res, maps, weights, R, A) != DSEG_EINVAL) return fail("res 3");
+    printf("error message: %s\n", dseg_last_error());
+    printf("ok (openmp=%d, threads=%d, pairs=%lld)\n", dseg_has_openmp(), dseg_get_num_threads(),
+           (long long)stats.pairs);
+    return 0;
+}
