@@ -36,6 +36,8 @@ _LAZY = {
     "load_image": "diffseg.image",
     "save_attention": "diffseg.attention_io",
     "load_attention": "diffseg.attention_io",
+    "masks_to_records": "diffseg.records",
+    "records_to_labels": "diffseg.records",
 }
 
 

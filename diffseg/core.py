@@ -278,7 +278,7 @@ def _size(size):
     return _check_int(h, "size[0]", 1, 1 << 16), _check_int(w, "size[1]", 1, 1 << 16)
 
 
-def nms(proposals, size=(512, 512)):
+def nms(proposals, size=(512, 512), *, return_index=False):
     """Label map from proposals (DiffSeg step 4).
 
     Each ``(h, w)`` proposal is bilinearly upsampled to ``size`` (half-pixel
@@ -289,6 +289,9 @@ def nms(proposals, size=(512, 512)):
     ----------
     proposals : (K, h, w) array, or (h, w) for a single proposal
     size : int or (height, width)
+    return_index : bool
+        Also return ``index`` (n_labels,) int32: ``index[l]`` is the proposal
+        that label ``l`` came from.
 
     Returns
     -------
@@ -300,8 +303,8 @@ def nms(proposals, size=(512, 512)):
     if P.ndim != 3:
         raise ValueError(f"proposals must be (K, h, w), got shape {P.shape}")
     height, width = _size(size)
-    labels, _ = _core.nms(P, height, width)
-    return labels
+    labels, index = _core.nms(P, height, width)
+    return (labels, index) if return_index else labels
 
 
 def sym_kl(p, q):

@@ -160,9 +160,10 @@ def test_nms_argmax_first_index_on_ties_and_consecutive_labels():
     P = np.zeros((4, 2, 2), np.float32)
     P[1] = 1.0  # ties with P[3] everywhere: the first wins
     P[3] = 1.0
-    labels = diffseg.nms(P, size=(3, 5))
+    labels, index = diffseg.nms(P, size=(3, 5), return_index=True)
     assert labels.dtype == np.int32 and labels.shape == (3, 5)
     assert (labels == 0).all()  # proposal 1, renumbered to 0
+    assert index.tolist() == [1]
 
 
 def test_nms_upsamples_before_argmax():

@@ -159,10 +159,12 @@ def test_gemm_backends_give_identical_merges():
 ])
 def test_nms_is_bit_identical_to_reference(K, h, w, size):
     P = np.random.default_rng(K * h).random((K, h, w), dtype=np.float32)
-    got = diffseg.nms(P, size=size)
+    got, index = diffseg.nms(P, size=size, return_index=True)
     want = reference.nms(P, size=size)
     np.testing.assert_array_equal(got, want)
     assert np.unique(got).tolist() == list(range(got.max() + 1))
+    winner = diffseg._interp.resize_bilinear(P, *size).argmax(axis=0)
+    np.testing.assert_array_equal(index[got], winner)
 
 
 # ---- whole pipeline on planted attention -----------------------------------------

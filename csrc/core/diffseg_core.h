@@ -97,10 +97,11 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D);
  * Label map: bilinearly upsample each of the K (h, w) proposals to (H, W)
  * (half-pixel centres, edge clamp) and take the argmax (first index on ties).
  * Labels are renumbered to 0..n-1 in proposal order. labels: (H, W) int32.
- * n_labels may be NULL.
+ * n_labels may be NULL; so may winners (K entries): winners[l] is the
+ * proposal that label l came from, for l < n_labels.
  */
 int dseg_nms(const float *proposals, int K, int h, int w, int H, int W,
-             int32_t *labels, int *n_labels);
+             int32_t *labels, int *n_labels, int32_t *winners);
 
 #ifdef __cplusplus
 }

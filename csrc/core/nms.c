@@ -28,7 +28,7 @@ static void label_row(const float *P, int K, int h, int w, int y0, int y1, float
 }
 
 int dseg_nms(const float *proposals, int K, int h, int w, int H, int W, int32_t *labels,
-             int *n_labels) {
+             int *n_labels, int32_t *winners) {
     dseg_clear_error();
     if (!proposals || !labels) return dseg_fail(DSEG_EINVAL, "nms: NULL pointer argument");
     if (K < 1) return dseg_fail(DSEG_EINVAL, "proposals: need at least one proposal");
@@ -71,7 +71,10 @@ int dseg_nms(const float *proposals, int K, int h, int w, int H, int W, int32_t 
     for (int k = 0; k < K; k++) relabel[k] = 0;
     for (size_t i = 0; i < n; i++) relabel[labels[i]] = 1;
     int next = 0;
-    for (int k = 0; k < K; k++) relabel[k] = relabel[k] ? next++ : -1;
+    for (int k = 0; k < K; k++) {
+        if (relabel[k] && winners) winners[next] = k;
+        relabel[k] = relabel[k] ? next++ : -1;
+    }
     for (size_t i = 0; i < n; i++) labels[i] = relabel[labels[i]];
     if (n_labels) *n_labels = next;
 done:

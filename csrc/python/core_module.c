@@ -217,7 +217,8 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
                          (long long)stats.exact_rechecks);
 }
 
-/* nms(proposals: (K, h, w) ndarray, H: int, W: int) -> (labels (H, W) int32, n_labels) */
+/* nms(proposals: (K, h, w) ndarray, H: int, W: int)
+ *   -> (labels (H, W) int32, winners (n_labels,) int32: proposal of each label) */
 static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *P_obj, *H_obj, *W_obj;
     if (!PyArg_ParseTuple(args, "OOO", &P_obj, &H_obj, &W_obj)) return NULL;
@@ -230,19 +231,31 @@ static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "proposals is too large");
         return NULL;
     }
-    npy_intp dims[2] = {H, W};
+    npy_intp dims[2] = {H, W}, kdims[1] = {K};
     PyObject *out = PyArray_SimpleNew(2, dims, NPY_INT32);
-    if (!out) return NULL;
+    PyObject *winners = out ? PyArray_SimpleNew(1, kdims, NPY_INT32) : NULL;
+    if (!winners) {
+        Py_XDECREF(out);
+        return NULL;
+    }
     int rc, n_labels = 0;
     Py_BEGIN_ALLOW_THREADS
     rc = dseg_nms((const float *)PyArray_DATA(P), (int)K, (int)h, (int)w, H, W,
-                  (int32_t *)PyArray_DATA((PyArrayObject *)out), &n_labels);
+                  (int32_t *)PyArray_DATA((PyArrayObject *)out), &n_labels,
+                  (int32_t *)PyArray_DATA((PyArrayObject *)winners));
     Py_END_ALLOW_THREADS
     if (rc != DSEG_OK) {
         Py_DECREF(out);
+        Py_DECREF(winners);
         return core_error(rc);
     }
-    return Py_BuildValue("Ni", out, n_labels);
+    PyObject *used = PySequence_GetSlice(winners, 0, n_labels);
+    Py_DECREF(winners);
+    if (!used) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("NN", out, used);
 }
 
 /* sym_kl(P: (m, n), Q: (k, n)) -> (m, k) float64 */
@@ -334,7 +347,7 @@ static PyMethodDef methods[] = {
     {"aggregate", py_aggregate, METH_VARARGS, "aggregate(maps, weights, out_res) -> (N, N) float32"},
     {"merge", py_merge, METH_VARARGS,
      "merge(A, grid, thresholds) -> (proposals, pairs, full_distances, exact_rechecks)"},
-    {"nms", py_nms, METH_VARARGS, "nms(proposals, H, W) -> (labels, n_labels)"},
+    {"nms", py_nms, METH_VARARGS, "nms(proposals, H, W) -> (labels, proposal of each label)"},
     {"sym_kl", py_sym_kl, METH_VARARGS, "sym_kl(p, q) -> (m, k) float64 symmetric KL"},
     {"anchor_coords", py_anchor_coords, METH_VARARGS, "anchor_coords(R, grid) -> int32 coords"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n); n < 1 means all cores"},

@@ -37,10 +37,11 @@ int main(void) {
     int K = 0;
     dseg_merge_stats stats;
     if (dseg_merge(A, R, 4, tau, 3, proposals, &K, &stats) != DSEG_OK) return fail("merge");
-    int32_t labels[16 * 16];
+    int32_t labels[16 * 16], winners[16];
     int n_labels = 0;
-    if (dseg_nms(proposals, K, R, R, 16, 16, labels, &n_labels) != DSEG_OK) return fail("nms");
-    if (K != 2 || n_labels != 2) {
+    if (dseg_nms(proposals, K, R, R, 16, 16, labels, &n_labels, winners) != DSEG_OK)
+        return fail("nms");
+    if (K != 2 || n_labels != 2 || winners[0] != 0 || winners[1] != 1) {
         printf("FAIL expected 2 segments, got K=%d labels=%d\n", K, n_labels);
         return 1;
     }
