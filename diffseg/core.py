@@ -21,6 +21,9 @@ from . import _core
 DEFAULT_KL_THRESHOLD = (1.1, 1.1, 1.1)
 """COCO-Stuff-27 setting of the official benchmark (0.9 for Cityscapes)."""
 
+MAX_PIXELS = 1 << 28
+"""Largest label map nms makes (1 GiB of int32)."""
+
 
 def use_gemm(backend):
     """Choose the GEMM behind the merge's distance estimates.
@@ -54,7 +57,8 @@ def gemm_backend():
 def set_num_threads(n):
     """Threads for the C core (and the libtorch shim when it is loaded).
 
-    ``n < 1`` means all cores. Results are bit-identical for any value.
+    ``n < 1`` means OpenMP's default (``OMP_NUM_THREADS``, else all cores).
+    Results are bit-identical for any value.
     """
     n = int(n)
     _core.set_num_threads(n)
@@ -71,13 +75,11 @@ def get_num_threads():
 def _float32(x, name):
     """``x`` as a C-contiguous float32 array (copied only if needed)."""
     arr = np.asarray(x)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize <= 8
-    ):
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.require(arr.astype(np.float32, copy=False), requirements=["C", "A"])
 
 
 def _square_side(n, name):
@@ -228,7 +230,7 @@ def _as_matrix(A):
 def anchor_coords(R, grid=16):
     """Anchor coordinates along one axis, as the official code: for R=64,
     grid=16 -> 1, 5, ..., 61. ``grid=1`` gives the centre ``(R-1)//2``."""
-    R = _check_int(R, "R", 1)
+    R = _check_int(R, "R", 1, 100000)
     grid = _check_int(grid, "grid", 1, R)
     return _core.anchor_coords(R, grid).astype(np.int64)
 
@@ -275,7 +277,10 @@ def _size(size):
         h, w = size
     except (TypeError, ValueError):
         raise TypeError(f"size must be an int or a (height, width) pair, got {size!r}") from None
-    return _check_int(h, "size[0]", 1, 1 << 16), _check_int(w, "size[1]", 1, 1 << 16)
+    h, w = _check_int(h, "size[0]", 1, 1 << 16), _check_int(w, "size[1]", 1, 1 << 16)
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"size {h} x {w} is over {MAX_PIXELS} pixels")
+    return h, w
 
 
 def nms(proposals, size=(512, 512), *, return_index=False):

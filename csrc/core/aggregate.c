@@ -30,8 +30,8 @@ static int upsample_normalised(const float *src, const level *l, int R, float *r
         }
     }
     if (!(total > 0.0)) return 0;
-    const float inv = (float)(1.0 / total);
-    for (size_t i = 0; i < (size_t)R * R; i++) dst[i] *= inv;
+    const double inv = 1.0 / total; /* in double: finite even for subnormal mass */
+    for (size_t i = 0; i < (size_t)R * R; i++) dst[i] = (float)(dst[i] * inv);
     return 1;
 }
 
@@ -41,13 +41,21 @@ static int scaled_copy(const float *src, size_t n, float weight, float *dst) {
     double total = 0.0;
     for (size_t i = 0; i < n; i++) total += src[i];
     if (!(total > 0.0)) return 0;
-    const float inv = (float)(1.0 / total);
-    for (size_t i = 0; i < n; i++) dst[i] = weight * (src[i] * inv);
+    const double inv = 1.0 / total;
+    for (size_t i = 0; i < n; i++) dst[i] = weight * (float)(src[i] * inv);
     return 1;
 }
 
+static int gcd(int a, int b) {
+    while (b) {
+        const int t = a % b;
+        a = b, b = t;
+    }
+    return a;
+}
+
 /*
- * One block of B x B output queries, B = R / (coarsest resolution): every
+ * One block of B x B output queries, B = R / gcd(resolutions): every
  * lower-resolution query map it needs is upsampled once into `maps`, then
  * each output row is summed over the resolutions in order and written once.
  * Returns the first empty query found (as q * 1024 + level) or -1.
@@ -99,7 +107,7 @@ int dseg_aggregate(int n_maps, const int *res, const float *const *maps, const f
     if (!res || !maps || !weights || !out)
         return dseg_fail(DSEG_EINVAL, "aggregate: NULL pointer argument");
     const int R = out_res;
-    int coarsest = R;
+    int g = 0; /* blocks: a g x g grid, each covering whole queries of every level */
     for (int i = 0; i < n_maps; i++) {
         if (res[i] == R && i != 0)
             return dseg_fail(DSEG_EINVAL, "attn: the map at out_res must come first");
@@ -107,9 +115,9 @@ int dseg_aggregate(int n_maps, const int *res, const float *const *maps, const f
             return dseg_fail(DSEG_EINVAL, "attn: resolution %d does not divide out_res %d",
                              res[i], R);
         if (!maps[i]) return dseg_fail(DSEG_EINVAL, "attn: map %d is NULL", i);
-        if (res[i] < coarsest) coarsest = res[i];
+        g = gcd(g, res[i]);
     }
-    const int B = R / coarsest; /* output queries per block side */
+    const int B = R / g; /* output queries per block side */
     size_t maps_per_block = 0;
     level levels[64];
     int rc = DSEG_OK;
@@ -136,9 +144,9 @@ int dseg_aggregate(int n_maps, const int *res, const float *const *maps, const f
             oom = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int blk = 0; blk < coarsest * coarsest; blk++) {
+        for (int blk = 0; blk < g * g; blk++) {
             if (!buf) continue;
-            const long e = aggregate_block(levels, n_maps, R, B, blk / coarsest, blk % coarsest,
+            const long e = aggregate_block(levels, n_maps, R, B, blk / g, blk % g,
                                            buf + (size_t)R, buf, out);
             if (e >= 0) {
 #pragma omp critical(dseg_aggregate_empty)

@@ -37,7 +37,8 @@ void dseg_set_num_threads(int n) { requested_threads = n < 1 ? 0 : n; }
 
 int dseg_threads(void) {
 #ifdef _OPENMP
-    return requested_threads > 0 ? requested_threads : omp_get_num_procs();
+    /* unset: OpenMP's default, which honours OMP_NUM_THREADS */
+    return requested_threads > 0 ? requested_threads : omp_get_max_threads();
 #else
     return 1;
 #endif

@@ -28,7 +28,8 @@ enum {
 /* Message of the last failed call on this thread ("" if none). */
 const char *dseg_last_error(void);
 
-/* Thread count used by the core's parallel loops (n < 1 means "all cores"). */
+/* Thread count used by the core's parallel loops (n < 1: OpenMP's default,
+ * i.e. OMP_NUM_THREADS or all cores). */
 void dseg_set_num_threads(int n);
 int dseg_get_num_threads(void);
 /* 1 when the core was compiled with OpenMP. */

@@ -20,6 +20,7 @@
  * either; the difference is that a map with a zero still matches itself here
  * (the official code would give its anchor an empty, NaN proposal).
  */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -130,8 +131,9 @@ static int below(float cross, const row_stats *sp, const row_stats *sq,
                  const float *p, const float *q, int n, double tau,
                  int64_t *rechecks) {
     if (!sp->has_zero && !sq->has_zero) {
-        const double d = 0.5 * (sp->h + sq->h - (double)cross);
-        if (fabs(d - tau) > error_bound(sp, sq)) return d < tau;
+        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq);
+        /* a non-finite estimate (float32 overflow on huge values) is no estimate */
+        if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
     ++*rechecks;
     return sym_kl_exact(p, q, n) < tau;
@@ -148,8 +150,8 @@ static void cross_terms(const float *X, const float *logX, int m, const float *Y
 /* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
 static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double tau) {
     if (sp->has_zero || sq->has_zero) return 0;
-    const double d = 0.5 * (sp->h + sq->h - (double)cross);
-    return d - error_bound(sp, sq) >= tau;
+    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq);
+    return isfinite(d) && isfinite(bound) && d - bound >= tau;
 }
 
 static void mean_into(const double *acc, int64_t count, int n, float *out) {
@@ -157,59 +159,49 @@ static void mean_into(const double *acc, int64_t count, int n, float *out) {
     for (int j = 0; j < n; j++) out[j] = (float)(acc[j] * inv);
 }
 
-/* Number of rows where two selections differ, counting no further than limit. */
-static int32_t selection_distance(const unsigned char *a, const unsigned char *b, int N,
-                                  int32_t limit) {
-    int32_t d = 0;
-    for (int p0 = 0; p0 < N && d < limit; p0 += 1024) {
+/* Does selection b hold a row that selection a does not? */
+static int has_extra_row(const unsigned char *a, const unsigned char *b, int N) {
+    for (int p0 = 0; p0 < N; p0 += 1024) {
         const int p1 = p0 + 1024 < N ? p0 + 1024 : N;
-        int32_t part = 0;
-#pragma omp simd reduction(+ : part)
-        for (int p = p0; p < p1; p++) part += a[p] != b[p];
-        d += part;
+        int extra = 0;
+#pragma omp simd reduction(| : extra)
+        for (int p = p0; p < p1; p++) extra |= b[p] & !a[p];
+        if (extra) return 1;
     }
-    return d;
+    return 0;
 }
 
 /*
  * The rows to add for anchor g. Neighbouring anchors usually lie in one
  * segment and select nearly the same rows, so anchor g starts from the sum of
  * the earlier anchor (among the `window` before it: the left and upper grid
- * neighbours included) whose selection differs least, and adds (p) or
- * removes (-p - 1) the rows where they differ. Where that is no cheaper, it
- * adds its own selected rows (*pred = -1).
+ * neighbours included) whose selection is the largest subset of g's, and adds
+ * the rows it lacks. Only subsets: removing rows would cancel small entries
+ * of the rows kept. Without one, g adds all its rows (*pred = -1).
  */
-static int32_t row_list(const unsigned char *mask, int N, int g, int window, int32_t count,
-                        int32_t *list, int *pred) {
+static int32_t row_list(const unsigned char *mask, const int32_t *count, int N, int g,
+                        int window, int32_t *list, int *pred) {
     const unsigned char *now = mask + (size_t)g * N;
-    int32_t best = count, n = 0;
+    int32_t best = 0;
     *pred = -1;
-    for (int h = g - 1; h >= 0 && h >= g - window; h--) {
-        const int32_t d = selection_distance(now, mask + (size_t)h * N, N, best);
-        if (d < best) best = d, *pred = h;
-    }
+    for (int h = g - 1; h >= 0 && h >= g - window; h--)
+        if (count[h] > best && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
+            best = count[h], *pred = h;
     const unsigned char *before = *pred >= 0 ? mask + (size_t)*pred * N : NULL;
-    for (int p = 0; p < N; p++) {
-        if (!before && now[p]) list[n++] = p;
-        if (before && now[p] != before[p]) list[n++] = now[p] ? p : -p - 1;
-    }
+    int32_t n = 0;
+    for (int p = 0; p < N; p++)
+        if (now[p] && !(before && before[p])) list[n++] = p;
     return n;
 }
 
-/* acc[c0:c1] += or -= the listed rows of A over columns c0..c1, in order. */
+/* acc[c0:c1] += the listed rows of A over columns c0..c1, in order. */
 DSEG_CLONES
 static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
                             int c0, int c1) {
     for (int32_t i = 0; i < n; i++) {
-        const int32_t e = list[i];
-        const float *y = A + (size_t)(e >= 0 ? e : -e - 1) * N;
-        if (e >= 0) {
+        const float *y = A + (size_t)list[i] * N;
 #pragma omp simd
-            for (int c = c0; c < c1; c++) acc[c] += y[c];
-        } else {
-#pragma omp simd
-            for (int c = c0; c < c1; c++) acc[c] -= y[c];
-        }
+        for (int c = c0; c < c1; c++) acc[c] += y[c];
     }
 }
 
@@ -224,7 +216,7 @@ static int selected_means(const float *A, int N, int G, int window, const unsign
     if (ok) {
 #pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for((double)G * N * 4))
         for (int g = 0; g < G; g++)
-            lengths[g] = row_list(mask, N, g, window, count[g], lists + (size_t)g * N, pred + g);
+            lengths[g] = row_list(mask, count, N, g, window, lists + (size_t)g * N, pred + g);
         const int slabs = (N + COLS - 1) / COLS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)G * N * 4))
         for (int sl = 0; sl < slabs; sl++) {
@@ -263,7 +255,8 @@ static void pool_rows(const float *X, int rows, int R, int f, float *out) {
                 double s = 0.0;
                 for (int y = by * f; y < by * f + f; y++)
                     for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * R + xx];
-                o[by * Rp + bx] = (float)s;
+                /* beyond float range: 0 marks the row as unusable for the bound */
+                o[by * Rp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
             }
     }
 }

@@ -1,0 +1,305 @@
+/*
+ * diffseg._torch: CPython bindings of the libtorch shim (csrc/torch/diffseg_torch.h).
+ *
+ * Only the shim's C header is used here; no C++ and no torch headers. Arrays
+ * are validated while holding the GIL (float32, C-contiguous, shape, finite),
+ * then the GIL is released around the model run. The friendlier API
+ * (images, preprocessing, dictionaries) is diffseg/model.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "../torch/diffseg_torch.h"
+
+static PyObject *BundleError; /* diffseg._torch.BundleError(ValueError) */
+
+/* Raise for a failed shim call. */
+static PyObject *shim_error(int rc) {
+    const char *msg = dseg_torch_last_error();
+    switch (rc) {
+        case DSEG_TORCH_ENOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
+        case DSEG_TORCH_EINVAL: PyErr_SetString(PyExc_ValueError, msg); break;
+        case DSEG_TORCH_EIO:
+        case DSEG_TORCH_EFORMAT: PyErr_SetString(BundleError, msg); break;
+        default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+typedef struct {
+    PyObject_HEAD
+    dseg_torch_model *model;
+    dseg_torch_info info;
+    int busy; /* runs in progress (GIL released); close() waits for none */
+} ModelObject;
+
+static int model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"path", "device", "threads", NULL};
+    PyObject *path_obj;
+    const char *device = "cpu";
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|si", kwlist, PyUnicode_FSConverter, &path_obj, &device,
+                                     &threads))
+        return -1;
+    if (self->model) {
+        Py_DECREF(path_obj);
+        PyErr_SetString(PyExc_RuntimeError, "Model is already open");
+        return -1;
+    }
+    if (threads < 0) {
+        Py_DECREF(path_obj);
+        PyErr_SetString(PyExc_ValueError, "threads must be >= 0");
+        return -1;
+    }
+    const char *path = PyBytes_AS_STRING(path_obj);
+    dseg_torch_model *model = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_torch_open(path, device, threads, &model);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path_obj);
+    if (rc != DSEG_TORCH_OK) {
+        shim_error(rc);
+        return -1;
+    }
+    rc = dseg_torch_info_get(model, &self->info);
+    if (rc != DSEG_TORCH_OK) {
+        dseg_torch_close(model);
+        shim_error(rc);
+        return -1;
+    }
+    self->model = model;
+    return 0;
+}
+
+static void model_dealloc(ModelObject *self) {
+    if (self->model) dseg_torch_close(self->model);
+    self->model = NULL;
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_open(ModelObject *self) {
+    if (!self->model) {
+        PyErr_SetString(PyExc_ValueError, "Model is closed");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *model_close(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model.close(): a run is in progress in another thread");
+        return NULL;
+    }
+    if (self->model) dseg_torch_close(self->model);
+    self->model = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_info(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!check_open(self)) return NULL;
+    const dseg_torch_info *in = &self->info;
+    PyObject *res = PyList_New(in->n_maps);
+    if (!res) return NULL;
+    for (int i = 0; i < in->n_maps; i++) {
+        PyObject *v = PyLong_FromLong(in->map_res[i]);
+        if (!v) {
+            Py_DECREF(res);
+            return NULL;
+        }
+        PyList_SET_ITEM(res, i, v);
+    }
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:N}", "format_version", in->format_version, "image_size",
+                         in->image_size, "image_channels", in->image_channels, "latent_size", in->latent_size,
+                         "latent_channels", in->latent_channels, "timestep", in->default_timestep,
+                         "map_resolutions", res);
+}
+
+static PyObject *model_metadata(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!check_open(self)) return NULL;
+    return PyUnicode_FromString(dseg_torch_metadata(self->model));
+}
+
+/* run(image: float32 (C, S, S), timestep: int = -1, eps: bool = False)
+ *   -> (list of (n, n) float32 arrays, eps array or None) */
+static PyObject *model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"image", "timestep", "eps", NULL};
+    PyObject *image_obj;
+    int timestep = -1, want_eps = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|ip", kwlist, &image_obj, &timestep, &want_eps)) return NULL;
+    if (!check_open(self)) return NULL;
+    const dseg_torch_info *in = &self->info;
+    if (!PyArray_Check(image_obj)) {
+        PyErr_Format(PyExc_TypeError, "image must be a numpy array, got %s", Py_TYPE(image_obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *image = (PyArrayObject *)image_obj;
+    if (PyArray_TYPE(image) != NPY_FLOAT32) {
+        PyErr_SetString(PyExc_TypeError, "image must be float32");
+        return NULL;
+    }
+    if (PyArray_NDIM(image) != 3 || PyArray_DIM(image, 0) != in->image_channels ||
+        PyArray_DIM(image, 1) != in->image_size || PyArray_DIM(image, 2) != in->image_size) {
+        PyErr_Format(PyExc_ValueError, "image must have shape (%d, %d, %d) for this bundle", in->image_channels,
+                     in->image_size, in->image_size);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(image) || !PyArray_ISALIGNED(image)) {
+        PyErr_SetString(PyExc_ValueError, "image must be C-contiguous and aligned");
+        return NULL;
+    }
+    const float *px = (const float *)PyArray_DATA(image);
+    const npy_intp n_px = PyArray_SIZE(image);
+    for (npy_intp i = 0; i < n_px; i++) {
+        if (!isfinite(px[i])) {
+            PyErr_Format(PyExc_ValueError, "image must be finite (bad value at flat index %zd)", (Py_ssize_t)i);
+            return NULL;
+        }
+    }
+    if (timestep > 100000) {
+        PyErr_SetString(PyExc_ValueError, "timestep must be in [0, 100000] (or < 0 for the bundle's default)");
+        return NULL;
+    }
+
+    PyObject *maps = PyList_New(in->n_maps);
+    if (!maps) return NULL;
+    float *ptrs[DSEG_TORCH_MAX_MAPS];
+    for (int i = 0; i < in->n_maps; i++) {
+        npy_intp n = (npy_intp)in->map_res[i] * in->map_res[i];
+        npy_intp dims[2] = {n, n};
+        PyObject *arr = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (!arr) {
+            Py_DECREF(maps);
+            return NULL;
+        }
+        PyList_SET_ITEM(maps, i, arr);
+        ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)arr);
+    }
+    PyObject *eps = Py_None;
+    Py_INCREF(eps);
+    float *eps_ptr = NULL;
+    if (want_eps) {
+        npy_intp dims[3] = {in->latent_channels, in->latent_size, in->latent_size};
+        Py_DECREF(eps);
+        eps = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+        if (!eps) {
+            Py_DECREF(maps);
+            return NULL;
+        }
+        eps_ptr = (float *)PyArray_DATA((PyArrayObject *)eps);
+    }
+
+    Py_INCREF(image); /* keep the input alive while the GIL is released */
+    self->busy++;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_torch_run(self->model, px, in->image_channels, in->image_size, in->image_size, timestep, ptrs,
+                        eps_ptr);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    Py_DECREF(image);
+    if (rc != DSEG_TORCH_OK) {
+        Py_DECREF(maps);
+        Py_DECREF(eps);
+        return shim_error(rc);
+    }
+    return Py_BuildValue("(NN)", maps, eps);
+}
+
+static PyObject *model_closed(ModelObject *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->model == NULL);
+}
+
+static PyMethodDef model_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))model_run, METH_VARARGS | METH_KEYWORDS,
+     "run(image, timestep=-1, eps=False) -> (maps, eps)\n\n"
+     "image: float32 (C, S, S) in [-1, 1]. maps: list of (n, n) float32 arrays in the\n"
+     "order of info()['map_resolutions']; eps: (latent_channels, L, L) or None."},
+    {"info", (PyCFunction)model_info, METH_NOARGS, "Sizes and output layout of the bundle (dict)."},
+    {"metadata", (PyCFunction)model_metadata, METH_NOARGS, "The bundle's metadata (JSON text)."},
+    {"close", (PyCFunction)model_close, METH_NOARGS, "Release the model (idempotent)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef model_getset[] = {
+    {"closed", (getter)model_closed, NULL, "True after close().", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "diffseg._torch.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(path, device='cpu', threads=0): an open diffseg bundle (libtorch shim).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)model_init,
+    .tp_dealloc = (destructor)model_dealloc,
+    .tp_methods = model_methods,
+    .tp_getset = model_getset,
+};
+
+static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n > 1 << 16) n = 1 << 16;
+    dseg_torch_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(dseg_torch_get_num_threads());
+}
+
+static PyObject *py_cuda_available(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = dseg_torch_cuda_available();
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_num_threads", py_set_num_threads, METH_O, "Intra-op threads of libtorch (n < 1: all cores)."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "Intra-op threads of libtorch."},
+    {"cuda_available", py_cuda_available, METH_NOARGS, "True when libtorch can use CUDA."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "diffseg._torch",
+    .m_doc = "libtorch shim of diffseg: runs a model bundle (VAE encoder + UNet with attention outputs).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__torch(void) {
+    import_array();
+    if (PyType_Ready(&ModelType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    BundleError = PyErr_NewExceptionWithDoc(
+        "diffseg._torch.BundleError",
+        "The bundle file is missing, unreadable, not a diffseg bundle, or of another format version.",
+        PyExc_ValueError, NULL);
+    if (!BundleError || PyModule_AddObject(m, "BundleError", BundleError) < 0) {
+        Py_XDECREF(BundleError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(BundleError);
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
+        Py_DECREF(&ModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "FORMAT_VERSION", DSEG_TORCH_FORMAT_VERSION);
+    PyModule_AddIntConstant(m, "MAX_MAPS", DSEG_TORCH_MAX_MAPS);
+    return m;
+}
