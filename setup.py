@@ -100,10 +100,10 @@ def torch_extension():
     DIFFSEG_NO_TORCH=1 (the core alone)."""
     if env_flag("DIFFSEG_NO_TORCH"):
         return None
-    try:
-        from csrc.torch.build import torch_extension as make
-    except ImportError:
-        return None
+    # pip's build backend does not put the project folder on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from csrc.torch.build import torch_extension as make
+
     return make()
 
 

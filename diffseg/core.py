@@ -24,6 +24,9 @@ DEFAULT_KL_THRESHOLD = (1.1, 1.1, 1.1)
 MAX_PIXELS = 1 << 28
 """Largest label map nms makes (1 GiB of int32)."""
 
+MAX_OUT_RES = 215
+"""Largest resolution of A (215^4 entries still fit the core's int indexing)."""
+
 
 def use_gemm(backend):
     """Choose the GEMM behind the merge's distance estimates.
@@ -183,8 +186,9 @@ def aggregate(attn, weights=None, out_res=None):
     w = _resolution_weights(resolutions, weights)
     if out_res is None:
         out_res = resolutions[0]
-    if isinstance(out_res, bool) or not isinstance(out_res, (int, np.integer)) or out_res < 1:
-        raise ValueError(f"out_res must be a positive integer, got {out_res!r}")
+    if (isinstance(out_res, bool) or not isinstance(out_res, (int, np.integer))
+            or not 1 <= out_res <= MAX_OUT_RES):
+        raise ValueError(f"out_res must be an integer in [1, {MAX_OUT_RES}], got {out_res!r}")
     for s in resolutions:
         if out_res % s:
             raise ValueError(f"attn: resolution {s} does not divide out_res {out_res}")

@@ -53,7 +53,8 @@ def test_aggregate_bad_attn(attn, error, match):
     (dict(out_res=0), ValueError, "out_res"),
     (dict(out_res=12), ValueError, "4 does not divide out_res 12|8 does not divide"),
     (dict(out_res=2.5), ValueError, "out_res"),
-    (dict(out_res=1000), ValueError, "too large"),
+    (dict(out_res=1000), ValueError, r"out_res must be an integer in \[1, 215\]"),
+    (dict(out_res=2**64), ValueError, "out_res"),
 ])
 def test_aggregate_bad_parameters(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -1,0 +1,338 @@
+"""DiffSeg on images: a model bundle run through the libtorch shim, then the C core.
+
+::
+
+    model = diffseg.load_model("bundle-dir")        # or a hub id: exported once, cached
+    attn = model.attention("photo.jpg")             # {64: (4096, 4096), 32: ..., 16: ..., 8: ...}
+    labels = diffseg.segment("photo.jpg", model)    # (H, W) int32, the input's size
+
+The UNet pass runs in C++ (``diffseg._torch``); Python only prepares the image
+(centre crop to the short side, bilinear resize to the bundle's size, scale to
+[-1, 1]; see :mod:`diffseg.image`) and hands NumPy buffers to the shim. torch
+is not imported for inference (only :func:`load_model` with a model id that
+is not cached yet imports it, to export).
+
+Labels outside the centre crop: DiffSeg segments the centred square crop of
+the image. :func:`segment` returns a label map of the full input size; pixels
+outside the crop (the left/right or top/bottom borders of a non-square image)
+take the label of the nearest pixel of the crop (edge labels extended
+outwards, row by row or column by column). ``segment(..., border=-1)`` labels
+them -1 instead.
+"""
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .core import DEFAULT_KL_THRESHOLD, segment_attention
+from .image import center_crop_box, load_image, preprocess_image
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+BUNDLE_FILE = "diffseg_bundle.pt"
+CACHE_ENV = "DIFFSEG_CACHE"
+
+
+def _shim():
+    try:
+        from . import _torch
+    except ImportError as e:
+        raise ImportError(
+            "diffseg was built without its libtorch shim (diffseg._torch): install torch==2.13.0, then "
+            "rebuild diffseg with `pip install --no-build-isolation .` (or -e .) so that the build sees torch "
+            f"({e})"
+        ) from None
+    return _torch
+
+
+def cache_dir():
+    """Folder of bundles exported on first use: ``$DIFFSEG_CACHE``, else
+    ``$XDG_CACHE_HOME/diffseg``, else ``~/.cache/diffseg``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffseg"
+
+
+def _torch_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
+
+
+def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", layers="per-resolution"):
+    """Cache folder of the bundle for a model id: keyed by model, torch
+    version, device, size, dtype and layers."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", str(model_id)).strip("-") or "model"
+    device_kind = str(device).split(":")[0]
+    key = f"{safe}__torch-{_torch_version()}__{device_kind}__{dtype}__{size}"
+    if layers != "per-resolution":
+        key += f"__{layers}"
+    return cache_dir() / key
+
+
+def _resolve_bundle(path):
+    """A bundle file, or a folder holding ``diffseg_bundle.pt``; None if not a path on disk."""
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        f = p / BUNDLE_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{p} holds no {BUNDLE_FILE} (write one with `diffseg export SOURCE {p}`)")
+        return f
+    if p.is_file():
+        return p
+    return None
+
+
+class Model:
+    """An open model bundle.
+
+    Parameters
+    ----------
+    path : str or path
+        ``diffseg_bundle.pt`` or the folder holding it.
+    device : str
+        ``"cpu"`` or ``"cuda[:N]"``; must be the device the bundle was exported for.
+    threads : int, optional
+        libtorch intra-op threads (process-wide); default: leave as is.
+    """
+
+    def __init__(self, path, *, device=None, threads=None):
+        bundle = _resolve_bundle(path)
+        if bundle is None:
+            raise FileNotFoundError(f"model bundle not found: {path}")
+        _torch = _shim()
+        # Cheap checks first, in Python, for clear messages (the shim checks again).
+        if device is None:
+            device = "cpu"
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 0):
+            raise ValueError(f"threads must be a non-negative integer, got {threads!r}")
+        self.path = str(bundle)
+        self.device = str(device)
+        self._model = _torch.Model(self.path, self.device, int(threads or 0))
+        self.info = self._model.info()
+        self.metadata = json.loads(self._model.metadata())
+
+    # -- properties -------------------------------------------------------
+    @property
+    def image_size(self):
+        """Side of the (square) image the bundle takes (512 for SD 1.x)."""
+        return self.info["image_size"]
+
+    @property
+    def resolutions(self):
+        """Attention resolutions, highest first (e.g. [64, 32, 16, 8])."""
+        return sorted(set(self.info["map_resolutions"]), reverse=True)
+
+    @property
+    def closed(self):
+        return self._model.closed
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self.metadata.get('model_id')!r}, {self.image_size} px"
+        return f"<diffseg.Model {self.path} ({state})>"
+
+    def close(self):
+        """Release the model (the object cannot run afterwards)."""
+        self._model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- running ----------------------------------------------------------
+    def preprocess(self, image):
+        """Image (path, PIL, uint8 array) -> ``(3, S, S)`` float32 in [-1, 1].
+
+        A float array is taken as already preprocessed and must be
+        ``(3, S, S)`` (or ``(1, 3, S, S)``) with ``S`` the bundle's image size.
+        """
+        S = self.image_size
+        if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+            x = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+            if x.shape != (3, S, S):
+                raise ValueError(f"a float image must be preprocessed to shape (3, {S}, {S}) for this "
+                                 f"bundle (or be a uint8 (H, W, 3) image), got shape {image.shape}")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.all(np.isfinite(x)):
+                raise ValueError("image contains NaN or Inf")
+            return x
+        return preprocess_image(image, size=S)
+
+    def run(self, image, timestep=None, *, eps=False):
+        """The raw bundle outputs: ``(maps, eps)`` with ``maps`` a list of
+        ``(n, n)`` float32 arrays in the order of ``info["map_resolutions"]``
+        and ``eps`` the ``(4, L, L)`` UNet output (or None unless ``eps=True``)."""
+        x = self.preprocess(image)
+        t = self.info["timestep"] if timestep is None else timestep
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= 100000:
+            raise ValueError(f"timestep must be an integer in [0, 100000], got {timestep!r}")
+        return self._model.run(x, int(t), bool(eps))
+
+    def attention(self, image, timestep=None):
+        """Self-attention of one image: ``{resolution: (s*s, s*s) float32}``,
+        highest resolution first; head means averaged over the layers of each
+        resolution (``layers="all"`` bundles are averaged here)."""
+        maps, _ = self.run(image, timestep)
+        groups = {}
+        for res, m in zip(self.info["map_resolutions"], maps):
+            groups.setdefault(res, []).append(m)
+        out = {}
+        for res in sorted(groups, reverse=True):
+            ms = groups[res]
+            if len(ms) == 1:
+                out[res] = ms[0]
+            else:
+                total = np.zeros_like(ms[0], dtype=np.float64)
+                for m in ms:
+                    total += m
+                out[res] = (total / len(ms)).astype(np.float32)
+        return out
+
+    def layer_attention(self, image, timestep=None):
+        """Per-layer maps ``[(layer name, (s*s, s*s) float32), ...]`` in
+        execution order; needs a bundle exported with ``layers="all"``."""
+        if self.metadata.get("layers") != "all":
+            raise ValueError("this bundle averages layers per resolution; export it with layers='all' "
+                             "(`diffseg export --layers all`) for per-layer maps")
+        maps, _ = self.run(image, timestep)
+        return list(zip(self.metadata["layer_names"], maps))
+
+
+def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="float32"):
+    """Open a model bundle.
+
+    ``path_or_id``: a bundle file or folder, or a checkpoint (hub id, diffusers
+    folder, ``.safetensors``/``.ckpt`` file; default
+    ``CompVis/stable-diffusion-v1-4``) that is exported on first use into
+    :func:`cache_dir` (keyed by model, torch version, device, size and dtype)
+    and reused afterwards.
+    """
+    source = DEFAULT_MODEL if path_or_id is None else os.fspath(path_or_id)
+    p = Path(source).expanduser()
+    if p.is_file() and p.suffix == ".pt" or (p.is_dir() and (p / BUNDLE_FILE).is_file()):
+        return Model(p, device=device, threads=threads)
+    if p.suffix == ".pt" and not p.exists():
+        raise FileNotFoundError(f"model bundle not found: {p} (write one with `diffseg export SOURCE DIR`)")
+    key = str(p.resolve()) if p.exists() else source
+    folder = cached_bundle_dir(key, device=device, size=size, dtype=dtype)
+    if not (folder / BUNDLE_FILE).is_file():
+        from .export import export_bundle
+
+        print(f"diffseg: exporting {source} to {folder} (once)", file=sys.stderr)
+        export_bundle(source, folder, size=size, device=device, dtype=dtype)
+    return Model(folder, device=device, threads=threads)
+
+
+_default_model = None
+
+
+def _get_default_model():
+    global _default_model
+    if _default_model is None or _default_model.closed:
+        _default_model = load_model()
+    return _default_model
+
+
+def paste_labels(labels, height, width, border="nearest"):
+    """Put a label map of the centre crop back into an ``(height, width)`` frame.
+
+    ``border="nearest"``: pixels outside the crop take the nearest crop
+    pixel's label; an integer: they get that label (e.g. -1).
+    """
+    top, left, side = center_crop_box(height, width)
+    labels = np.asarray(labels)
+    if labels.shape != (side, side):
+        raise ValueError(f"labels must be ({side}, {side}) for a {height}x{width} image, got {labels.shape}")
+    if (height, width) == (side, side):
+        return labels
+    if border == "nearest":
+        rows = np.clip(np.arange(height) - top, 0, side - 1)
+        cols = np.clip(np.arange(width) - left, 0, side - 1)
+        return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
+    if isinstance(border, bool) or not isinstance(border, (int, np.integer)):
+        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
+    out = np.full((height, width), int(border), dtype=labels.dtype)
+    out[top:top + side, left:left + side] = labels
+    return out
+
+
+def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=300, weights=None,
+            border="nearest"):
+    """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
+
+    Parameters
+    ----------
+    image : path, PIL image, or ``(H, W)``/``(H, W, 3)``/``(H, W, 4)`` uint8 array
+    model : Model, bundle path, model id, or None (the default model, exported
+        once into the cache; see :func:`load_model`)
+    kl_threshold, grid, weights : see :func:`diffseg.merge` and :func:`diffseg.aggregate`
+    timestep : int
+        UNet timestep (300 as the official code).
+    border : ``"nearest"`` or int
+        Label of pixels outside the centre crop (see the module docstring).
+    """
+    if model is None:
+        model = _get_default_model()
+    elif not isinstance(model, Model):
+        model = load_model(model)
+    rgb = load_image(image)
+    height, width = rgb.shape[:2]
+    _, _, side = center_crop_box(height, width)
+    attn = model.attention(rgb, timestep)
+    labels = segment_attention(attn, kl_threshold=kl_threshold, grid=grid, size=(side, side), weights=weights)
+    return paste_labels(labels, height, width, border=border)
+
+
+# ---------------------------------------------------------------- CLI
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "attention",
+        help="write the self-attention maps of images (.npz, one per image)",
+        description="Run the model bundle on each image and write its self-attention maps "
+                    "(keys attn_<res>, float32 (s*s, s*s)) to DIR/<image name>.npz.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-m", "--model", default=None,
+                   help="bundle file/folder or checkpoint (default: the cached CompVis/stable-diffusion-v1-4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--timestep", type=int, default=300)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cli_attention)
+
+
+def _cli_attention(args):
+    from .attention_io import save_attention
+
+    for image in args.images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image: no such file: {image}")
+    model = load_model(args.model, device=args.device, threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    used = set()
+    for image in args.images:
+        t0 = time.perf_counter()
+        stem = Path(image).stem
+        name, n = stem, 1
+        while name in used:  # same file name in two folders
+            n += 1
+            name = f"{stem}_{n}"
+        used.add(name)
+        attn = model.attention(image, args.timestep)
+        target = out / f"{name}.npz"
+        save_attention(target, attn)
+        print(f"{image} -> {target} ({time.perf_counter() - t0:.2f} s)")
+    model.close()
+    return 0

@@ -1,0 +1,327 @@
+"""Mask records: a label map as a list of per-segment dicts, COCO style.
+
+::
+
+    records = diffseg.masks_to_records(labels)           # [{id, area, bbox, segmentation}, ...]
+    labels2 = diffseg.records_to_labels(records)         # the label map again
+
+A record (one per label value ``>= 0`` present in the map, in increasing order)::
+
+    {"id": 3,                      # the label value
+     "area": 1234,                 # pixels
+     "bbox": [x, y, w, h],         # COCO XYWH, integers, inclusive pixel extent
+     "segmentation": {"size": [h, w], "counts": "..."},
+     "score": 0.71}                # only when scores are given
+
+Segmentation encodings (``rle=``):
+
+* ``"compressed"`` (default): COCO run-length encoding with the counts as
+  COCO's compressed ASCII string -- exactly what ``pycocotools.mask.encode``
+  produces (there as ``bytes``; here ``str``, so that it goes into JSON; pycocotools
+  accepts both).
+* ``"uncompressed"``: COCO RLE with ``counts`` a list of ints (what
+  ``iscrowd`` annotations in COCO JSON files hold; pycocotools reads it with
+  ``frPyObjects``).
+* ``"binary"``: the ``(h, w)`` bool mask itself.
+
+RLE details (as pycocotools, implemented here in NumPy, no pycocotools
+needed): the mask is read in **column-major (Fortran) order** -- down the
+first column, then the second, ... -- and ``counts`` alternates runs of 0 and
+1 **starting with 0** (so the first count is 0 when the top-left pixel is in
+the mask). The string form stores each count, minus the count two places
+before it from the fourth count on (``i > 2``), as a little-endian sequence of
+5-bit groups with a continuation bit (0x20), sign taken from bit 0x10 of the
+last group, each group + 48 as one ASCII character.
+
+Per-segment score (:func:`segment_scores`, used by ``diffseg segment``):
+each final segment comes from one proposal ``p`` of the merge (the argmax in
+NMS). For the latent positions ``i`` of the segment, ``mean_kl`` is the mean
+symmetric KL ``D(A[i], p)`` between the aggregated attention of the position and
+the proposal -- the distance the merge thresholds -- and ``score =
+exp(-mean_kl)`` in ``(0, 1]``: 1 when every position of the segment attends
+exactly like its proposal, lower for segments whose pixels attend to
+different things. The merge threshold 1.1 corresponds to a score of about
+0.33. It ranks segments within an image; it is not a calibrated probability.
+"""
+from collections.abc import Mapping
+
+import numpy as np
+
+RLE_MODES = ("compressed", "uncompressed", "binary")
+
+
+# ---------------------------------------------------------------- RLE
+def _runs(flat):
+    """Run starts, lengths and values of a 1-D array."""
+    n = flat.size
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    return starts, lengths, flat[starts]
+
+
+def _counts_from_runs(starts, lengths, n):
+    """Counts (0-run, 1-run, 0-run, ...) of a mask whose 1-runs are given."""
+    if starts.size == 0:
+        return np.array([n], dtype=np.int64)
+    ends = starts + lengths
+    zeros = starts - np.concatenate(([0], ends[:-1]))
+    counts = np.empty(2 * starts.size, dtype=np.int64)
+    counts[0::2] = zeros
+    counts[1::2] = lengths
+    tail = n - ends[-1]
+    if tail > 0:
+        counts = np.append(counts, tail)
+    return counts
+
+
+def mask_to_counts(mask):
+    """Uncompressed COCO RLE counts (int64 array) of a 2-D mask."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    flat = mask.astype(bool).ravel(order="F")
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts, lengths, values = _runs(flat)
+    return _counts_from_runs(starts[values], lengths[values], flat.size)
+
+
+def counts_to_string(counts):
+    """COCO's compressed string of RLE counts (pycocotools ``rleToString``)."""
+    x = np.asarray(counts, dtype=np.int64).copy()
+    if x.size == 0:
+        return ""
+    if x.size > 3:
+        x[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
+    groups = []
+    active = np.ones(x.size, dtype=bool)
+    rest = x
+    while active.any():
+        c = rest & 0x1F
+        rest = rest >> 5  # arithmetic shift, as C's on a signed long
+        more = np.where(c & 0x10, rest != -1, rest != 0) & active
+        groups.append(np.where(active, (c | (more << 5)) + 48, 0))
+        active = more
+    table = np.stack(groups, axis=1)  # (n, n_groups), 0 = no character
+    chars = table[table > 0].astype(np.uint8)  # row-major: count by count
+    return chars.tobytes().decode("ascii")
+
+
+def string_to_counts(s):
+    """RLE counts from COCO's compressed string (pycocotools ``rleFrString``)."""
+    if isinstance(s, str):
+        s = s.encode("ascii")
+    c = np.frombuffer(bytes(s), dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if np.any((c < 0) | (c > 63)):
+        raise ValueError("RLE counts string has characters outside '0'..'o'")
+    last = (c & 0x20) == 0  # the last group of each number
+    if not last[-1]:
+        raise ValueError("RLE counts string ends in the middle of a number")
+    number = np.concatenate(([0], np.cumsum(last)[:-1]))
+    first_of = np.concatenate(([0], np.flatnonzero(last)[:-1] + 1))
+    k = np.arange(c.size) - first_of[number]  # group index within its number
+    if k.max() > 12:
+        raise ValueError("RLE counts string holds a number too large")
+    x = np.zeros(int(last.sum()), dtype=np.int64)
+    np.add.at(x, number, (c & 0x1F) << (5 * k))
+    sign = last & ((c & 0x10) != 0)
+    x[number[sign]] |= -(np.int64(1) << (5 * (k[sign] + 1)))
+    if x.size > 3:  # counts[m] = x[m] + counts[m - 2] for m > 2
+        odd = x[1::2].copy()
+        odd[1:] = np.cumsum(odd[1:]) + odd[0]
+        even = x[0::2].copy()
+        if even.size > 2:
+            even[1:] = np.cumsum(even[1:])
+        x[1::2], x[0::2] = odd, even
+    return x
+
+
+def encode_rle(mask, compressed=True):
+    """COCO RLE dict ``{"size": [h, w], "counts": str or list}`` of a 2-D mask."""
+    mask = np.asarray(mask)
+    counts = mask_to_counts(mask)
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])],
+            "counts": counts_to_string(counts) if compressed else [int(v) for v in counts]}
+
+
+def decode_rle(rle):
+    """A COCO RLE dict (compressed ``str``/``bytes`` or uncompressed list counts)
+    -> ``(h, w)`` bool mask."""
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("RLE must be a dict with 'size': [h, w] and 'counts'") from None
+    if isinstance(counts, (str, bytes, bytearray)):
+        counts = string_to_counts(counts)
+    else:
+        counts = np.asarray(counts, dtype=np.int64).ravel()
+    if np.any(counts < 0) or counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())} for a {h}x{w} mask "
+                         f"(or are negative)")
+    values = np.arange(counts.size) % 2 == 1
+    flat = np.repeat(values, counts)
+    return flat.reshape(w, h).T.copy()
+
+
+# ---------------------------------------------------------------- records
+def _score_lookup(scores):
+    if scores is None:
+        return None
+    if isinstance(scores, Mapping):
+        return lambda label: scores.get(label, scores.get(str(label)))
+    arr = list(scores)
+    return lambda label: arr[label] if 0 <= label < len(arr) else None
+
+
+def masks_to_records(labels, *, scores=None, rle="compressed"):
+    """Label map -> list of mask records, one per label value ``>= 0``.
+
+    Parameters
+    ----------
+    labels : (H, W) integer array
+        Negative values (e.g. ``-1`` outside a crop) belong to no record.
+    scores : sequence indexed by label, or mapping ``{label: score}``, optional
+        Adds ``"score"`` (a float; ``None`` where not finite) to each record.
+    rle : ``"compressed"`` (COCO string counts), ``"uncompressed"`` (list
+        counts) or ``"binary"`` (the bool mask as an array).
+
+    Returns
+    -------
+    list of dicts with ``id``, ``area``, ``bbox`` ([x, y, w, h]),
+    ``segmentation`` and optionally ``score``, ordered by id.
+    """
+    if rle not in RLE_MODES:
+        raise ValueError(f"rle must be one of {', '.join(RLE_MODES)}, got {rle!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    h, w = labels.shape
+    score_of = _score_lookup(scores)
+
+    # One pass over the column-major runs for all labels at once.
+    flat = labels.ravel(order="F")
+    if flat.size == 0:
+        return []
+    starts, lengths, values = _runs(flat)
+    keep = values >= 0
+    starts, lengths, values = starts[keep], lengths[keep], values[keep]
+    order = np.argsort(values, kind="stable")
+    starts, lengths, values = starts[order], lengths[order], values[order]
+    ids, first = np.unique(values, return_index=True)
+    bounds = np.append(first, values.size)
+
+    records = []
+    for n, label in enumerate(ids.tolist()):
+        s, ln = starts[bounds[n]:bounds[n + 1]], lengths[bounds[n]:bounds[n + 1]]
+        ends = s + ln - 1  # inclusive; a run may go on into the next column(s)
+        col0, col1 = s // h, ends // h
+        spans = col1 > col0  # then it covers the last row of col0 and the first of col1
+        x0, x1 = int(col0.min()), int(col1.max())
+        y0 = int(np.where(spans, 0, s % h).min())
+        y1 = int(np.where(spans, h - 1, ends % h).max())
+        record = {"id": int(label), "area": int(ln.sum()),
+                  "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]}
+        if rle == "binary":
+            record["segmentation"] = labels == label
+        else:
+            counts = _counts_from_runs(s, ln, flat.size)
+            record["segmentation"] = {
+                "size": [h, w],
+                "counts": counts_to_string(counts) if rle == "compressed" else [int(v) for v in counts],
+            }
+        if score_of is not None:
+            value = score_of(label)
+            value = None if value is None else float(value)
+            record["score"] = value if value is not None and np.isfinite(value) else None
+        records.append(record)
+    return records
+
+
+def _record_mask(record, index):
+    seg = record.get("segmentation") if isinstance(record, Mapping) else None
+    if seg is None:
+        raise ValueError(f"records[{index}] has no 'segmentation'")
+    if isinstance(seg, Mapping):
+        return decode_rle(seg)
+    if isinstance(seg, (list, tuple)) and seg and isinstance(seg[0], (int, float)):
+        raise ValueError(f"records[{index}]: polygon segmentations are not supported")
+    mask = np.asarray(seg)
+    if mask.ndim != 2:
+        raise ValueError(f"records[{index}]: a binary segmentation must be 2-D, got shape {mask.shape}")
+    return mask.astype(bool)
+
+
+def records_to_labels(records, shape=None, *, fill=-1, dtype=np.int32):
+    """Mask records -> ``(H, W)`` label map (``record["id"]`` on its mask).
+
+    ``shape`` defaults to the size of the first record's segmentation (needed
+    when ``records`` is empty). Pixels in no mask get ``fill``; where masks
+    overlap, the later record wins.
+    """
+    records = list(records)
+    masks = [_record_mask(r, i) for i, r in enumerate(records)]
+    if shape is None:
+        if not masks:
+            raise ValueError("records is empty: pass shape=(H, W)")
+        shape = masks[0].shape
+    shape = tuple(int(v) for v in shape)
+    out = np.full(shape, fill, dtype=dtype)
+    for i, (record, mask) in enumerate(zip(records, masks)):
+        if mask.shape != shape:
+            raise ValueError(f"records[{i}] has a {mask.shape} mask, expected {shape}")
+        if "id" not in record:
+            raise ValueError(f"records[{i}] has no 'id'")
+        out[mask] = record["id"]
+    return out
+
+
+# ---------------------------------------------------------------- scores
+def segment_scores(labels, proposals, A, *, index=None):
+    """Per-segment ``(score, mean_kl)`` arrays for a label map of the crop.
+
+    Parameters
+    ----------
+    labels : (S, S) int labels from ``nms(proposals, (S, S))`` (the centre
+        crop, not a label map pasted into a non-square frame)
+    proposals : (K, R, R) from :func:`diffseg.merge`
+    A : (R*R, R*R) aggregated attention
+    index : label -> proposal index, as ``nms(..., return_index=True)`` gives
+        (default: recomputed that way at the size of ``labels``)
+
+    The positions of a segment are the latent cells whose centre pixel
+    (nearest-exact downsampling to ``R x R``) has its label; a segment too
+    small to hold a cell centre uses the cell holding most of its pixels.
+    See the module docstring for the definition.
+    """
+    from .core import nms, sym_kl
+    from .image import resize_nearest
+
+    labels = np.asarray(labels)
+    P = np.asarray(proposals, dtype=np.float32)
+    R = P.shape[1]
+    A = np.asarray(A).reshape(R * R, R * R)
+    n = int(labels.max()) + 1
+    if index is None:
+        _, index = nms(P, labels.shape, return_index=True)
+    small = resize_nearest(labels, R, R).ravel()
+    H, W = labels.shape
+    mean_kl = np.full(n, np.nan)
+    for k in range(n):
+        rows = np.flatnonzero(small == k)
+        if rows.size == 0:
+            r, c = np.nonzero(labels == k)
+            if r.size == 0:
+                continue
+            rows = np.array([np.bincount((r * R // H) * R + c * R // W).argmax()])
+        d = sym_kl(A[rows], P[index[k]].ravel())[:, 0]
+        mean_kl[k] = float(np.mean(d))
+    with np.errstate(over="ignore"):
+        score = np.exp(-mean_kl)
+    return score, mean_kl

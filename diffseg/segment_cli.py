@@ -1,0 +1,346 @@
+"""``diffseg segment``: segment image files, write label maps, overlays and mask records.
+
+::
+
+    diffseg segment photos/ extra.jpg "more/*.png" -o out --model bundle-dir
+
+Inputs are files, folders (their images, sorted; ``-r`` for subfolders) and
+glob patterns (expanded here too, for shells that pass them on). One model is
+loaded for the whole batch. For an input named ``NAME`` (the file name without
+extension; for files found in a folder, the path below that folder) it writes
+
+* ``OUT/NAME.labels.png`` -- single-channel label map at the image's size
+  (8-bit; 16-bit when a label exceeds 255), pixel value = segment id;
+* ``OUT/NAME.overlay.png`` -- the image with the segments in colour;
+* ``OUT/NAME.json`` -- image size, crop, settings and one mask record per
+  segment (see :mod:`diffseg.records`): ``id``, ``area``, ``bbox`` (XYWH),
+  ``segmentation`` (COCO RLE; ``--rle`` selects compressed string counts,
+  uncompressed list counts, or a binary mask as nested 0/1 lists),
+  ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
+
+Two inputs with the same NAME get ``NAME_2``, ``NAME_3``, ... in input order.
+``--format`` picks the outputs (``labels,overlay,json``; default all).
+Files that cannot be read are reported, skipped and counted; the exit status
+is 0 when every input was segmented, 1 when some failed, 2 for a usage error
+(no inputs, a model that cannot be opened, bad options).
+
+DiffSeg segments the centred square crop of an image; pixels outside it take
+the label of the nearest crop pixel (see :mod:`diffseg.model`).
+"""
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("labels", "overlay", "json")
+SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between the aggregated "
+                    "attention of the segment's latent positions and the proposal it comes from")
+
+
+# ---------------------------------------------------------------- API
+def segment_detailed(image, model, *, kl_threshold=None, grid=16, timestep=None, weights=None,
+                     border="nearest"):
+    """Segment one image and keep the intermediate results.
+
+    ``model``: an open :class:`diffseg.Model` (or any object with
+    ``.attention(image, timestep)``). Returns a dict: ``labels`` (H, W) int32
+    at the image's size, ``crop_labels`` (S, S) of the centre crop,
+    ``crop`` ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated
+    attention), ``proposal`` (label -> proposal index), ``score`` and
+    ``mean_kl`` per label (:func:`diffseg.records.segment_scores`), ``rgb``.
+    """
+    from .core import DEFAULT_KL_THRESHOLD, aggregate, merge, nms
+    from .image import center_crop_box, load_image
+    from .model import paste_labels
+    from .records import segment_scores
+
+    if kl_threshold is None:
+        kl_threshold = DEFAULT_KL_THRESHOLD
+    rgb = load_image(image)
+    height, width = rgb.shape[:2]
+    top, left, side = center_crop_box(height, width)
+    attn = model.attention(rgb, timestep)
+    A = aggregate(attn, weights=weights)
+    proposals = merge(A, grid=grid, kl_threshold=kl_threshold)
+    crop_labels, index = nms(proposals, size=(side, side), return_index=True)
+    score, mean_kl = segment_scores(crop_labels, proposals, A, index=index)
+    return {
+        "labels": paste_labels(crop_labels, height, width, border=border),
+        "crop_labels": crop_labels, "crop": (top, left, side), "proposals": proposals, "A": A,
+        "proposal": index, "score": score, "mean_kl": mean_kl, "rgb": rgb,
+    }
+
+
+def save_label_png(path, labels):
+    """Label map -> single-channel PNG: 8-bit when every label is in 0..255,
+    else 16-bit (0..65535). Negative labels are refused."""
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"labels must be in 0..65535 for a PNG, got {low}..{high}")
+    arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
+    Image.fromarray(arr).save(path)
+
+
+def build_document(path, result, records, settings):
+    """The JSON document of one image (see the module docstring)."""
+    rgb = result["rgb"]
+    top, left, side = result["crop"]
+    return {
+        "image": str(path),
+        "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
+        "crop": {"top": int(top), "left": int(left), "size": int(side)},
+        "settings": settings,
+        "n_segments": len(records),
+        "score": SCORE_DEFINITION,
+        "annotations": records,
+    }
+
+
+def _json_records(result, rle):
+    from .records import masks_to_records
+
+    records = masks_to_records(result["labels"], scores=result["score"], rle=rle)
+    for r in records:
+        k = r["id"]
+        kl = float(result["mean_kl"][k])
+        r["mean_kl"] = kl if np.isfinite(kl) else None
+        r["proposal"] = int(result["proposal"][k])
+        if rle == "binary":
+            r["segmentation"] = r["segmentation"].astype(np.uint8).tolist()
+    return records
+
+
+# ---------------------------------------------------------------- inputs
+def _is_image(p):
+    from .datasets import IMAGE_SUFFIXES
+
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _scan(folder, recursive, exclude):
+    pattern = "**/*" if recursive else "*"
+    found = []
+    for p in sorted(folder.glob(pattern)):
+        if not _is_image(p):
+            continue
+        if exclude is not None and (p.resolve() == exclude or exclude in p.resolve().parents):
+            continue  # our own outputs, when OUT is inside an input folder
+        found.append((p, p.relative_to(folder).with_suffix("").as_posix()))
+    return found
+
+
+def collect_inputs(paths, recursive=False, exclude=None):
+    """``(inputs, problems)``: ``inputs`` a list of ``(path, name)`` in order,
+    without repeats; ``problems`` messages for arguments that matched nothing."""
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    inputs, problems, seen = [], [], set()
+
+    def add(p, name):
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            inputs.append((p, name))
+
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            found = _scan(p, recursive, exclude)
+            if not found:
+                problems.append(f"{arg}: no images in this folder"
+                                + ("" if recursive else " (-r for subfolders)"))
+            for q, name in found:
+                add(q, name)
+        elif p.exists():
+            add(p, p.stem)  # any file given by name is tried, whatever its extension
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            for m in matches:
+                if Path(m).is_dir():
+                    files.extend(q for q, _ in _scan(Path(m), recursive, exclude))
+            if not files:
+                problems.append(f"{arg}: no files match")
+            for q in files:
+                add(q, q.stem)
+        else:
+            problems.append(f"{arg}: no such file or folder")
+    return inputs, problems
+
+
+def _unique_names(inputs):
+    used, out = set(), []
+    for path, name in inputs:
+        candidate, n = name, 1
+        while candidate in used:
+            n += 1
+            candidate = f"{name}_{n}"
+        used.add(candidate)
+        out.append((path, candidate))
+    return out
+
+
+def output_paths(out_dir, name, formats):
+    """``{format: path}`` of the outputs of one image."""
+    suffix = {"labels": ".labels.png", "overlay": ".overlay.png", "json": ".json"}
+    return {f: Path(out_dir) / f"{name}{suffix[f]}" for f in formats}
+
+
+# ---------------------------------------------------------------- CLI
+def _parse_formats(text):
+    parts = [p.strip().lower() for p in text.replace(" ", ",").split(",") if p.strip()]
+    if not parts or parts == ["all"]:
+        return FORMATS
+    bad = [p for p in parts if p not in FORMATS]
+    if bad:
+        from .cli import UserError
+
+        raise UserError(f"--format: unknown output(s) {', '.join(bad)} (choose from {', '.join(FORMATS)}, all)")
+    return tuple(f for f in FORMATS if f in parts)
+
+
+def _parse_thresholds(text):
+    from .cli import UserError
+
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise UserError(f"--kl-threshold: cannot read {text!r} (a number, or one per iteration "
+                        f"separated by commas)") from None
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--kl-threshold: thresholds must be finite and > 0, got {text!r}")
+    return values * 3 if len(values) == 1 else values
+
+
+def _open_model(args):
+    from .cli import UserError
+    from .model import load_model
+
+    try:
+        return load_model(args.model, device=args.device, threads=args.threads)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+
+
+def _run(args):
+    from tqdm import tqdm
+
+    from .cli import UserError
+
+    formats = _parse_formats(args.format)
+    thresholds = _parse_thresholds(args.kl_threshold)
+    if args.grid < 1:
+        raise UserError(f"--grid must be >= 1, got {args.grid}")
+    out_dir = Path(args.output)
+    inputs, problems = collect_inputs(args.inputs, args.recursive, exclude=out_dir)
+    for message in problems:
+        print(f"diffseg segment: {message}", file=sys.stderr)
+    if not inputs:
+        raise UserError("no images to segment")
+    inputs = _unique_names(inputs)
+    todo = []
+    for path, name in inputs:
+        paths = output_paths(out_dir, name, formats)
+        if args.skip_existing and all(p.is_file() for p in paths.values()):
+            continue
+        todo.append((path, name, paths))
+    skipped = len(inputs) - len(todo)
+
+    ok, failed = 0, len(problems)
+    if todo:
+        model = _open_model(args)
+        settings = {"kl_threshold": list(thresholds), "grid": args.grid,
+                    "timestep": args.timestep if args.timestep is not None else model.info.get("timestep"),
+                    "model": getattr(model, "metadata", {}).get("model_id"),
+                    "bundle": getattr(model, "path", None)}
+        try:
+            bar = tqdm(todo, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+                       desc="segment")
+            for path, name, paths in bar:
+                t0 = time.perf_counter()
+                try:
+                    result = segment_detailed(path, model, kl_threshold=thresholds, grid=args.grid,
+                                              timestep=args.timestep)
+                    _write(result, path, paths, args.rle, settings)
+                except (ValueError, OSError) as e:  # unreadable image, unwritable output
+                    failed += 1
+                    tqdm.write(f"diffseg segment: skipped {path}: {e}", file=sys.stderr)
+                    continue
+                except Exception as e:  # noqa: BLE001 -- keep going; the exit status says so
+                    failed += 1
+                    tqdm.write(f"diffseg segment: failed on {path}: {type(e).__name__}: {e}",
+                               file=sys.stderr)
+                    continue
+                ok += 1
+                if args.verbose:
+                    tqdm.write(f"{path} -> {out_dir / name}.* ({int(result['labels'].max()) + 1} "
+                               f"segments, {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+        finally:
+            if hasattr(model, "close"):
+                model.close()
+    summary = f"diffseg segment: {ok} image(s) segmented into {out_dir}"
+    if skipped:
+        summary += f", {skipped} already done"
+    if failed:
+        summary += f", {failed} failed"
+    if not args.quiet or failed:
+        print(summary, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write(result, path, paths, rle, settings):
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    if "labels" in paths:
+        save_label_png(paths["labels"], result["labels"])
+    if "overlay" in paths:
+        from PIL import Image
+
+        from .viz import overlay
+
+        Image.fromarray(overlay(result["rgb"], result["labels"])).save(paths["overlay"])
+    if "json" in paths:
+        doc = build_document(path, result, _json_records(result, rle), settings)
+        tmp = paths["json"].with_name(paths["json"].name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, separators=(",", ":") if rle == "binary" else (", ", ": "))
+        os.replace(tmp, paths["json"])
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "segment",
+        help="segment images: label maps, overlays and COCO-RLE mask records",
+        description="Segment image files, folders and glob patterns with one model and write, per image, "
+                    "NAME.labels.png (label map at the image's size), NAME.overlay.png and NAME.json "
+                    "(mask records: id, area, bbox XYWH, COCO RLE segmentation, score). Exit status: "
+                    "0 all segmented, 1 some inputs failed, 2 usage error.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", default="diffseg-out", metavar="DIR",
+                   help="output folder (default: diffseg-out)")
+    p.add_argument("-m", "--model", default=None,
+                   help="bundle file/folder or checkpoint (default: CompVis/stable-diffusion-v1-4, "
+                        "exported once into the cache)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the bundle's device)")
+    p.add_argument("--threads", type=int, default=None, help="libtorch threads (default: as is)")
+    p.add_argument("--kl-threshold", default="1.1", metavar="T",
+                   help="merge threshold, or one per iteration: 1.1 (COCO-Stuff, default) or 0.9,0.9,0.9")
+    p.add_argument("--grid", type=int, default=16, help="anchors per side (default 16)")
+    p.add_argument("--timestep", type=int, default=None, help="UNet timestep (default: the bundle's, 300)")
+    p.add_argument("--format", default="all", metavar="LIST",
+                   help="outputs, comma-separated: labels, overlay, json (default: all)")
+    p.add_argument("--rle", choices=("compressed", "uncompressed", "binary"), default="compressed",
+                   help="segmentation encoding in the JSON (default: compressed COCO RLE)")
+    p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose outputs all exist (resume a batch)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
+    p.set_defaults(func=_run)

@@ -1,0 +1,46 @@
+"""Shared pytest fixtures.
+
+Stable Diffusion fixtures (tests/sd_tiny.py): a tiny random-weight SD with the
+real v1 topology, saved as a local diffusers folder, and its exported bundle.
+Built once per session, offline; tests using them are skipped when torch or
+diffusers is not installed.
+"""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Local diffusers folder of the tiny SD (sample size 128 px)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from sd_tiny import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")), sample_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_sd_dir):
+    """The tiny SD loaded eagerly with diffusers (reference computations)."""
+    from sd_tiny import load_tiny_sd
+
+    return load_tiny_sd(tiny_sd_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_sd_dir, tmp_path_factory):
+    """Path of the tiny SD exported at 128 px (per-resolution maps: 16, 8, 4, 2)."""
+    from diffseg.export import export_bundle
+
+    return export_bundle(tiny_sd_dir, str(tmp_path_factory.mktemp("tiny_bundle")), size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bundle):
+    """The tiny bundle opened through the libtorch shim."""
+    pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
+    import diffseg
+
+    model = diffseg.load_model(tiny_bundle)
+    yield model
+    model.close()

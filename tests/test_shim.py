@@ -1,0 +1,263 @@
+"""The libtorch shim (diffseg._torch) on a tiny random SD bundle: attention
+equals eager diffusers attention, errors are clean Python exceptions, and a
+plain C program runs the shim and the core without Python."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+_torch = pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
+
+import diffseg  # noqa: E402
+
+# TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+from diffseg.image import preprocess_image  # noqa: E402
+from sd_tiny import reference_attention  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def example_image(size, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.uniform(-1, 1, (3, size, size)).astype(np.float32)
+
+
+def rel_diff(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def test_info(tiny_model):
+    info = tiny_model.info
+    assert info["image_size"] == 128 and info["image_channels"] == 3
+    assert info["latent_size"] == 16 and info["latent_channels"] == 4
+    assert info["map_resolutions"] == [16, 8, 4, 2]
+    assert info["timestep"] == 300
+    assert tiny_model.resolutions == [16, 8, 4, 2]
+    assert tiny_model.metadata["format_version"] == _torch.FORMAT_VERSION
+
+
+def test_attention_equals_eager_diffusers(tiny_model, tiny_pipe):
+    image = example_image(128)
+    attn = tiny_model.attention(image)
+    ref, layers, _ = reference_attention(tiny_pipe, image, timestep=300)
+    assert len(layers) == 16
+    assert list(attn) == [16, 8, 4, 2]
+    for s, a in attn.items():
+        assert a.dtype == np.float32 and a.shape == (s * s, s * s)
+        assert a.flags.c_contiguous
+        assert rel_diff(a, ref[s]) <= 1e-3, s
+        np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-5)
+    # The random attention is far from uniform (q/k weights are sharpened).
+    assert attn[16].max(axis=1).mean() > 10 / 256
+
+
+def test_eps_and_timestep(tiny_model, tiny_pipe):
+    image = example_image(128, seed=1)
+    maps, eps = tiny_model.run(image, 120, eps=True)
+    ref, _, ref_eps = reference_attention(tiny_pipe, image, timestep=120)
+    assert eps.shape == (4, 16, 16)
+    assert rel_diff(eps, ref_eps) <= 1e-3
+    assert rel_diff(maps[0], ref[16]) <= 1e-3
+    maps300, eps300 = tiny_model.run(image, eps=True)  # bundle default: 300
+    assert not np.allclose(eps300, eps)
+
+
+def test_attention_of_uint8_image_uses_preprocessing(tiny_model):
+    rng = np.random.RandomState(3)
+    rgb = rng.randint(0, 256, (90, 130, 3), dtype=np.uint8)
+    a = tiny_model.attention(rgb)
+    b = tiny_model.attention(preprocess_image(rgb, size=128))
+    for s in a:
+        np.testing.assert_array_equal(a[s], b[s])
+
+
+def test_wrong_image_shapes(tiny_model):
+    with pytest.raises(ValueError, match=r"\(3, 128, 128\)"):
+        tiny_model.attention(np.zeros((3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        tiny_model.attention(np.zeros((10, 10, 5), np.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        tiny_model.attention(np.full((3, 128, 128), np.nan, np.float32))
+    raw = tiny_model._model
+    with pytest.raises(TypeError, match="float32"):
+        raw.run(np.zeros((3, 128, 128), np.float64))
+    with pytest.raises(ValueError, match="shape"):
+        raw.run(np.zeros((128, 128, 3), np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        raw.run(np.zeros((3, 128, 256), np.float32)[:, :, ::2])
+    with pytest.raises(TypeError):
+        raw.run([[0.0]])
+    with pytest.raises(ValueError, match="timestep"):
+        tiny_model.run(example_image(128), timestep=-5)
+
+
+def test_missing_bundle(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        diffseg.load_model(tmp_path / "nope" / "diffseg_bundle.pt")
+    with pytest.raises(FileNotFoundError, match="diffseg export"):
+        diffseg.Model(tmp_path)  # a folder without a bundle
+    with pytest.raises(_torch.BundleError, match="no such file"):
+        _torch.Model(str(tmp_path / "nope.pt"))
+
+
+def test_corrupt_bundles(tiny_bundle, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="not a readable TorchScript archive"):
+        diffseg.Model(junk)
+    truncated = tmp_path / "truncated.pt"
+    data = open(tiny_bundle, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        diffseg.Model(truncated)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError):
+        diffseg.Model(empty)
+
+
+def test_torchscript_without_metadata(tmp_path):
+    import torch
+
+    path = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(ValueError, match="not a diffseg bundle"):
+        diffseg.Model(path)
+
+
+def rewrite_metadata(src, dst, edit):
+    """Copy the bundle archive, replacing its extra/diffseg.json with edit(text)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("extra/diffseg.json"):
+                data = edit(data.decode()).encode()
+            zout.writestr(item, data)
+
+
+def test_wrong_metadata_version(tiny_bundle, tmp_path):
+    def bump(text):
+        meta = json.loads(text)
+        meta["format_version"] = 99
+        return json.dumps(meta)
+
+    dst = tmp_path / "v99.pt"
+    rewrite_metadata(tiny_bundle, dst, bump)
+    with pytest.raises(ValueError, match="format version 99 is not supported"):
+        diffseg.Model(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t[: len(t) // 2], "not valid JSON"),
+    (lambda t: json.dumps({**json.loads(t), "format": "other"}), "diffseg-bundle"),
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "image_size"}), "image_size"),
+    (lambda t: json.dumps({**json.loads(t), "output_resolutions": [16, 8]}), "outputs"),
+])
+def test_bad_metadata(tiny_bundle, tmp_path, edit, message):
+    dst = tmp_path / "bad.pt"
+    rewrite_metadata(tiny_bundle, dst, edit)
+    try:
+        model = diffseg.Model(dst)
+    except ValueError as e:
+        assert message in str(e)
+        return
+    # Metadata that parses but disagrees with the graph fails at run time.
+    with pytest.raises(ValueError, match=message):
+        model.attention(example_image(128))
+    model.close()
+
+
+def test_device_errors(tiny_bundle):
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        diffseg.Model(tiny_bundle, device="tpu")
+    if not _torch.cuda_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            diffseg.Model(tiny_bundle, device="cuda")
+
+
+def test_closed_model(tiny_bundle):
+    model = diffseg.load_model(tiny_bundle)
+    model.close()
+    model.close()  # idempotent
+    assert model.closed
+    with pytest.raises(ValueError, match="closed"):
+        model.attention(example_image(128))
+    with diffseg.load_model(tiny_bundle) as m:
+        assert not m.closed
+    assert m.closed
+
+
+def test_threads_shared_with_core(tiny_model):
+    before = _torch.get_num_threads()
+    try:
+        diffseg.set_num_threads(1)
+        assert _torch.get_num_threads() == 1
+        a = tiny_model.attention(example_image(128))
+        diffseg.set_num_threads(2)
+        assert _torch.get_num_threads() == 2
+        b = tiny_model.attention(example_image(128))
+        for s in a:
+            np.testing.assert_allclose(a[s], b[s], rtol=1e-4, atol=1e-7)
+    finally:
+        diffseg.set_num_threads(before)
+
+
+def test_concurrent_runs(tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = example_image(128, seed=5)
+    ref = tiny_model.attention(image)
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: tiny_model.attention(image), range(3)))
+    for out in outs:
+        for s in ref:
+            np.testing.assert_allclose(out[s], ref[s], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("g++") is None, reason="needs gcc and g++")
+def test_c_example_program(tiny_bundle, tmp_path):
+    """csrc/torch/example.c links the shim and the core without Python; its
+    maps match the Python path and its labels are what the core gives."""
+    sys.path.insert(0, REPO)
+    try:
+        from csrc.torch.build import example_commands
+    finally:
+        sys.path.remove(REPO)
+    exe = str(tmp_path / "example")
+    for cmd in example_commands(exe):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        if any(src.endswith(("diffseg_torch.cpp", "example.c")) for src in cmd):
+            assert "warning" not in r.stderr, r.stderr[-4000:]  # our shim and example: no warnings
+    prefix = str(tmp_path / "out")
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    r = subprocess.run([exe, tiny_bundle, "1", prefix], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 maps: 16 8 4 2" in r.stdout
+    assert "shape error: image must be (3, 128, 128)" in r.stdout
+
+    # The same synthetic image through Python.
+    S = 128
+    c, y, x = np.meshgrid(np.arange(3), np.arange(S), np.arange(S), indexing="ij")
+    image = (((x * 7 + y * 13 + c * 29 + (x // 16) * (y // 16) * 5) % 64) / 32.0 - 1.0).astype(np.float32)
+    with diffseg.load_model(tiny_bundle) as model:
+        maps, _ = model.run(image)
+    flat = np.fromfile(prefix + ".attn", dtype=np.float32)
+    sizes = [m.size for m in maps]
+    assert flat.size == sum(sizes)
+    c_maps = np.split(flat, np.cumsum(sizes)[:-1])
+    for c_map, py_map in zip(c_maps, maps):
+        np.testing.assert_allclose(c_map.reshape(py_map.shape), py_map, rtol=1e-4, atol=1e-6)
+    c_attn = {int(round(m.shape[0] ** 0.5)): c.reshape(m.shape) for c, m in zip(c_maps, maps)}
+    labels = np.fromfile(prefix + ".labels", dtype=np.int32).reshape(S, S)
+    expected = diffseg.segment_attention(c_attn, size=(S, S))
+    np.testing.assert_array_equal(labels, expected)
