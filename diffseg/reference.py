@@ -89,20 +89,24 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64):
     sums = close.astype(dtype) @ A.astype(dtype)
     proposals = (sums / close.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    # Later iterations: greedy, non-exclusive, in index order.
     for tau in thresholds[1:]:
-        close = sym_kl(proposals, proposals, exact) < tau
-        matched = np.zeros(len(proposals), dtype=bool)
-        merged = []
-        for i in range(len(proposals)):
-            if matched[i]:
-                continue
-            group = close[i].copy()
-            group[i] = True
-            matched |= group
-            merged.append(proposals[group].astype(np.float64).mean(axis=0))
-        proposals = np.array(merged, dtype=np.float32)
+        proposals = greedy_step(proposals, sym_kl(proposals, proposals, exact) < tau)
     return proposals.reshape(-1, R, R)
+
+
+def greedy_step(proposals, close):
+    """One later merge iteration: greedy, non-exclusive, in index order.
+    ``close[i, j]``: D(proposal i, proposal j) < tau."""
+    matched = np.zeros(len(proposals), dtype=bool)
+    merged = []
+    for i in range(len(proposals)):
+        if matched[i]:
+            continue
+        group = close[i].copy()
+        group[i] = True
+        matched |= group  # matched proposals stop being seeds but can join later groups
+        merged.append(proposals[group].astype(np.float64).mean(axis=0))
+    return np.array(merged, dtype=np.float32)
 
 
 def nms(proposals, size=(512, 512)):
@@ -122,5 +126,5 @@ def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=
     return nms(merge(A, grid=grid, kl_threshold=kl_threshold, dtype=dtype), size)
 
 
-__all__ = ["anchor_coords", "aggregate", "sym_kl", "merge", "nms", "segment_attention",
-           "bilinear_table"]
+__all__ = ["anchor_coords", "aggregate", "sym_kl", "merge", "greedy_step", "nms",
+           "segment_attention", "bilinear_table"]

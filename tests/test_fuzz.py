@@ -297,17 +297,7 @@ def first_iteration(A, grid, tau):
 
 
 def greedy_iteration(P, tau):
-    close = diffseg.sym_kl(P, P) < tau
-    matched = np.zeros(len(P), bool)
-    out = []
-    for i in range(len(P)):
-        if matched[i]:
-            continue
-        group = close[i].copy()
-        group[i] = True
-        matched |= group
-        out.append(P[group].astype(np.float64).mean(axis=0))
-    return np.array(out, np.float32)
+    return reference.greedy_step(P, diffseg.sym_kl(P, P) < tau)
 
 
 @isolated
