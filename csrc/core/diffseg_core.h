@@ -13,6 +13,7 @@
 #ifndef DIFFSEG_CORE_H
 #define DIFFSEG_CORE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -27,6 +28,11 @@ enum {
 
 /* Message of the last failed call on this thread ("" if none). */
 const char *dseg_last_error(void);
+
+/* Memory for large buffers (64-byte aligned; huge pages where the OS allows),
+ * e.g. the (R^2, R^2) output of dseg_aggregate. Free with dseg_free. */
+void *dseg_alloc(size_t bytes);
+void dseg_free(void *p);
 
 /* Thread count used by the core's parallel loops (n < 1: OpenMP's default,
  * i.e. OMP_NUM_THREADS or all cores). */
