@@ -14,8 +14,8 @@ from ._interp import resize_bilinear
 def load_image(image):
     """A path, PIL image or array -> ``(H, W, 3)`` uint8 RGB.
 
-    Grayscale is replicated to RGB; RGBA is composited on black (alpha is
-    dropped after premultiplying); palette and 16-bit images are converted.
+    Grayscale is replicated to RGB; RGBA (and transparent palette or LA
+    images) is composited on black; palette and 16-bit images are converted.
     Arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8.
     """
     from PIL import Image
@@ -32,7 +32,7 @@ def load_image(image):
             raise ValueError(f"image: cannot read {path}: {e}") from None
     if isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBa").convert("RGB")  # premultiplied: alpha over black
+            return load_image(np.asarray(image.convert("RGBA")))  # alpha over black, below
         elif image.mode.startswith("I;16") or image.mode == "I":
             arr = np.asarray(image, dtype=np.float64)
             top = arr.max() if arr.max() > 0 else 1.0

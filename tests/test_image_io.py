@@ -1,0 +1,104 @@
+"""Image loading and preprocessing (diffseg.image), attention files
+(diffseg.attention_io): against PIL / torch as oracles, and bad input."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffseg
+from diffseg import image
+
+
+def rgb(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_load_image_kinds_agree_with_pil(tmp_path):
+    a = rgb(5, 7)
+    path = tmp_path / "x.png"
+    Image.fromarray(a).save(path)
+    np.testing.assert_array_equal(image.load_image(path), a)
+    np.testing.assert_array_equal(image.load_image(str(path)), a)
+    np.testing.assert_array_equal(image.load_image(Image.fromarray(a)), a)
+    np.testing.assert_array_equal(image.load_image(a), a)
+    gray = a[:, :, 0]
+    np.testing.assert_array_equal(image.load_image(gray), np.repeat(gray[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(image.load_image(gray[:, :, None]), image.load_image(gray))
+    np.testing.assert_array_equal(image.load_image(Image.fromarray(gray)), image.load_image(gray))
+
+
+def test_rgba_is_composited_on_black():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = [[255, 0], [128, 51]]
+    out = image.load_image(rgba)
+    expected = np.round(200 * np.array([[255, 0], [128, 51]]) / 255).astype(np.uint8)
+    np.testing.assert_array_equal(out[..., 0], expected)
+    pil = image.load_image(Image.fromarray(rgba, "RGBA"))
+    assert np.abs(pil.astype(int) - out.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (np.zeros((4, 4, 2), np.uint8), ValueError, "image must be"),
+    (np.zeros((4, 4, 3), np.float32), TypeError, "uint8"),
+    (np.zeros((0, 4, 3), np.uint8), ValueError, "empty"),
+    (np.zeros(5, np.uint8), ValueError, "image must be"),
+    ("/no/such/file.png", FileNotFoundError, "no such file"),
+])
+def test_load_image_bad_input(bad, error, match):
+    with pytest.raises(error, match=match):
+        image.load_image(bad)
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "junk.jpg"
+    path.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        image.load_image(path)
+
+
+@pytest.mark.parametrize("h, w", [(10, 16), (16, 10), (9, 9), (1, 3)])
+def test_center_crop_box(h, w):
+    top, left, side = image.center_crop_box(h, w)
+    assert side == min(h, w)
+    assert top == (h - side) // 2 and left == (w - side) // 2
+
+
+def test_preprocess_matches_torch_bilinear():
+    torch = pytest.importorskip("torch")
+    a = rgb(48, 80, seed=1)
+    x = image.preprocess_image(a, size=32)
+    crop = a[:, 16:64].astype(np.float32)
+    t = torch.from_numpy(crop).permute(2, 0, 1)[None]
+    want = torch.nn.functional.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False,
+                                           antialias=False)[0].numpy() / 127.5 - 1
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_allclose(x, want, atol=1e-5)
+    assert -1 <= x.min() and x.max() <= 1
+
+
+def test_labels_resize_is_nearest_exact():
+    torch = pytest.importorskip("torch")
+    labels = np.random.default_rng(2).integers(0, 27, (30, 50))
+    got = image.preprocess_labels(labels, size=12)
+    crop = torch.from_numpy(labels[:, 10:40].astype(np.float32))[None, None]
+    want = torch.nn.functional.interpolate(crop, size=(12, 12), mode="nearest-exact")[0, 0]
+    np.testing.assert_array_equal(got, want.numpy().astype(labels.dtype))
+
+
+def test_attention_files_round_trip(tmp_path):
+    attn = {8: np.random.default_rng(0).random((64, 64), dtype=np.float32),
+            4: np.random.default_rng(1).random((16, 16), dtype=np.float32)}
+    path = tmp_path / "img.npz"
+    diffseg.save_attention(path, attn)
+    back = diffseg.load_attention(path)
+    assert list(back) == [8, 4]
+    for s in attn:
+        np.testing.assert_array_equal(back[s], attn[s])
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_attention_file_without_maps(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, other=np.zeros(3))
+    with pytest.raises(ValueError, match="no 'attn_<res>'"):
+        diffseg.load_attention(path)
