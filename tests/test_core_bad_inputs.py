@@ -152,3 +152,18 @@ def test_sym_kl_bad_input():
 def test_raw_bindings_refuse_bad_arrays(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_thread_and_backend_settings_bad_input():
+    with pytest.raises(ValueError, match="backend must be 'builtin' or 'blas'"):
+        diffseg.core.use_gemm("mkl")
+    assert diffseg.core.gemm_backend() == "builtin"
+    with pytest.raises((TypeError, ValueError)):
+        diffseg.set_num_threads("many")
+    before = diffseg.get_num_threads()
+    try:
+        diffseg.set_num_threads(3)
+        assert diffseg.get_num_threads() == 3
+    finally:
+        diffseg.set_num_threads(0)
+    assert diffseg.get_num_threads() == before
