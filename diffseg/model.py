@@ -18,12 +18,21 @@ outside the crop (the left/right or top/bottom borders of a non-square image)
 take the label of the nearest pixel of the crop (edge labels extended
 outwards, row by row or column by column). ``segment(..., border=-1)`` labels
 them -1 instead.
+
+Bundles and torch versions: export and inference should use the same torch.
+A bundle records the torch that wrote it (metadata ``torch_version``); opening
+it with a shim built against another torch release emits a
+:class:`BundleVersionWarning` (TorchScript usually loads across versions; when
+it does not, opening raises ``BundleError`` with the same advice: export the
+bundle again). ``warnings.simplefilter("error", diffseg.model.BundleVersionWarning)``
+makes the mismatch an error.
 """
 import json
 import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +43,17 @@ from .image import center_crop_box, load_image, preprocess_image
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 BUNDLE_FILE = "diffseg_bundle.pt"
 CACHE_ENV = "DIFFSEG_CACHE"
+
+
+class BundleVersionWarning(UserWarning):
+    """The bundle was exported with another torch release than the one the
+    shim runs (export and inference should use the same torch)."""
+
+
+def _release(version):
+    """'2.13.0+cpu' -> (2, 13, 0); None if not of that form."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version))
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
 
 
 def _shim():
@@ -118,7 +138,27 @@ class Model:
         self.device = str(device)
         self._model = _torch.Model(self.path, self.device, int(threads or 0))
         self.info = self._model.info()
-        self.metadata = json.loads(self._model.metadata())
+        try:
+            # The shim's parser is strict JSON over valid UTF-8; this cannot
+            # fail unless the two disagree, but a corrupt bundle must never
+            # surface as a bare JSONDecodeError.
+            self.metadata = json.loads(self._model.metadata())
+            if not isinstance(self.metadata, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            self._model.close()
+            raise _torch.BundleError(f"bundle: the metadata of {self.path} cannot be read: {e}") from None
+        self._check_torch_version(_torch)
+
+    def _check_torch_version(self, _torch):
+        exported = self.metadata.get("torch_version")
+        runtime = _torch.torch_version()
+        if exported is None or _release(exported) == _release(runtime):
+            return
+        warnings.warn(
+            f"{self.path} was exported with torch {exported}, but diffseg runs libtorch {runtime}: "
+            "export and inference should use the same torch; if the results look wrong, export the "
+            "bundle again (`diffseg export`)", BundleVersionWarning, stacklevel=3)
 
     # -- properties -------------------------------------------------------
     @property

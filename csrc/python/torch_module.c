@@ -13,20 +13,56 @@
 
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #include "../torch/diffseg_torch.h"
 
 static PyObject *BundleError; /* diffseg._torch.BundleError(ValueError) */
 
+/*
+ * Calls into the shim that run with the GIL released, over all models. At
+ * interpreter exit an atexit hook refuses new calls and waits for these:
+ * exiting while a daemon thread is inside libtorch tears libtorch down under
+ * that thread (segfault). All three variables are read and written under the GIL.
+ */
+static int g_in_shim = 0;
+static int g_exiting = 0;
+
+/* Release the GIL until *counter is 0 (polls every millisecond). */
+static void wait_for_zero(const int *counter) {
+    while (*counter > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static int check_not_exiting(void) {
+    if (g_exiting) {
+        PyErr_SetString(PyExc_RuntimeError, "diffseg._torch: the interpreter is shutting down");
+        return 0;
+    }
+    return 1;
+}
+
 /* Raise for a failed shim call. */
 static PyObject *shim_error(int rc) {
     const char *msg = dseg_torch_last_error();
+    PyObject *type;
     switch (rc) {
-        case DSEG_TORCH_ENOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
-        case DSEG_TORCH_EINVAL: PyErr_SetString(PyExc_ValueError, msg); break;
+        case DSEG_TORCH_ENOMEM: type = PyExc_MemoryError; break;
+        case DSEG_TORCH_EINVAL: type = PyExc_ValueError; break;
         case DSEG_TORCH_EIO:
-        case DSEG_TORCH_EFORMAT: PyErr_SetString(BundleError, msg); break;
-        default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+        case DSEG_TORCH_EFORMAT: type = BundleError; break;
+        default: type = PyExc_RuntimeError; break;
+    }
+    /* The shim keeps messages UTF-8; decode leniently all the same, so that a
+     * byte quoted from a corrupt bundle never turns into a UnicodeDecodeError. */
+    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    if (text) {
+        PyErr_SetObject(type, text);
+        Py_DECREF(text);
     }
     return NULL;
 }
@@ -35,7 +71,9 @@ typedef struct {
     PyObject_HEAD
     dseg_torch_model *model;
     dseg_torch_info info;
-    int busy; /* runs in progress (GIL released); close() waits for none */
+    int busy;    /* runs in progress or waiting for the model (GIL released) */
+    int closing; /* close() is waiting for runs in progress: refuse new ones */
+    int opening; /* __init__ is opening a bundle (GIL released) */
 } ModelObject;
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
@@ -46,9 +84,13 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|si", kwlist, PyUnicode_FSConverter, &path_obj, &device,
                                      &threads))
         return -1;
-    if (self->model) {
+    if (self->model || self->opening) {
         Py_DECREF(path_obj);
         PyErr_SetString(PyExc_RuntimeError, "Model is already open");
+        return -1;
+    }
+    if (!check_not_exiting()) {
+        Py_DECREF(path_obj);
         return -1;
     }
     if (threads < 0) {
@@ -59,9 +101,13 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     const char *path = PyBytes_AS_STRING(path_obj);
     dseg_torch_model *model = NULL;
     int rc;
+    self->opening = 1;
+    g_in_shim++;
     Py_BEGIN_ALLOW_THREADS
     rc = dseg_torch_open(path, device, threads, &model);
     Py_END_ALLOW_THREADS
+    g_in_shim--;
+    self->opening = 0;
     Py_DECREF(path_obj);
     if (rc != DSEG_TORCH_OK) {
         shim_error(rc);
@@ -74,6 +120,7 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->model = model;
+    self->closing = 0;
     return 0;
 }
 
@@ -84,20 +131,23 @@ static void model_dealloc(ModelObject *self) {
 }
 
 static int check_open(ModelObject *self) {
-    if (!self->model) {
+    if (!self->model || self->closing) {
         PyErr_SetString(PyExc_ValueError, "Model is closed");
         return 0;
     }
     return 1;
 }
 
+/* close(): new runs are refused at once ("Model is closed"); runs already in
+ * progress in other threads finish first (close waits for them, GIL released),
+ * then the model is released. Idempotent; safe from several threads. */
 static PyObject *model_close(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Model.close(): a run is in progress in another thread");
-        return NULL;
-    }
-    if (self->model) dseg_torch_close(self->model);
+    if (!self->model) Py_RETURN_NONE;
+    self->closing = 1;
+    wait_for_zero(&self->busy);
+    dseg_torch_model *model = self->model; /* another close() may have got here first */
     self->model = NULL;
+    if (model) dseg_torch_close(model);
     Py_RETURN_NONE;
 }
 
@@ -132,8 +182,9 @@ static PyObject *model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     PyObject *image_obj;
     int timestep = -1, want_eps = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|ip", kwlist, &image_obj, &timestep, &want_eps)) return NULL;
-    if (!check_open(self)) return NULL;
-    const dseg_torch_info *in = &self->info;
+    if (!check_open(self) || !check_not_exiting()) return NULL;
+    const dseg_torch_info info = self->info; /* buffers below are sized from this copy */
+    const dseg_torch_info *in = &info;
     if (!PyArray_Check(image_obj)) {
         PyErr_Format(PyExc_TypeError, "image must be a numpy array, got %s", Py_TYPE(image_obj)->tp_name);
         return NULL;
@@ -194,13 +245,24 @@ static PyObject *model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         eps_ptr = (float *)PyArray_DATA((PyArrayObject *)eps);
     }
 
+    /* Allocating the outputs may have run Python code (a GC pass, finalisers)
+     * that closed this model: check again, then count the run so that close()
+     * waits for it. Nothing below runs Python code until busy-- . */
+    if (!check_open(self) || !check_not_exiting() || memcmp(&info, &self->info, sizeof info) != 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Model was reopened during run()");
+        Py_DECREF(maps);
+        Py_DECREF(eps);
+        return NULL;
+    }
+    dseg_torch_model *model = self->model;
     Py_INCREF(image); /* keep the input alive while the GIL is released */
     self->busy++;
+    g_in_shim++;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_torch_run(self->model, px, in->image_channels, in->image_size, in->image_size, timestep, ptrs,
-                        eps_ptr);
+    rc = dseg_torch_run(model, px, in->image_channels, in->image_size, in->image_size, timestep, ptrs, eps_ptr);
     Py_END_ALLOW_THREADS
+    g_in_shim--;
     self->busy--;
     Py_DECREF(image);
     if (rc != DSEG_TORCH_OK) {
@@ -212,7 +274,7 @@ static PyObject *model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
 }
 
 static PyObject *model_closed(ModelObject *self, void *Py_UNUSED(closure)) {
-    return PyBool_FromLong(self->model == NULL);
+    return PyBool_FromLong(self->model == NULL || self->closing);
 }
 
 static PyMethodDef model_methods[] = {
@@ -222,7 +284,9 @@ static PyMethodDef model_methods[] = {
      "order of info()['map_resolutions']; eps: (latent_channels, L, L) or None."},
     {"info", (PyCFunction)model_info, METH_NOARGS, "Sizes and output layout of the bundle (dict)."},
     {"metadata", (PyCFunction)model_metadata, METH_NOARGS, "The bundle's metadata (JSON text)."},
-    {"close", (PyCFunction)model_close, METH_NOARGS, "Release the model (idempotent)."},
+    {"close", (PyCFunction)model_close, METH_NOARGS,
+     "Release the model (idempotent). Runs in progress in other threads finish first;\n"
+     "new runs raise ValueError('Model is closed')."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -257,16 +321,33 @@ static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUS
 
 static PyObject *py_cuda_available(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
     int ok;
+    if (!check_not_exiting()) return NULL;
+    g_in_shim++;
     Py_BEGIN_ALLOW_THREADS
     ok = dseg_torch_cuda_available();
     Py_END_ALLOW_THREADS
+    g_in_shim--;
     return PyBool_FromLong(ok);
+}
+
+static PyObject *py_torch_version(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    return PyUnicode_FromString(dseg_torch_version());
+}
+
+/* atexit hook: refuse new shim calls, wait for those in progress. */
+static PyObject *py_wait_for_runs(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    g_exiting = 1;
+    wait_for_zero(&g_in_shim);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "Intra-op threads of libtorch (n < 1: all cores)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Intra-op threads of libtorch."},
     {"cuda_available", py_cuda_available, METH_NOARGS, "True when libtorch can use CUDA."},
+    {"torch_version", py_torch_version, METH_NOARGS, "Version of the libtorch the shim was built with."},
+    {"_wait_for_runs", py_wait_for_runs, METH_NOARGS,
+     "atexit hook: refuse new runs and wait for those in progress in other threads."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -296,6 +377,17 @@ PyMODINIT_FUNC PyInit__torch(void) {
     Py_INCREF(&ModelType);
     if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
         Py_DECREF(&ModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* Wait at exit for runs in (daemon) threads: see g_in_shim. */
+    PyObject *hook = PyObject_GetAttrString(m, "_wait_for_runs");
+    PyObject *atexit_mod = hook ? PyImport_ImportModule("atexit") : NULL;
+    PyObject *res = atexit_mod ? PyObject_CallMethod(atexit_mod, "register", "O", hook) : NULL;
+    Py_XDECREF(res);
+    Py_XDECREF(atexit_mod);
+    Py_XDECREF(hook);
+    if (!res) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
+#include <torch/version.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <caffe2/serialize/inline_container.h>
 
@@ -34,9 +35,68 @@ thread_local std::string g_error;
 
 const char *kMetadataName = "diffseg.json";  // TorchScript extra file written by diffseg.export
 
+// Length of the valid UTF-8 sequence at s[i] (1..4), or 0 if it is not one.
+size_t utf8_sequence(const std::string &s, size_t i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n;
+    unsigned min;
+    unsigned cp;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, cp = c & 0x1F;
+    else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, cp = c & 0x0F;
+    else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, cp = c & 0x07;
+    else return 0;
+    if (i + n > s.size()) return 0;
+    for (size_t k = 1; k < n; k++) {
+        const unsigned char d = static_cast<unsigned char>(s[i + k]);
+        if ((d & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (d & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return n;
+}
+
+// Offset of the first byte that is not valid UTF-8, or npos.
+size_t invalid_utf8_at(const std::string &s) {
+    for (size_t i = 0; i < s.size();) {
+        size_t n = utf8_sequence(s, i);
+        if (n == 0) return i;
+        i += n;
+    }
+    return std::string::npos;
+}
+
+// Error messages quote libtorch, which quotes bytes of the (possibly corrupt)
+// bundle: replace invalid UTF-8 by '?' so callers can always decode them.
+std::string clean_message(const std::string &msg) {
+    std::string out;
+    out.reserve(msg.size());
+    for (size_t i = 0; i < msg.size();) {
+        size_t n = utf8_sequence(msg, i);
+        if (n == 0) {
+            out += '?';
+            i++;
+        } else {
+            out.append(msg, i, n);
+            i += n;
+        }
+    }
+    return out;
+}
+
 int fail(int code, const std::string &msg) {
-    g_error = msg;
+    try {
+        g_error = clean_message(msg);
+    } catch (...) {
+        g_error = "out of memory (while formatting an error message)";
+    }
     return code;
+}
+
+std::string first_line(std::string what) {
+    auto nl = what.find('\n');
+    if (nl != std::string::npos) what.resize(nl);
+    return what;
 }
 
 struct ShimError : std::runtime_error {
@@ -101,6 +161,10 @@ class JsonParser {
         std::string out;
         while (i_ < s_.size() && s_[i_] != '"') {
             char c = s_[i_++];
+            if (static_cast<unsigned char>(c) < 0x20) {
+                i_--;
+                error("control character in a string");
+            }
             if (c == '\\') {
                 if (i_ >= s_.size()) error("bad escape");
                 char e = s_[i_++];
@@ -156,13 +220,18 @@ class JsonParser {
             v.kind = Json::Bool;
         } else if (literal("null")) {
             v.kind = Json::Null;
-        } else {
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
             const char *start = s_.c_str() + i_;
             char *end = nullptr;
             v.num = std::strtod(start, &end);
             if (end == start) error("unexpected character");
+            for (const char *p = start; p < end; p++)
+                if (*p == 'x' || *p == 'X' || *p == 'n' || *p == 'N' || *p == 'i' || *p == 'I')
+                    error("not a JSON number");
             i_ += static_cast<size_t>(end - start);
             v.kind = Json::Number;
+        } else {
+            error("unexpected character");
         }
         return v;
     }
@@ -209,11 +278,14 @@ std::string read_metadata(const std::string &path) {
         return std::string(bytes, std::get<1>(data));
     } catch (const ShimError &) {
         throw;
+    } catch (const std::bad_alloc &) {
+        throw ShimError(DSEG_TORCH_ENOMEM, "bundle: out of memory while reading the metadata of '" + path +
+                                               "' (a corrupt archive can claim absurd sizes)");
     } catch (const std::exception &e) {
-        std::string what = e.what();
-        auto nl = what.find('\n');
-        if (nl != std::string::npos) what.resize(nl);
-        throw ShimError(DSEG_TORCH_EIO, "bundle: '" + path + "' is not a readable TorchScript archive: " + what);
+        const auto *c10e = dynamic_cast<const c10::Error *>(&e);
+        std::string what = first_line(c10e ? c10e->what_without_backtrace() : e.what());
+        throw ShimError(DSEG_TORCH_EIO, "bundle: '" + path + "' is not a readable TorchScript archive (libtorch " +
+                                            TORCH_VERSION + "): " + what);
     }
 }
 
@@ -238,6 +310,7 @@ struct dseg_torch_model {
     torch::jit::Module module;
     c10::Device device{c10::kCPU};
     std::string metadata;
+    std::string torch_version;  // of the torch that exported the bundle ("" if unknown)
     dseg_torch_info info{};
     std::mutex mutex;
 };
@@ -245,7 +318,11 @@ struct dseg_torch_model {
 namespace {
 
 // Validate the metadata and fill `info`.
-void parse_info(const std::string &text, const c10::Device &device, dseg_torch_info *info) {
+void parse_info(const std::string &text, const c10::Device &device, dseg_torch_info *info,
+                std::string *torch_version) {
+    size_t bad = invalid_utf8_at(text);
+    if (bad != std::string::npos)
+        throw ShimError(DSEG_TORCH_EFORMAT, "bundle metadata is not valid UTF-8 (byte " + std::to_string(bad) + ")");
     Json meta = JsonParser(text).parse();
     if (meta.kind != Json::Object) throw ShimError(DSEG_TORCH_EFORMAT, "bundle metadata must be a JSON object");
     if (string_field(meta, "format") != "diffseg-bundle")
@@ -274,7 +351,17 @@ void parse_info(const std::string &text, const c10::Device &device, dseg_torch_i
             throw ShimError(DSEG_TORCH_EFORMAT, "bundle metadata: 'output_resolutions' must hold integers in [1, 256]");
         info->map_res[i] = static_cast<int>(r.num);
     }
-    c10::Device bundle_device = parse_device(string_field(meta, "device").c_str());
+    // Optional (all bundles written by diffseg have it); a string when present.
+    torch_version->clear();
+    if (meta.fields.count("torch_version")) *torch_version = string_field(meta, "torch_version");
+    c10::Device bundle_device{c10::kCPU};
+    try {
+        bundle_device = parse_device(string_field(meta, "device").c_str());
+    } catch (const ShimError &e) {
+        if (e.code != DSEG_TORCH_EINVAL) throw;
+        throw ShimError(DSEG_TORCH_EFORMAT, "bundle metadata field 'device' must be 'cpu', 'cuda' or 'cuda:N', got '" +
+                                                string_field(meta, "device") + "'");
+    }
     if (bundle_device.type() != device.type())
         throw ShimError(DSEG_TORCH_EDEVICE, "bundle was exported for device '" + string_field(meta, "device") +
                                                 "', not '" + device.str() +
@@ -286,7 +373,7 @@ int translate(const std::exception &e, const char *context) {
     if (dynamic_cast<const std::bad_alloc *>(&e)) return fail(DSEG_TORCH_ENOMEM, "out of memory");
     if (auto *oom = dynamic_cast<const c10::OutOfMemoryError *>(&e)) {
         std::string what = oom->what_without_backtrace();
-        return fail(DSEG_TORCH_ENOMEM, "out of memory: " + what.substr(0, what.find('\n')));
+        return fail(DSEG_TORCH_ENOMEM, "out of memory: " + first_line(what));
     }
     if (auto *c10e = dynamic_cast<const c10::Error *>(&e))
         return fail(DSEG_TORCH_ERUNTIME, std::string(context) + ": " + c10e->what_without_backtrace());
@@ -298,6 +385,8 @@ int translate(const std::exception &e, const char *context) {
 extern "C" {
 
 const char *dseg_torch_last_error(void) { return g_error.c_str(); }
+
+const char *dseg_torch_version(void) { return TORCH_VERSION; }
 
 void dseg_torch_set_num_threads(int n) {
     try {
@@ -338,14 +427,34 @@ int dseg_torch_open(const char *path, const char *device, int num_threads, dseg_
         auto model = std::make_unique<dseg_torch_model>();
         model->device = dev;
         model->metadata = read_metadata(path);
-        parse_info(model->metadata, dev, &model->info);
+        parse_info(model->metadata, dev, &model->info, &model->torch_version);
         if (num_threads > 0) at::set_num_threads(num_threads);
         try {
             model->module = torch::jit::load(path, dev);
-        } catch (const c10::Error &e) {
-            std::string what = e.what_without_backtrace();
+        } catch (const std::exception &e) {
+            // A corrupt or foreign bundle fails here in many ways: c10::Error
+            // from the zip reader and the unpickler, torch::jit::ErrorReport
+            // (std::exception) from the TorchScript compiler reading code/,
+            // std::bad_alloc for absurd sizes. All mean "this file cannot be
+            // loaded", except a genuine shortage of memory.
+            std::string hint;
+            if (!model->torch_version.empty() && model->torch_version != TORCH_VERSION &&
+                model->torch_version.rfind(std::string(TORCH_VERSION) + "+", 0) != 0)
+                hint = " (the bundle was exported with torch " + model->torch_version + ", this is libtorch " +
+                       TORCH_VERSION + ": export it again with this torch, `diffseg export`)";
+            if (dynamic_cast<const std::bad_alloc *>(&e))
+                throw ShimError(DSEG_TORCH_ENOMEM, "bundle: out of memory while loading '" + std::string(path) +
+                                                       "' (a corrupt bundle can claim absurd sizes)" + hint);
+            const auto *c10e = dynamic_cast<const c10::Error *>(&e);
+            std::string what = first_line(c10e ? c10e->what_without_backtrace() : e.what());
+            // TorchScript compiler errors start with a newline; use their first non-empty line.
+            if (what.empty()) {
+                std::string full = c10e ? c10e->what_without_backtrace() : e.what();
+                size_t start = full.find_first_not_of(" \n");
+                what = start == std::string::npos ? std::string("unknown error") : first_line(full.substr(start));
+            }
             throw ShimError(DSEG_TORCH_EIO, "bundle: cannot load TorchScript from '" + std::string(path) +
-                                                "': " + what.substr(0, what.find('\n')));
+                                                "' (corrupt or not written by `diffseg export`): " + what + hint);
         }
         model->module.eval();
         if (!model->module.find_method("forward"))
@@ -420,7 +529,18 @@ int dseg_torch_run(dseg_torch_model *model, const float *image, int channels, in
             }
             if (dst == nullptr) return;
             at::Tensor host = tensor.to(torch::kCPU, torch::kFloat32).contiguous();
-            std::memcpy(dst, host.data_ptr<float>(), sizeof(float) * static_cast<size_t>(host.numel()));
+            const float *src = host.data_ptr<float>();
+            const size_t n = static_cast<size_t>(host.numel());
+            // NaN/Inf in the outputs: corrupt weights (a bundle whose tensor
+            // data was damaged still loads: TorchScript does not check the
+            // zip CRCs) or an overflow in a half-precision bundle.
+            for (size_t k = 0; k < n; k++)
+                if (!std::isfinite(src[k]))
+                    throw ShimError(DSEG_TORCH_ERUNTIME, "bundle output " + name +
+                                                             " holds NaN or Inf (flat index " + std::to_string(k) +
+                                                             "): the bundle's weights may be corrupt (export it "
+                                                             "again) or a half-precision bundle overflowed");
+            std::memcpy(dst, src, sizeof(float) * n);
         };
         copy_out(outputs[0], {1, info.latent_channels, info.latent_size, info.latent_size}, eps, "eps");
         for (int i = 0; i < info.n_maps; i++) {

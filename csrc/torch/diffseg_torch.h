@@ -15,7 +15,9 @@
  *     Nothing exits or aborts; C++ exceptions never cross this boundary.
  *   - A handle may be used from several threads; runs on one handle are
  *     serialised. Closing a handle while another thread uses it is an error
- *     of the caller.
+ *     of the caller (the Python binding waits for runs in progress).
+ *   - Error messages are valid UTF-8 (bytes quoted from a corrupt bundle
+ *     are replaced by '?').
  */
 #ifndef DIFFSEG_TORCH_H
 #define DIFFSEG_TORCH_H
@@ -55,6 +57,11 @@ typedef struct {
 /* Message of the last failed call on this thread ("" if none). */
 const char *dseg_torch_last_error(void);
 
+/* Version of the libtorch this shim was built with, e.g. "2.13.0". A bundle
+ * records the torch that exported it (metadata "torch_version"); export and
+ * load should use the same torch. */
+const char *dseg_torch_version(void);
+
 /* Intra-op threads of libtorch (process-wide); n < 1 means all cores. */
 void dseg_torch_set_num_threads(int n);
 int dseg_torch_get_num_threads(void);
@@ -85,6 +92,8 @@ const char *dseg_torch_metadata(const dseg_torch_model *model);
  *   maps[i]: (map_res[i]^2 x map_res[i]^2) floats, row = query, rows sum to 1.
  *            A NULL entry skips that map; maps may be NULL to skip all.
  *   eps:     (latent_channels x latent_size x latent_size) floats, or NULL.
+ * An output that holds NaN or Inf fails with DSEG_TORCH_ERUNTIME (corrupt
+ * weights, or a half-precision overflow); the buffers are then unspecified.
  */
 int dseg_torch_run(dseg_torch_model *model, const float *image, int channels,
                    int height, int width, int timestep, float *const *maps,
