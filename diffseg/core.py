@@ -12,6 +12,7 @@ map has zero mass where the other has positive mass, so such maps never merge
 """
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,7 +50,17 @@ def use_gemm(backend):
         raise ValueError(f"backend must be 'builtin' or 'blas', got {backend!r}")
 
 
-use_gemm(os.environ.get("DIFFSEG_GEMM", "builtin").lower() or "builtin")
+def _gemm_from_environment():
+    choice = os.environ.get("DIFFSEG_GEMM", "").strip().lower() or "builtin"
+    try:
+        use_gemm(choice)
+    except (ValueError, ImportError) as e:
+        warnings.warn(f"DIFFSEG_GEMM={choice!r} ignored ({e}); using the built-in GEMM",
+                      RuntimeWarning, stacklevel=2)
+        use_gemm("builtin")
+
+
+_gemm_from_environment()
 
 
 def gemm_backend():

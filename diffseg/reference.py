@@ -1,8 +1,10 @@
 """Pure-NumPy twin of the C core: the oracle the tests compare against.
 
 Readable first, vectorised where that keeps it readable. Same algorithm and
-conventions as csrc/core (see ``diffseg.core``), but distances are exact
-float64 everywhere. ``dtype=np.float32`` runs the same code in float32 with
+conventions as csrc/core (see ``diffseg.core``), with distances in float64:
+the GEMM expansion for rows without zeros (accurate to ~1e-12 for
+distributions; it cancels badly on rows of huge magnitude, which only the
+fuzz tests feed the C core), the direct formula for rows with zeros. ``dtype=np.float32`` runs the same code in float32 with
 plain BLAS GEMMs (no exact rechecks): the "vectorised NumPy" baseline of
 benchmarks/bench_core.py, whose decisions may differ near a threshold.
 """

@@ -4,6 +4,7 @@
  * near a threshold, so neither contraction nor the ISA clone chosen at run
  * time changes any output.
  */
+#include <float.h>
 #include <stddef.h>
 
 #include "internal.h"
@@ -88,6 +89,22 @@ static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const 
             }
         }
     }
+}
+
+/*
+ * Bound on |error| / sum |x_i y_i| of a cross term (two k-term GEMMs summed).
+ * Built-in kernel: each entry is a sum of KBLOCK-term slices added in order,
+ * so no chain of float additions is longer than KBLOCK + 2k / KBLOCK (fewer
+ * with SIMD lanes); gamma_n = n u / (1 - n u) is about 6.2e-5 for R = 64.
+ * 1e-4 covers that with room for the log approximation (~2 ulp of each log)
+ * and the rounding of the double sums. An external sgemm may sum all 2k
+ * terms in one chain: gamma_2k, with the same 1e-4 floor.
+ */
+double dseg_gemm_rel_error(int k) {
+    const double u = FLT_EPSILON / 2;
+    const double chain = external_sgemm ? 2.0 * k + 2 : KBLOCK + 2.0 * k / KBLOCK + 2;
+    const double gamma = chain * u / (1 - chain * u);
+    return gamma * 1.6 > 1e-4 ? gamma * 1.6 : 1e-4;
 }
 
 void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, int ldy,

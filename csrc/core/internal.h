@@ -42,6 +42,10 @@ int dseg_threads_for(double work);
 void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
                   int ldy, float *C, int ldc, int accumulate, const unsigned char *need);
 
+/* Relative error bound of a cross term computed by dseg_gemm_nt with k-term
+ * GEMMs (see gemm.c). */
+double dseg_gemm_rel_error(int k);
+
 /* Bilinear source index pair and weight of each destination pixel
  * (half-pixel centres, edge clamp: torch align_corners=False). */
 void dseg_bilinear_table(int in, int out, int *i0, int *i1, float *frac);

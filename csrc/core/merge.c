@@ -28,10 +28,6 @@
 
 #include "internal.h"
 
-/* Relative bound on the float32 GEMM error, times sum |terms|: ~1700 ulp.
- * A dot product of 2 * 4096 terms is far inside it (typical error ~ 50 ulp,
- * see the recheck counts in benchmarks/bench_core.py). */
-#define GEMM_REL_ERROR 1e-4
 /* Columns per accumulation pass: a (N x COLS) slab of A stays in cache while
  * every anchor adds its selected rows. */
 #define COLS 256
@@ -121,9 +117,11 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) 
 }
 
 /* Bound on |D estimate - D| for a float32 GEMM over the pair's terms. */
-static double error_bound(const row_stats *sp, const row_stats *sq) {
-    return GEMM_REL_ERROR * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) +
-                             fabs(sq->h)) + 1e-12;
+static double error_bound(const row_stats *sp, const row_stats *sq, int n) {
+    /* sum |terms| <= mass_p max|log q| + mass_q max|log p|; |h| covers the
+     * final rounding of the cross term */
+    return dseg_gemm_rel_error(n) * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) +
+                                     fabs(sq->h)) + 1e-12;
 }
 
 /* Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM. */
@@ -131,7 +129,7 @@ static int below(float cross, const row_stats *sp, const row_stats *sq,
                  const float *p, const float *q, int n, double tau,
                  int64_t *rechecks) {
     if (!sp->has_zero && !sq->has_zero) {
-        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq);
+        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, n);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
@@ -148,9 +146,10 @@ static void cross_terms(const float *X, const float *logX, int m, const float *Y
 }
 
 /* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
-static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double tau) {
+static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, int n,
+                            double tau) {
     if (sp->has_zero || sq->has_zero) return 0;
-    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq);
+    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, n);
     return isfinite(d) && isfinite(bound) && d - bound >= tau;
 }
 
@@ -294,7 +293,7 @@ static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G,
         for (int g = 0; g < G; g++)
             for (int p = 0; p < N; p++)
                 need[(size_t)g * N + p] =
-                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, tau);
+                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, Np, tau);
     }
     free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx);
     return ok;

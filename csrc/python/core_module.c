@@ -110,6 +110,8 @@ static int positive_int(PyObject *obj, const char *name, int *out) {
     return 1;
 }
 
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_res);
+
 /* aggregate(maps: list[ndarray], weights: list[float], out_res: int) */
 static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *maps_obj, *weights_obj, *out_res_obj;
@@ -120,7 +122,17 @@ static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "attn and weights must be lists");
         return NULL;
     }
-    const Py_ssize_t n = PyList_GET_SIZE(maps_obj);
+    /* A tuple holds its own references: another thread emptying the list
+     * while the GIL is released cannot free the arrays C is reading. */
+    PyObject *maps_tuple = PyList_AsTuple(maps_obj);
+    if (!maps_tuple) return NULL;
+    PyObject *out = aggregate_maps(maps_tuple, weights_obj, out_res);
+    Py_DECREF(maps_tuple);
+    return out;
+}
+
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_res) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(maps);
     if (n < 1 || n > 64) {
         PyErr_SetString(PyExc_ValueError, "attn must hold 1 to 64 maps");
         return NULL;
@@ -135,7 +147,7 @@ static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
     char name[48];
     for (Py_ssize_t i = 0; i < n; i++) {
         snprintf(name, sizeof name, "attn[%zd]", i);
-        PyArrayObject *a = checked_array(PyList_GET_ITEM(maps_obj, i), 2, name);
+        PyArrayObject *a = checked_array(PyTuple_GET_ITEM(maps, i), 2, name);
         if (!a) return NULL;
         const npy_intp q = PyArray_DIM(a, 0);
         const long s = lround(sqrt((double)q));
@@ -361,9 +373,12 @@ static PyObject *py_has_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(un
 /* set_sgemm(capsule or None): a Fortran-ABI sgemm, e.g. from
  * scipy.linalg.cython_blas.__pyx_capi__["sgemm"]. The caller keeps the
  * module that owns it alive (scipy stays imported). */
+static PyObject *sgemm_capsule = NULL; /* keeps the function's module alive */
+
 static PyObject *py_set_sgemm(PyObject *Py_UNUSED(self), PyObject *arg) {
     if (arg == Py_None) {
         dseg_set_sgemm(NULL);
+        Py_CLEAR(sgemm_capsule);
         Py_RETURN_NONE;
     }
     if (!PyCapsule_CheckExact(arg)) {
@@ -373,6 +388,8 @@ static PyObject *py_set_sgemm(PyObject *Py_UNUSED(self), PyObject *arg) {
     void *fn = PyCapsule_GetPointer(arg, PyCapsule_GetName(arg));
     if (!fn) return NULL;
     dseg_set_sgemm((dseg_sgemm_fn)fn);
+    Py_INCREF(arg);
+    Py_XSETREF(sgemm_capsule, arg);
     Py_RETURN_NONE;
 }
 
