@@ -117,19 +117,19 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) 
 }
 
 /* Bound on |D estimate - D| for a float32 GEMM over the pair's terms. */
-static double error_bound(const row_stats *sp, const row_stats *sq, int n) {
-    /* sum |terms| <= mass_p max|log q| + mass_q max|log p|; |h| covers the
-     * final rounding of the cross term */
-    return dseg_gemm_rel_error(n) * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) +
-                                     fabs(sq->h)) + 1e-12;
+/* rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
+ * mass_q max|log p|; |h| covers the final rounding of the cross term. */
+static double error_bound(const row_stats *sp, const row_stats *sq, double rel) {
+    return rel * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) + fabs(sq->h)) +
+           1e-12;
 }
 
 /* Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM. */
 static int below(float cross, const row_stats *sp, const row_stats *sq,
-                 const float *p, const float *q, int n, double tau,
+                 const float *p, const float *q, int n, double tau, double rel,
                  int64_t *rechecks) {
     if (!sp->has_zero && !sq->has_zero) {
-        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, n);
+        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
@@ -146,10 +146,10 @@ static void cross_terms(const float *X, const float *logX, int m, const float *Y
 }
 
 /* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
-static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, int n,
+static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double rel,
                             double tau) {
     if (sp->has_zero || sq->has_zero) return 0;
-    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, n);
+    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
     return isfinite(d) && isfinite(bound) && d - bound >= tau;
 }
 
@@ -289,11 +289,12 @@ static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G,
         log_rows(pA, N, Np, logpA, sa);
         log_rows(pX, G, Np, logpX, sx);
         cross_terms(pX, logpX, G, pA, logpA, N, Np, cross, NULL);
+        const double rel = dseg_gemm_rel_error(Np);
 #pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)G * N))
         for (int g = 0; g < G; g++)
             for (int p = 0; p < N; p++)
                 need[(size_t)g * N + p] =
-                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, Np, tau);
+                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, rel, tau);
     }
     free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx);
     return ok;
@@ -321,6 +322,7 @@ static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int
     cross_terms(X, logX, G, A, logA, N, N, cross, mask);
     free(logA), logA = NULL;
 
+    const double rel = dseg_gemm_rel_error(N);
     int64_t rechecks = 0, candidates = 0;
 #pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks, candidates) \
     num_threads(dseg_threads_for((double)G * N * 8))
@@ -331,7 +333,7 @@ static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int
         for (int p = 0; p < N; p++) {
             if (!m[p]) continue;
             candidates++;
-            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau,
+            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau, rel,
                                         &rechecks);
             n_sel += m[p];
         }
@@ -374,6 +376,7 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
     }
     log_rows(P, k, N, logP, st);
     cross_terms(P, logP, k, P, logP, k, N, cross, NULL);
+    const double rel = dseg_gemm_rel_error(N);
     int64_t rechecks = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
     num_threads(dseg_threads_for((double)k * k * 8))
@@ -381,7 +384,7 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
         for (int j = 0; j < k; j++)
             close[(size_t)i * k + j] =
                 (unsigned char)below(cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N,
-                                     P + (size_t)j * N, N, tau, &rechecks);
+                                     P + (size_t)j * N, N, tau, rel, &rechecks);
 
     /* As the official code: a seed selects every proposal close to it,
      * matched or not; matched proposals only stop being seeds. */
