@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, segment_attention
+from .core import DEFAULT_KL_THRESHOLD, aggregate, merge, nms
 from .image import center_crop_box, load_image, preprocess_image
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -306,6 +306,41 @@ def paste_labels(labels, height, width, border="nearest"):
     return out
 
 
+def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
+                     timestep=300, weights=None, border="nearest", scores=True):
+    """Segment one image and keep the intermediate results.
+
+    Arguments as :func:`segment` (``model`` may also be any object with
+    ``.attention(image, timestep)``). Returns a dict: ``labels`` (H, W) int32
+    at the image's size, ``crop_labels`` (S, S) of the centre crop, ``crop``
+    ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated attention),
+    ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
+    per-label ``score`` and ``mean_kl`` (:func:`diffseg.records.segment_scores`).
+    """
+    if model is None:
+        model = _get_default_model()
+    elif isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if kl_threshold is None:
+        kl_threshold = DEFAULT_KL_THRESHOLD
+    rgb = load_image(image)
+    height, width = rgb.shape[:2]
+    top, left, side = center_crop_box(height, width)
+    A = aggregate(model.attention(rgb, timestep), weights=weights)
+    proposals = merge(A, grid=grid, kl_threshold=kl_threshold)
+    crop_labels, index = nms(proposals, size=(side, side), return_index=True)
+    result = {
+        "labels": paste_labels(crop_labels, height, width, border=border),
+        "crop_labels": crop_labels, "crop": (top, left, side), "proposals": proposals, "A": A,
+        "proposal": index, "rgb": rgb,
+    }
+    if scores:
+        from .records import segment_scores
+
+        result["score"], result["mean_kl"] = segment_scores(crop_labels, proposals, A, index=index)
+    return result
+
+
 def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=300, weights=None,
             border="nearest"):
     """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
@@ -321,16 +356,8 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
     border : ``"nearest"`` or int
         Label of pixels outside the centre crop (see the module docstring).
     """
-    if model is None:
-        model = _get_default_model()
-    elif not isinstance(model, Model):
-        model = load_model(model)
-    rgb = load_image(image)
-    height, width = rgb.shape[:2]
-    _, _, side = center_crop_box(height, width)
-    attn = model.attention(rgb, timestep)
-    labels = segment_attention(attn, kl_threshold=kl_threshold, grid=grid, size=(side, side), weights=weights)
-    return paste_labels(labels, height, width, border=border)
+    return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
+                            weights=weights, border=border, scores=False)["labels"]
 
 
 # ---------------------------------------------------------------- CLI

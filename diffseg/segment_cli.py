@@ -42,39 +42,6 @@ SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between 
 
 
 # ---------------------------------------------------------------- API
-def segment_detailed(image, model, *, kl_threshold=None, grid=16, timestep=None, weights=None,
-                     border="nearest"):
-    """Segment one image and keep the intermediate results.
-
-    ``model``: an open :class:`diffseg.Model` (or any object with
-    ``.attention(image, timestep)``). Returns a dict: ``labels`` (H, W) int32
-    at the image's size, ``crop_labels`` (S, S) of the centre crop,
-    ``crop`` ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated
-    attention), ``proposal`` (label -> proposal index), ``score`` and
-    ``mean_kl`` per label (:func:`diffseg.records.segment_scores`), ``rgb``.
-    """
-    from .core import DEFAULT_KL_THRESHOLD, aggregate, merge, nms
-    from .image import center_crop_box, load_image
-    from .model import paste_labels
-    from .records import segment_scores
-
-    if kl_threshold is None:
-        kl_threshold = DEFAULT_KL_THRESHOLD
-    rgb = load_image(image)
-    height, width = rgb.shape[:2]
-    top, left, side = center_crop_box(height, width)
-    attn = model.attention(rgb, timestep)
-    A = aggregate(attn, weights=weights)
-    proposals = merge(A, grid=grid, kl_threshold=kl_threshold)
-    crop_labels, index = nms(proposals, size=(side, side), return_index=True)
-    score, mean_kl = segment_scores(crop_labels, proposals, A, index=index)
-    return {
-        "labels": paste_labels(crop_labels, height, width, border=border),
-        "crop_labels": crop_labels, "crop": (top, left, side), "proposals": proposals, "A": A,
-        "proposal": index, "score": score, "mean_kl": mean_kl, "rgb": rgb,
-    }
-
-
 def save_label_png(path, labels):
     """Label map -> single-channel PNG: 8-bit when every label is in 0..255,
     else 16-bit (0..65535). Negative labels are refused."""
@@ -230,6 +197,8 @@ def _open_model(args):
 
 def _run(args):
     from tqdm import tqdm
+
+    from .model import segment_detailed
 
     from .cli import UserError
 
