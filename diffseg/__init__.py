@@ -8,9 +8,20 @@ Stages on NumPy arrays (no torch needed)::
 
 or all three at once with ``diffseg.segment_attention(attn)``. With a Stable
 Diffusion bundle, ``diffseg.segment(image)`` runs the UNet too.
+
+The package, by concern:
+
+* ``diffseg.core`` -- the stages on attention (C core), ``diffseg.reference``
+  (their NumPy oracle), ``diffseg.synthetic`` (planted attention);
+* ``diffseg.pipeline`` -- image -> labels (``segment``, ``MaskGenerator``);
+* ``diffseg.sd`` -- Stable Diffusion: checkpoints, capture, bundle export, ``Model``;
+* ``diffseg.evaluation`` -- metrics, datasets, the benchmark runner;
+* ``diffseg.io`` -- images, mask records (RLE), attention files;
+* ``diffseg.viz`` -- figures; ``diffseg.cli`` -- the ``diffseg`` command.
 """
 import importlib
 
+from ._version import __version__
 from .core import (
     DEFAULT_KL_THRESHOLD,
     aggregate,
@@ -23,32 +34,41 @@ from .core import (
     sym_kl,
 )
 
-__version__ = "0.1.0"
-
 # Parts that pull in heavier dependencies (torch, diffusers, scipy) load on first use.
 _LAZY = {
-    "load_model": "diffseg.model",
-    "Model": "diffseg.model",
-    "segment": "diffseg.model",
-    "export_bundle": "diffseg.export",
-    "HungarianMetrics": "diffseg.metrics",
-    "evaluate": "diffseg.evaluation",
-    "load_image": "diffseg.image",
-    "save_attention": "diffseg.attention_io",
-    "load_attention": "diffseg.attention_io",
-    "masks_to_records": "diffseg.records",
-    "records_to_labels": "diffseg.records",
+    "load_model": "diffseg.sd.model",
+    "Model": "diffseg.sd.model",
+    "BundleVersionWarning": "diffseg.sd.model",
+    "segment": "diffseg.pipeline",
+    "segment_detailed": "diffseg.pipeline",
+    "export_bundle": "diffseg.sd.export",
+    "HungarianMetrics": "diffseg.evaluation.metrics",
+    "evaluate": "diffseg.evaluation.runner",
+    "load_image": "diffseg.io.images",
+    "save_attention": "diffseg.io.attention",
+    "load_attention": "diffseg.io.attention",
+    "masks_to_records": "diffseg.io.records",
+    "records_to_labels": "diffseg.io.records",
 }
+# Submodules reachable as attributes after a bare ``import diffseg``.
+_SUBMODULES = ("cli", "core", "evaluation", "info", "io", "pipeline", "reference", "sd", "synthetic", "viz")
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'diffseg' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = [
     "DEFAULT_KL_THRESHOLD",
+    "__version__",
     "aggregate",
     "anchor_coords",
     "get_num_threads",

@@ -103,6 +103,18 @@ def _square_side(n, name):
     return side
 
 
+def average_layers(maps):
+    """Mean of several ``(n, n)`` maps of one resolution, summed in float64 ->
+    float32 (the official model averages heads, then layers). One map is
+    returned as is (a view: no copy of the caller's array)."""
+    if len(maps) == 1:
+        return np.ascontiguousarray(maps[0], dtype=np.float32)
+    total = np.zeros(np.shape(maps[0]), dtype=np.float64)
+    for m in maps:
+        total += m
+    return (total / len(maps)).astype(np.float32)
+
+
 def _collect_attention(attn):
     """``attn`` (mapping or sequence) -> ``{resolution: (s*s, s*s) float32}``.
 
@@ -138,17 +150,7 @@ def _collect_attention(attn):
             if key is not None and int(key) != side:
                 raise ValueError(f"{name} has resolution {side}, not {key}")
             groups.setdefault(side, []).extend(stack)
-    out = {}
-    for side in sorted(groups, reverse=True):
-        maps = groups[side]
-        if len(maps) == 1:
-            out[side] = np.ascontiguousarray(maps[0])  # a view: no copy of the caller's array
-            continue
-        total = maps[0] + maps[1]
-        for m in maps[2:]:
-            total += m
-        out[side] = total / np.float32(len(maps))
-    return out
+    return {side: average_layers(groups[side]) for side in sorted(groups, reverse=True)}
 
 
 def _resolution_weights(resolutions, weights):
@@ -206,18 +208,33 @@ def aggregate(attn, weights=None, out_res=None):
     return _core.aggregate([maps[s] for s in resolutions], [float(x) for x in w], int(out_res))
 
 
-def _thresholds(kl_threshold):
-    if np.isscalar(kl_threshold):
+def kl_thresholds(kl_threshold, name="kl_threshold"):
+    """One merge setting -> a tuple of per-iteration thresholds.
+
+    A number ``t`` means ``(t, t, t)`` (the official 3 iterations); a sequence
+    gives one threshold per iteration; a string is ``"1.1"`` or
+    ``"0.9,1.0,1.1"``. Every threshold must be finite and > 0 (``name``
+    appears in the error message).
+    """
+    if isinstance(kl_threshold, str):
+        parts = kl_threshold.replace(",", " ").split()
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {kl_threshold!r} as thresholds (a number, or one "
+                             "number per iteration separated by commas)") from None
+        kl_threshold = values[0] if len(values) == 1 else values
+    if isinstance(kl_threshold, (int, float, np.integer, np.floating)) and not isinstance(kl_threshold, bool):
         kl_threshold = (kl_threshold,) * len(DEFAULT_KL_THRESHOLD)
     try:
-        values = [float(t) for t in kl_threshold]
+        values = tuple(float(t) for t in kl_threshold)
     except (TypeError, ValueError):
-        raise TypeError("kl_threshold must be a number or a sequence of numbers") from None
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {kl_threshold!r}") from None
     if not values:
-        raise ValueError("kl_threshold is empty: give one threshold per iteration")
+        raise ValueError(f"{name} is empty: give one threshold per iteration")
     for i, t in enumerate(values):
         if not (np.isfinite(t) and t > 0):
-            raise ValueError(f"kl_threshold[{i}] must be finite and > 0, got {t}")
+            raise ValueError(f"{name}[{i}] must be finite and > 0, got {t}")
     return values
 
 
@@ -276,7 +293,7 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
     proposals : (K, R, R) float32, each summing to 1.
     """
     A, _ = _as_matrix(A)
-    thresholds = _thresholds(kl_threshold)
+    thresholds = kl_thresholds(kl_threshold)
     R = _square_side(A.shape[0], "A")
     grid = _check_int(grid, "grid", 1, R)
     proposals, pairs, full, rechecks = _core.merge(A, grid, thresholds)
@@ -339,12 +356,81 @@ def sym_kl(p, q):
     return _core.sym_kl(P, Q)
 
 
+def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
+               weights=None):
+    """Aggregate (unless ``A`` is given), merge and label, keeping every stage.
+
+    Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, R, R),
+    ``labels`` (height, width) int32 and ``proposal`` (label -> proposal
+    index). This is the one composition of the stages: :func:`segment_attention`,
+    :func:`diffseg.segment` and evaluation all go through it.
+    """
+    thresholds = kl_thresholds(kl_threshold)
+    size = _size(size)
+    if A is None:
+        if attn is None:
+            raise ValueError("give attn (attention maps) or A (aggregated attention)")
+        A = aggregate(attn, weights=weights)
+    proposals = merge(A, grid=grid, kl_threshold=thresholds)
+    labels, index = nms(proposals, size, return_index=True)
+    return {"A": A, "proposals": proposals, "labels": labels, "proposal": index}
+
+
 def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
                       weights=None):
     """Aggregate, merge and label: attention maps -> ``(height, width)`` int32 labels.
 
     See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments.
     """
-    thresholds = _thresholds(kl_threshold)
-    size = _size(size)
-    return nms(merge(aggregate(attn, weights=weights), grid=grid, kl_threshold=thresholds), size)
+    return run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=size, weights=weights)["labels"]
+
+
+def segment_scores(labels, proposals, A, *, index=None):
+    """Per-segment ``(score, mean_kl)`` arrays for a label map of the crop.
+
+    Parameters
+    ----------
+    labels : (S, S) int labels from ``nms(proposals, (S, S))`` (the centre
+        crop, not a label map pasted into a non-square frame)
+    proposals : (K, R, R) from :func:`diffseg.merge`
+    A : (R*R, R*R) aggregated attention
+    index : label -> proposal index, as ``nms(..., return_index=True)`` gives
+        (default: recomputed that way at the size of ``labels``)
+
+    The positions of a segment are the latent cells whose centre pixel
+    (nearest-exact downsampling to ``R x R``) has its label; a segment too
+    small to hold a cell centre uses the cell holding most of its pixels.
+    
+    Each final segment comes from one proposal ``p`` of the merge (the argmax
+    in NMS). For the latent positions ``i`` of the segment, ``mean_kl`` is the
+    mean symmetric KL ``D(A[i], p)`` -- the distance the merge thresholds --
+    and ``score = exp(-mean_kl)`` in ``(0, 1]``: 1 when every position of the
+    segment attends exactly like its proposal, lower for segments whose pixels
+    attend to different things. The merge threshold 1.1 corresponds to a score
+    of about 0.33. It ranks segments within an image; it is not a calibrated
+    probability.
+    """
+    from .io.images import resize_nearest
+
+    labels = np.asarray(labels)
+    P = np.asarray(proposals, dtype=np.float32)
+    R = P.shape[1]
+    A = np.asarray(A).reshape(R * R, R * R)
+    n = int(labels.max()) + 1
+    if index is None:
+        _, index = nms(P, labels.shape, return_index=True)
+    small = resize_nearest(labels, R, R).ravel()
+    H, W = labels.shape
+    mean_kl = np.full(n, np.nan)
+    for k in range(n):
+        rows = np.flatnonzero(small == k)
+        if rows.size == 0:
+            r, c = np.nonzero(labels == k)
+            if r.size == 0:
+                continue
+            rows = np.array([np.bincount((r * R // H) * R + c * R // W).argmax()])
+        d = sym_kl(A[rows], P[index[k]].ravel())[:, 0]
+        mean_kl[k] = float(np.mean(d))
+    with np.errstate(over="ignore"):
+        score = np.exp(-mean_kl)
+    return score, mean_kl

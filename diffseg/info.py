@@ -6,10 +6,8 @@ torch itself is not imported (versions come from package metadata; the shim
 is loaded to see whether libtorch is found). ``diffseg info --json`` prints
 the same as JSON.
 """
-import json
 import os
 import platform
-import sys
 import zipfile
 from pathlib import Path
 
@@ -63,23 +61,19 @@ def _torch_info():
 
 
 def bundle_metadata(path):
-    """The metadata of a bundle file (its TorchScript extra file), read as a
-    zip archive without torch; None when it cannot be read."""
-    from .export import METADATA_NAME
+    """The metadata of a bundle file, read without torch; None when it cannot be read."""
+    from .sd.bundle import read_metadata
 
     try:
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.endswith(f"/extra/{METADATA_NAME}"):
-                    return json.loads(z.read(name))
+        return read_metadata(path)
     except (OSError, zipfile.BadZipFile, ValueError, KeyError):
         return None
-    return None
 
 
 def cached_bundles():
     """``(cache folder, [{path, model_id, size_mb, image_size, device, dtype, torch}, ...])``."""
-    from .model import BUNDLE_FILE, cache_dir
+    from .sd.bundle import BUNDLE_FILE
+    from .sd.model import cache_dir
 
     folder = cache_dir()
     found = []
@@ -150,23 +144,3 @@ def format_info(d):
                                            b["dtype"], b["torch"] and f"torch {b['torch']}") if x)
         lines.append(f"  {b['model_id'] or '?'}: {b['path']} ({b['size_mb']} MB{', ' + extra if extra else ''})")
     return "\n".join(lines)
-
-
-def _run(args):
-    d = info()
-    if args.json:
-        json.dump(d, sys.stdout, indent=1)
-        print()
-    else:
-        print(format_info(d))
-    return 0
-
-
-def register_cli(subparsers):
-    p = subparsers.add_parser(
-        "info", help="versions, OpenMP threads, GEMM backend, libtorch/CUDA, cached bundles",
-        description="Show what this diffseg installation has: versions, the C core's OpenMP and "
-                    "threads, the GEMM backend, whether the libtorch shim loads and CUDA is available, "
-                    "and the model bundles in the cache.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run)

@@ -11,7 +11,7 @@ benchmarks/bench_core.py, whose decisions may differ near a threshold.
 import numpy as np
 
 from ._interp import bilinear_table, resize_bilinear
-from .core import DEFAULT_KL_THRESHOLD, _collect_attention, _resolution_weights
+from .core import DEFAULT_KL_THRESHOLD, _collect_attention, _resolution_weights, kl_thresholds
 
 
 def anchor_coords(R, grid):
@@ -82,7 +82,7 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64):
     N = A.shape[0] if A.ndim == 2 else A.shape[0] * A.shape[1]
     A = A.reshape(N, N)
     R = int(round(np.sqrt(N)))
-    thresholds = [kl_threshold] * 3 if np.isscalar(kl_threshold) else list(kl_threshold)
+    thresholds = kl_thresholds(kl_threshold)
 
     # Iteration 0: every anchor averages all rows of A closer than tau.
     coords = anchor_coords(R, grid)

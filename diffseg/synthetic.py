@@ -8,7 +8,7 @@ are *found*, not only that two implementations agree.
 """
 import numpy as np
 
-from .image import resize_nearest
+from .io.images import resize_nearest
 
 
 def planted_partition(R=64, n_segments=6, seed=0):
@@ -51,50 +51,3 @@ def planted_example(R=64, n_segments=6, seed=0, resolutions=None):
     if resolutions is None:
         resolutions = [R // f for f in (1, 2, 4, 8) if R % f == 0 and R // f >= 1]
     return planted_attention(labels, resolutions, seed=seed), labels
-
-
-# ---- `diffseg demo`: the main job until a Stable Diffusion bundle is used ----
-
-def _demo(args):
-    from pathlib import Path
-
-    from PIL import Image
-
-    from .core import segment_attention
-
-    attn, truth = planted_example(args.resolution, args.segments, args.seed)
-    labels = segment_attention(attn, kl_threshold=args.kl_threshold, size=(args.size, args.size))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    palette = np.random.default_rng(1).integers(0, 256, size=(256, 3), dtype=np.uint8)
-    truth_big = resize_nearest(truth, args.size, args.size)
-    Image.fromarray(palette[labels % 256]).save(out / "labels.png")
-    Image.fromarray(palette[truth_big % 256]).save(out / "truth.png")
-    agree = _matched_accuracy(labels, truth_big)
-    print(f"planted {truth.max() + 1} segments, found {labels.max() + 1}; "
-          f"pixel accuracy after matching {agree:.3f}; wrote {out}/labels.png, {out}/truth.png")
-    return 0
-
-
-def _matched_accuracy(pred, truth):
-    """Pixel accuracy after the best one-to-one matching of segment ids."""
-    from scipy.optimize import linear_sum_assignment
-
-    k = max(pred.max(), truth.max()) + 1
-    conf = np.bincount(truth.ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    return conf[rows, cols].sum() / truth.size
-
-
-def register_cli(subparsers):
-    p = subparsers.add_parser(
-        "demo", help="segment planted synthetic attention (no model needed)",
-        description="Plant a known segmentation into synthetic self-attention, "
-                    "run DiffSeg's post-processing on it and write label images.")
-    p.add_argument("-o", "--output", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--resolution", type=int, default=64, help="latent resolution R (default 64)")
-    p.add_argument("--segments", type=int, default=6, help="planted segments (default 6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
-    p.add_argument("--kl-threshold", type=float, default=1.1, help="KL threshold (default 1.1)")
-    p.set_defaults(func=_demo)

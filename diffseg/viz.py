@@ -18,8 +18,8 @@ figures show that crop.
 """
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, aggregate, anchor_coords, merge, nms
-from .image import center_crop, load_image, resize_nearest
+from .core import DEFAULT_KL_THRESHOLD, aggregate, anchor_coords, kl_thresholds, merge, nms
+from .io.images import center_crop, load_image, resize_nearest
 
 
 # ---------------------------------------------------------------- arrays
@@ -198,9 +198,7 @@ def merge_stages(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD):
     first ``i + 1`` thresholds), so this costs about one :func:`diffseg.merge`
     per iteration.
     """
-    if np.isscalar(kl_threshold):
-        kl_threshold = (kl_threshold,) * len(DEFAULT_KL_THRESHOLD)
-    thresholds = tuple(float(t) for t in kl_threshold)
+    thresholds = kl_thresholds(kl_threshold)
     return [merge(A, grid=grid, kl_threshold=thresholds[: i + 1]) for i in range(len(thresholds))]
 
 

@@ -30,7 +30,7 @@ def tiny_pipe(tiny_sd_dir):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_sd_dir, tmp_path_factory):
     """Path of the tiny SD exported at 128 px (per-resolution maps: 16, 8, 4, 2)."""
-    from diffseg.export import export_bundle
+    from diffseg.sd.export import export_bundle
 
     return export_bundle(tiny_sd_dir, str(tmp_path_factory.mktemp("tiny_bundle")), size=128)
 

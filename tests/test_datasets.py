@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.datasets import (
+from diffseg.evaluation.datasets import (
     CITYSCAPES_27_CLASSES,
     COCO_CURATED_LIST,
     COCO_FINE_TO_COARSE,
@@ -13,7 +13,7 @@ from diffseg.datasets import (
     FolderDataset,
     dataset_kind,
 )
-from diffseg.image import preprocess_labels
+from diffseg.io.images import preprocess_labels
 
 # fine_to_coarse of IIC / PiCIE / STEGO (and google/diffseg's
 # fine_to_coarse_dict.pickle), fine ids 0..181 in order: an independent check

@@ -10,10 +10,10 @@ from PIL import Image
 
 import diffseg
 from diffseg import cli
-from diffseg.attention_io import save_attention
-from diffseg.datasets import COCO_CURATED_LIST, CocoStuff27, Cityscapes, FolderDataset
-from diffseg.evaluation import evaluate, kl_settings, markdown_table, setting_label
-from diffseg.metrics import HungarianMetrics
+from diffseg.io.attention import save_attention
+from diffseg.evaluation.datasets import COCO_CURATED_LIST, CocoStuff27, Cityscapes, FolderDataset
+from diffseg.evaluation.runner import evaluate, kl_settings, markdown_table, setting_label
+from diffseg.evaluation.metrics import HungarianMetrics
 
 R = 16          # latent side of the test attention (resolutions 16, 8, 4)
 GRID = 4        # 16 anchors
@@ -114,7 +114,7 @@ def test_several_settings_match_separate_runs(folder, tmp_path):
 
 
 def test_limit_and_default_threshold(folder, tmp_path):
-    import diffseg.evaluation  # noqa: F401  (importing the module must not shadow the function)
+    import diffseg.evaluation.runner  # noqa: F401  (importing the module must not shadow the function)
 
     res = diffseg.evaluate(folder, attention_dir=tmp_path / "data" / "attn", grid=GRID, limit=2, progress=False)
     assert res["images"] == 2 and len(res["settings"]) == 1
@@ -350,9 +350,9 @@ def test_cityscapes_from_attention(tmp_path):
 
 
 def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
-    """--model goes through diffseg.model.load_model (replaced by a fake here);
+    """--model goes through diffseg.sd.model.load_model (replaced by a fake here);
     --attention-dir is then a cache."""
-    model_mod = pytest.importorskip("diffseg.model")
+    model_mod = pytest.importorskip("diffseg.sd.model")
     data = tmp_path / "data"
     calls = []
 

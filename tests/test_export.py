@@ -17,7 +17,7 @@ import diffseg  # noqa: E402
 
 # TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
-from diffseg import export  # noqa: E402
+from diffseg.sd import checkpoint, export  # noqa: E402
 from sd_tiny import build_tiny_sd, load_tiny_sd, reference_attention  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def test_traced_bundle_equals_eager(tiny_bundle, tiny_pipe):
 
 def test_capture_processor_matches_reference_eagerly(tiny_sd_dir):
     """The capturing processor (no tracing) against diffusers' AttnProcessor."""
-    from diffseg.export import install_capture
+    from diffseg.sd.export import install_capture
 
     pipe = load_tiny_sd(tiny_sd_dir)
     image = np.random.RandomState(2).uniform(-1, 1, (3, 64, 64)).astype(np.float32)
@@ -180,7 +180,7 @@ def test_offline_without_weights_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     t0 = time.perf_counter()
-    with pytest.raises(export.WeightsUnavailableError) as info:
+    with pytest.raises(checkpoint.WeightsUnavailableError) as info:
         export.export_bundle("CompVis/stable-diffusion-v1-4", tmp_path / "out")
     assert time.perf_counter() - t0 < 30
     message = str(info.value)
@@ -192,8 +192,8 @@ def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(export, "_hub_reachable", lambda timeout=5.0: False)
-    with pytest.raises(export.WeightsUnavailableError, match="not available offline"):
+    monkeypatch.setattr(checkpoint, "_hub_reachable", lambda timeout=5.0: False)
+    with pytest.raises(checkpoint.WeightsUnavailableError, match="not available offline"):
         export.export_bundle("someone/some-model", tmp_path / "out")
 
 
@@ -209,11 +209,12 @@ def test_cli_export_error_message(tmp_path, monkeypatch, capsys):
 
 
 def test_light_imports():
-    """`import diffseg`, diffseg.export, diffseg.model and their CLI parsers
-    do not import torch or diffusers."""
-    code = ("import argparse, sys, diffseg, diffseg.export, diffseg.model; "
+    """`import diffseg`, diffseg.sd.export, diffseg.sd.model, diffseg.pipeline and
+    their CLI parsers do not import torch or diffusers."""
+    code = ("import argparse, sys, diffseg, diffseg.sd.export, diffseg.sd.model, diffseg.pipeline; "
+            "import diffseg.cli.export, diffseg.cli.attention; "
             "sub = argparse.ArgumentParser().add_subparsers(); "
-            "diffseg.export.register_cli(sub); diffseg.model.register_cli(sub); "
+            "diffseg.cli.export.register_cli(sub); diffseg.cli.attention.register_cli(sub); "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

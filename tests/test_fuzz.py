@@ -596,7 +596,7 @@ def check_metrics(res, m):
 @fuzz_settings(200)
 @given(metric_cases(), st.data())
 def test_fuzz_metrics(case, data):
-    from diffseg.metrics import HungarianMetrics
+    from diffseg.evaluation.metrics import HungarianMetrics
 
     pred, gt, n_classes, protocol, ignore = case
     try:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import diffseg
-from diffseg import image
+from diffseg.io import images as image
 
 
 def rgb(height, width, seed=0):

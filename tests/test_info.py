@@ -54,7 +54,7 @@ def test_bundle_metadata_of_a_real_bundle(tiny_bundle):
 
 def test_cli_modules_import_light():
     """Building the parser (all subcommands) must not import torch, diffusers or matplotlib."""
-    code = ("import sys; import diffseg.cli as c; c.build_parser(); import diffseg.viz, diffseg.records; "
+    code = ("import sys; import diffseg.cli as c; c.build_parser(); import diffseg.viz, diffseg.io.records; "
             "bad = [m for m in ('torch', 'diffusers', 'matplotlib', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from diffseg.metrics import HungarianMetrics, hungarian_metrics
+from diffseg.evaluation.metrics import HungarianMetrics, hungarian_metrics
 
 
 def one(pred, gt, n, **kw):

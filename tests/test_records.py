@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import diffseg
-from diffseg.records import (counts_to_string, decode_rle, encode_rle, mask_to_counts, masks_to_records,
-                             records_to_labels, segment_scores, string_to_counts)
+from diffseg.core import segment_scores
+from diffseg.io.records import (counts_to_string, decode_rle, encode_rle, mask_to_counts, masks_to_records,
+                                records_to_labels, string_to_counts)
 from diffseg.synthetic import planted_example
 
 # pycocotools 2.0.x with NumPy 2 warns inside its own decode

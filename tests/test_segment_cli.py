@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 import diffseg
-from diffseg import segment_cli
+from diffseg.cli import segment as segment_cli
+from diffseg.io.images import save_label_png
 from diffseg.cli import main
-from diffseg.records import records_to_labels
+from diffseg.io.records import records_to_labels
 from diffseg.synthetic import planted_example
 
 
@@ -172,18 +173,18 @@ def test_bad_bundle_is_a_user_error(photos, tmp_path, capsys):
 
 
 def test_label_png_depth(tmp_path):
-    from diffseg.datasets import read_label_png
+    from diffseg.evaluation.datasets import read_label_png
 
     labels = np.arange(600, dtype=np.int32).reshape(20, 30)
-    segment_cli.save_label_png(tmp_path / "big.png", labels)
+    save_label_png(tmp_path / "big.png", labels)
     im = Image.open(tmp_path / "big.png")
     assert im.mode.startswith("I")  # 16-bit
     assert np.array_equal(np.asarray(im), labels)
     assert np.array_equal(read_label_png(tmp_path / "big.png"), labels)
-    segment_cli.save_label_png(tmp_path / "small.png", labels % 256)
+    save_label_png(tmp_path / "small.png", labels % 256)
     assert Image.open(tmp_path / "small.png").mode == "L"
     with pytest.raises(ValueError):
-        segment_cli.save_label_png(tmp_path / "neg.png", labels - 1)
+        save_label_png(tmp_path / "neg.png", labels - 1)
 
 
 def test_subprocess_with_tiny_bundle(tiny_bundle, photos, tmp_path):

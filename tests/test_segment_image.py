@@ -12,9 +12,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
 
 import diffseg  # noqa: E402
-from diffseg import model as model_mod  # noqa: E402
-from diffseg.attention_io import load_attention  # noqa: E402
-from diffseg.image import center_crop, center_crop_box  # noqa: E402
+from diffseg.sd import model as model_mod  # noqa: E402
+from diffseg.io.attention import load_attention  # noqa: E402
+from diffseg.io.images import center_crop, center_crop_box  # noqa: E402
 
 # Random tiny-SD attention is unstructured: at the default threshold (1.1)
 # everything merges into one segment; 0.3 gives many (a sharper test of the
@@ -115,7 +115,7 @@ def test_segment_with_bundle_path(tiny_bundle):
 
 
 def test_load_model_exports_once_into_cache(tiny_sd_dir, tmp_path, monkeypatch):
-    from diffseg import export
+    from diffseg.sd import export
 
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -141,7 +141,7 @@ def test_load_model_exports_once_into_cache(tiny_sd_dir, tmp_path, monkeypatch):
 
 
 def test_default_model_offline_fails_fast(tmp_path, monkeypatch):
-    from diffseg import export
+    from diffseg.sd import export
 
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,7 @@ import diffseg  # noqa: E402
 
 # TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
-from diffseg.image import preprocess_image  # noqa: E402
+from diffseg.io.images import preprocess_image  # noqa: E402
 from sd_tiny import reference_attention  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

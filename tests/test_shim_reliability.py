@@ -33,7 +33,7 @@ if importlib.util.find_spec("torch") is None:
 _torch = pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
 
 import diffseg  # noqa: E402
-from diffseg.model import BundleVersionWarning  # noqa: E402
+from diffseg.sd.model import BundleVersionWarning  # noqa: E402
 from run_in_subprocess import in_child, isolated, record, run_python  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")

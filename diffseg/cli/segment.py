@@ -13,7 +13,7 @@ extension; for files found in a folder, the path below that folder) it writes
   (8-bit; 16-bit when a label exceeds 255), pixel value = segment id;
 * ``OUT/NAME.overlay.png`` -- the image with the segments in colour;
 * ``OUT/NAME.json`` -- image size, crop, settings and one mask record per
-  segment (see :mod:`diffseg.records`): ``id``, ``area``, ``bbox`` (XYWH),
+  segment (see :mod:`diffseg.io.records`): ``id``, ``area``, ``bbox`` (XYWH),
   ``segmentation`` (COCO RLE; ``--rle`` selects compressed string counts,
   uncompressed list counts, or a binary mask as nested 0/1 lists),
   ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
@@ -25,7 +25,7 @@ is 0 when every input was segmented, 1 when some failed, 2 for a usage error
 (no inputs, a model that cannot be opened, bad options).
 
 DiffSeg segments the centred square crop of an image; pixels outside it take
-the label of the nearest crop pixel (see :mod:`diffseg.model`).
+the label of the nearest crop pixel (see :mod:`diffseg.pipeline`).
 """
 import glob
 import json
@@ -36,25 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import kl_thresholds
+
 FORMATS = ("labels", "overlay", "json")
 SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between the aggregated "
                     "attention of the segment's latent positions and the proposal it comes from")
 
 
 # ---------------------------------------------------------------- API
-def save_label_png(path, labels):
-    """Label map -> single-channel PNG: 8-bit when every label is in 0..255,
-    else 16-bit (0..65535). Negative labels are refused."""
-    from PIL import Image
-
-    labels = np.asarray(labels)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > 65535:
-        raise ValueError(f"labels must be in 0..65535 for a PNG, got {low}..{high}")
-    arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
-    Image.fromarray(arr).save(path)
-
-
 def build_document(path, result, records, settings):
     """The JSON document of one image (see the module docstring)."""
     rgb = result["rgb"]
@@ -71,7 +60,7 @@ def build_document(path, result, records, settings):
 
 
 def _json_records(result, rle):
-    from .records import masks_to_records
+    from ..io.records import masks_to_records
 
     records = masks_to_records(result["labels"], scores=result["score"], rle=rle)
     for r in records:
@@ -86,7 +75,7 @@ def _json_records(result, rle):
 
 # ---------------------------------------------------------------- inputs
 def _is_image(p):
-    from .datasets import IMAGE_SUFFIXES
+    from ..io.images import IMAGE_SUFFIXES
 
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
 
@@ -166,28 +155,15 @@ def _parse_formats(text):
         return FORMATS
     bad = [p for p in parts if p not in FORMATS]
     if bad:
-        from .cli import UserError
+        from . import UserError
 
         raise UserError(f"--format: unknown output(s) {', '.join(bad)} (choose from {', '.join(FORMATS)}, all)")
     return tuple(f for f in FORMATS if f in parts)
 
 
-def _parse_thresholds(text):
-    from .cli import UserError
-
-    try:
-        values = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise UserError(f"--kl-threshold: cannot read {text!r} (a number, or one per iteration "
-                        f"separated by commas)") from None
-    if not values or not all(np.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"--kl-threshold: thresholds must be finite and > 0, got {text!r}")
-    return values * 3 if len(values) == 1 else values
-
-
 def _open_model(args):
-    from .cli import UserError
-    from .model import load_model
+    from . import UserError
+    from ..sd.model import load_model
 
     try:
         return load_model(args.model, device=args.device, threads=args.threads)
@@ -198,12 +174,11 @@ def _open_model(args):
 def _run(args):
     from tqdm import tqdm
 
-    from .model import segment_detailed
-
-    from .cli import UserError
+    from ..pipeline import segment_detailed
+    from . import UserError
 
     formats = _parse_formats(args.format)
-    thresholds = _parse_thresholds(args.kl_threshold)
+    thresholds = kl_thresholds(args.kl_threshold, "--kl-threshold")
     if args.grid < 1:
         raise UserError(f"--grid must be >= 1, got {args.grid}")
     out_dir = Path(args.output)
@@ -267,11 +242,13 @@ def _write(result, path, paths, rle, settings):
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     if "labels" in paths:
+        from ..io.images import save_label_png
+
         save_label_png(paths["labels"], result["labels"])
     if "overlay" in paths:
         from PIL import Image
 
-        from .viz import overlay
+        from ..viz import overlay
 
         Image.fromarray(overlay(result["rgb"], result["labels"])).save(paths["overlay"])
     if "json" in paths:

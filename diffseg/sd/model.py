@@ -1,47 +1,38 @@
-"""DiffSeg on images: a model bundle run through the libtorch shim, then the C core.
+"""An open model bundle (:class:`Model`) run through the libtorch shim, and
+:func:`load_model`, which exports a checkpoint once into a cache.
 
 ::
 
     model = diffseg.load_model("bundle-dir")        # or a hub id: exported once, cached
     attn = model.attention("photo.jpg")             # {64: (4096, 4096), 32: ..., 16: ..., 8: ...}
-    labels = diffseg.segment("photo.jpg", model)    # (H, W) int32, the input's size
 
 The UNet pass runs in C++ (``diffseg._torch``); Python only prepares the image
 (centre crop to the short side, bilinear resize to the bundle's size, scale to
-[-1, 1]; see :mod:`diffseg.image`) and hands NumPy buffers to the shim. torch
+[-1, 1]; see :mod:`diffseg.io.images`) and hands NumPy buffers to the shim. torch
 is not imported for inference (only :func:`load_model` with a model id that
 is not cached yet imports it, to export).
-
-Labels outside the centre crop: DiffSeg segments the centred square crop of
-the image. :func:`segment` returns a label map of the full input size; pixels
-outside the crop (the left/right or top/bottom borders of a non-square image)
-take the label of the nearest pixel of the crop (edge labels extended
-outwards, row by row or column by column). ``segment(..., border=-1)`` labels
-them -1 instead.
 
 Bundles and torch versions: export and inference should use the same torch.
 A bundle records the torch that wrote it (metadata ``torch_version``); opening
 it with a shim built against another torch release emits a
 :class:`BundleVersionWarning` (TorchScript usually loads across versions; when
 it does not, opening raises ``BundleError`` with the same advice: export the
-bundle again). ``warnings.simplefilter("error", diffseg.model.BundleVersionWarning)``
+bundle again). ``warnings.simplefilter("error", diffseg.BundleVersionWarning)``
 makes the mismatch an error.
 """
 import json
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, aggregate, merge, nms
-from .image import center_crop_box, load_image, preprocess_image
+from ..core import average_layers
+from ..io.images import preprocess_image
+from .bundle import BUNDLE_FILE, DEFAULT_MODEL
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-BUNDLE_FILE = "diffseg_bundle.pt"
 CACHE_ENV = "DIFFSEG_CACHE"
 
 
@@ -58,7 +49,7 @@ def _release(version):
 
 def _shim():
     try:
-        from . import _torch
+        from .. import _torch
     except ImportError as e:
         raise ImportError(
             "diffseg was built without its libtorch shim (diffseg._torch): install torch==2.13.0, then "
@@ -226,17 +217,7 @@ class Model:
         groups = {}
         for res, m in zip(self.info["map_resolutions"], maps):
             groups.setdefault(res, []).append(m)
-        out = {}
-        for res in sorted(groups, reverse=True):
-            ms = groups[res]
-            if len(ms) == 1:
-                out[res] = ms[0]
-            else:
-                total = np.zeros_like(ms[0], dtype=np.float64)
-                for m in ms:
-                    total += m
-                out[res] = (total / len(ms)).astype(np.float32)
-        return out
+        return {res: average_layers(groups[res]) for res in sorted(groups, reverse=True)}
 
     def layer_attention(self, image, timestep=None):
         """Per-layer maps ``[(layer name, (s*s, s*s) float32), ...]`` in
@@ -271,135 +252,3 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
         print(f"diffseg: exporting {source} to {folder} (once)", file=sys.stderr)
         export_bundle(source, folder, size=size, device=device, dtype=dtype)
     return Model(folder, device=device, threads=threads)
-
-
-_default_model = None
-
-
-def _get_default_model():
-    global _default_model
-    if _default_model is None or _default_model.closed:
-        _default_model = load_model()
-    return _default_model
-
-
-def paste_labels(labels, height, width, border="nearest"):
-    """Put a label map of the centre crop back into an ``(height, width)`` frame.
-
-    ``border="nearest"``: pixels outside the crop take the nearest crop
-    pixel's label; an integer: they get that label (e.g. -1).
-    """
-    top, left, side = center_crop_box(height, width)
-    labels = np.asarray(labels)
-    if labels.shape != (side, side):
-        raise ValueError(f"labels must be ({side}, {side}) for a {height}x{width} image, got {labels.shape}")
-    if (height, width) == (side, side):
-        return labels
-    if border == "nearest":
-        rows = np.clip(np.arange(height) - top, 0, side - 1)
-        cols = np.clip(np.arange(width) - left, 0, side - 1)
-        return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
-    if isinstance(border, bool) or not isinstance(border, (int, np.integer)):
-        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
-    out = np.full((height, width), int(border), dtype=labels.dtype)
-    out[top:top + side, left:left + side] = labels
-    return out
-
-
-def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                     timestep=300, weights=None, border="nearest", scores=True):
-    """Segment one image and keep the intermediate results.
-
-    Arguments as :func:`segment` (``model`` may also be any object with
-    ``.attention(image, timestep)``). Returns a dict: ``labels`` (H, W) int32
-    at the image's size, ``crop_labels`` (S, S) of the centre crop, ``crop``
-    ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated attention),
-    ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
-    per-label ``score`` and ``mean_kl`` (:func:`diffseg.records.segment_scores`).
-    """
-    if model is None:
-        model = _get_default_model()
-    elif isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    if kl_threshold is None:
-        kl_threshold = DEFAULT_KL_THRESHOLD
-    rgb = load_image(image)
-    height, width = rgb.shape[:2]
-    top, left, side = center_crop_box(height, width)
-    A = aggregate(model.attention(rgb, timestep), weights=weights)
-    proposals = merge(A, grid=grid, kl_threshold=kl_threshold)
-    crop_labels, index = nms(proposals, size=(side, side), return_index=True)
-    result = {
-        "labels": paste_labels(crop_labels, height, width, border=border),
-        "crop_labels": crop_labels, "crop": (top, left, side), "proposals": proposals, "A": A,
-        "proposal": index, "rgb": rgb,
-    }
-    if scores:
-        from .records import segment_scores
-
-        result["score"], result["mean_kl"] = segment_scores(crop_labels, proposals, A, index=index)
-    return result
-
-
-def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=300, weights=None,
-            border="nearest"):
-    """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
-
-    Parameters
-    ----------
-    image : path, PIL image, or ``(H, W)``/``(H, W, 3)``/``(H, W, 4)`` uint8 array
-    model : Model, bundle path, model id, or None (the default model, exported
-        once into the cache; see :func:`load_model`)
-    kl_threshold, grid, weights : see :func:`diffseg.merge` and :func:`diffseg.aggregate`
-    timestep : int
-        UNet timestep (300 as the official code).
-    border : ``"nearest"`` or int
-        Label of pixels outside the centre crop (see the module docstring).
-    """
-    return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                            weights=weights, border=border, scores=False)["labels"]
-
-
-# ---------------------------------------------------------------- CLI
-
-def register_cli(subparsers):
-    p = subparsers.add_parser(
-        "attention",
-        help="write the self-attention maps of images (.npz, one per image)",
-        description="Run the model bundle on each image and write its self-attention maps "
-                    "(keys attn_<res>, float32 (s*s, s*s)) to DIR/<image name>.npz.",
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("-m", "--model", default=None,
-                   help="bundle file/folder or checkpoint (default: the cached CompVis/stable-diffusion-v1-4)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--timestep", type=int, default=300)
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=_cli_attention)
-
-
-def _cli_attention(args):
-    from .attention_io import save_attention
-
-    for image in args.images:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image: no such file: {image}")
-    model = load_model(args.model, device=args.device, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    used = set()
-    for image in args.images:
-        t0 = time.perf_counter()
-        stem = Path(image).stem
-        name, n = stem, 1
-        while name in used:  # same file name in two folders
-            n += 1
-            name = f"{stem}_{n}"
-        used.add(name)
-        attn = model.attention(image, args.timestep)
-        target = out / f"{name}.npz"
-        save_attention(target, attn)
-        print(f"{image} -> {target} ({time.perf_counter() - t0:.2f} s)")
-    model.close()
-    return 0

@@ -1,19 +1,13 @@
-"""The ``diffseg`` command line. Each subcommand lives beside the code it runs:
-a module in COMMANDS defines ``register_cli(subparsers)``, adding a parser whose
-``func(args)`` returns the exit code. Modules import heavy dependencies
-(torch, diffusers, matplotlib) inside functions, so ``diffseg --help`` is fast."""
+"""The ``diffseg`` command line: one thin module per subcommand in this
+package (parse the arguments, call the library). Each defines
+``register_cli(subparsers)``, adding a parser whose ``func(args)`` returns the
+exit code. Heavy dependencies (torch, diffusers, matplotlib) are imported
+inside functions, so ``diffseg --help`` is fast."""
 import argparse
 import importlib
 import sys
 
-COMMANDS = [
-    "diffseg.synthetic",   # demo
-    "diffseg.export",      # export
-    "diffseg.model",       # attention
-    "diffseg.segment_cli",  # segment
-    "diffseg.evaluation",  # eval
-    "diffseg.info",        # info
-]
+COMMANDS = ["demo", "export", "attention", "segment", "eval", "info"]
 
 
 class UserError(Exception):
@@ -27,13 +21,7 @@ def build_parser():
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that command is not part of this version
-                continue
-            raise
-        module.register_cli(sub)
+        importlib.import_module(f"{__name__}.{name}").register_cli(sub)
     return parser
 
 

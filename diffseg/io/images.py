@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._interp import resize_bilinear
+from .._interp import resize_bilinear
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""File extensions read as images when scanning folders."""
 
 
 def load_image(image):
@@ -86,3 +89,16 @@ def resize_nearest(labels, height, width):
 def preprocess_labels(labels, size=512):
     """Label map -> centre crop, nearest-exact resize to ``(size, size)``."""
     return resize_nearest(center_crop(np.asarray(labels)), size, size)
+
+
+def save_label_png(path, labels):
+    """Label map -> single-channel PNG: 8-bit when every label is in 0..255,
+    else 16-bit (0..65535). Negative labels are refused."""
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"labels must be in 0..65535 for a PNG, got {low}..{high}")
+    arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
+    Image.fromarray(arr).save(path)

@@ -13,7 +13,7 @@ Every dataset is a sequence of :class:`Sample` objects with
   crop at its own resolution;
 * ``image`` -- the **original** image as ``(H, W, 3)`` uint8 RGB, read from disk
   on access (evaluating from precomputed attention never reads it). The model
-  applies the same centre crop and resize (``diffseg.image.preprocess_image``),
+  applies the same centre crop and resize (``diffseg.io.images.preprocess_image``),
   so its output lines up with ``label``.
 
 ``id, image, label = sample`` unpacks a sample.
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .image import load_image, preprocess_labels
+from ..io.images import IMAGE_SUFFIXES, load_image, preprocess_labels
 
 IGNORE = -1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # ---------------------------------------------------------------------------
 # COCO-Stuff-27
@@ -273,7 +272,7 @@ class SegmentationDataset:
         _, _, label_path = self._items[index]
         label = self.map_labels(self._read_raw_label(label_path))
         if self.size is None:
-            from .image import center_crop
+            from ..io.images import center_crop
 
             return np.ascontiguousarray(center_crop(label))
         return np.ascontiguousarray(preprocess_labels(label, self.size))

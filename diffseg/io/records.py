@@ -32,16 +32,6 @@ the mask). The string form stores each count, minus the count two places
 before it from the fourth count on (``i > 2``), as a little-endian sequence of
 5-bit groups with a continuation bit (0x20), sign taken from bit 0x10 of the
 last group, each group + 48 as one ASCII character.
-
-Per-segment score (:func:`segment_scores`, used by ``diffseg segment``):
-each final segment comes from one proposal ``p`` of the merge (the argmax in
-NMS). For the latent positions ``i`` of the segment, ``mean_kl`` is the mean
-symmetric KL ``D(A[i], p)`` between the aggregated attention of the position and
-the proposal -- the distance the merge thresholds -- and ``score =
-exp(-mean_kl)`` in ``(0, 1]``: 1 when every position of the segment attends
-exactly like its proposal, lower for segments whose pixels attend to
-different things. The merge threshold 1.1 corresponds to a score of about
-0.33. It ranks segments within an image; it is not a calibrated probability.
 """
 from collections.abc import Mapping
 
@@ -280,48 +270,3 @@ def records_to_labels(records, shape=None, *, fill=-1, dtype=np.int32):
             raise ValueError(f"records[{i}] has no 'id'")
         out[mask] = record["id"]
     return out
-
-
-# ---------------------------------------------------------------- scores
-def segment_scores(labels, proposals, A, *, index=None):
-    """Per-segment ``(score, mean_kl)`` arrays for a label map of the crop.
-
-    Parameters
-    ----------
-    labels : (S, S) int labels from ``nms(proposals, (S, S))`` (the centre
-        crop, not a label map pasted into a non-square frame)
-    proposals : (K, R, R) from :func:`diffseg.merge`
-    A : (R*R, R*R) aggregated attention
-    index : label -> proposal index, as ``nms(..., return_index=True)`` gives
-        (default: recomputed that way at the size of ``labels``)
-
-    The positions of a segment are the latent cells whose centre pixel
-    (nearest-exact downsampling to ``R x R``) has its label; a segment too
-    small to hold a cell centre uses the cell holding most of its pixels.
-    See the module docstring for the definition.
-    """
-    from .core import nms, sym_kl
-    from .image import resize_nearest
-
-    labels = np.asarray(labels)
-    P = np.asarray(proposals, dtype=np.float32)
-    R = P.shape[1]
-    A = np.asarray(A).reshape(R * R, R * R)
-    n = int(labels.max()) + 1
-    if index is None:
-        _, index = nms(P, labels.shape, return_index=True)
-    small = resize_nearest(labels, R, R).ravel()
-    H, W = labels.shape
-    mean_kl = np.full(n, np.nan)
-    for k in range(n):
-        rows = np.flatnonzero(small == k)
-        if rows.size == 0:
-            r, c = np.nonzero(labels == k)
-            if r.size == 0:
-                continue
-            rows = np.array([np.bincount((r * R // H) * R + c * R // W).argmax()])
-        d = sym_kl(A[rows], P[index[k]].ravel())[:, 0]
-        mean_kl[k] = float(np.mean(d))
-    with np.errstate(over="ignore"):
-        score = np.exp(-mean_kl)
-    return score, mean_kl

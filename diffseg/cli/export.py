@@ -1,0 +1,33 @@
+"""``diffseg export``: a checkpoint -> a model bundle."""
+import os
+import time
+
+from ..sd.bundle import DEFAULT_MODEL, DTYPES, LAYER_MODES
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "export",
+        help="export a Stable Diffusion checkpoint to a diffseg bundle",
+        description="Export a Stable Diffusion 1.x/2.x checkpoint (hub id, diffusers folder, or "
+                    ".safetensors/.ckpt file) to a TorchScript bundle that diffseg runs through libtorch.",
+    )
+    p.add_argument("source", help=f"hub id (e.g. {DEFAULT_MODEL}), diffusers folder, or checkpoint file")
+    p.add_argument("out", help="output folder (gets diffseg_bundle.pt and metadata.json)")
+    p.add_argument("--size", type=int, default=512, help="image side the bundle is traced for (default 512)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--layers", default="per-resolution", choices=LAYER_MODES,
+                   help="4 per-resolution means (default) or all 16 per-layer maps")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint (diffusers folder)")
+    p.set_defaults(func=_run)
+
+
+def _run(args):
+    t0 = time.perf_counter()
+    from ..sd.export import export_bundle
+
+    path = export_bundle(args.source, args.out, size=args.size, device=args.device, dtype=args.dtype,
+                         layers=args.layers, config=args.config)
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,2 @@
+"""Evaluation: Hungarian-matched metrics (``metrics``), datasets
+(``datasets``) and the benchmark runner with resume (``runner``)."""
