@@ -93,7 +93,7 @@ def worker_diffusers(folder, runs):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffseg.image import preprocess_image
+    from diffseg.io.images import preprocess_image
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
@@ -196,7 +196,7 @@ def main():
             print(f"build: {time.perf_counter() - t0:.1f} s", flush=True)
         bundle = os.path.join(bundle_dir, "diffseg_bundle.pt")
         if not os.path.exists(bundle):
-            from diffseg.export import export_bundle
+            from diffseg.sd.export import export_bundle
 
             t0 = time.perf_counter()
             export_bundle(folder, bundle_dir, size=SIZE)

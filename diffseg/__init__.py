@@ -41,6 +41,7 @@ _LAZY = {
     "BundleVersionWarning": "diffseg.sd.model",
     "segment": "diffseg.pipeline",
     "segment_detailed": "diffseg.pipeline",
+    "MaskGenerator": "diffseg.pipeline",
     "export_bundle": "diffseg.sd.export",
     "HungarianMetrics": "diffseg.evaluation.metrics",
     "evaluate": "diffseg.evaluation.runner",

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, run_stages, segment_scores
+from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, run_stages, segment_scores
 from .io.images import center_crop_box, load_image
 from .sd.bundle import DEFAULT_TIMESTEP
 from .sd.model import load_model
@@ -103,3 +103,74 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
     """
     return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
                             weights=weights, border=border, scores=False)["labels"]
+
+
+def result_records(result, output_mode="coco_rle"):
+    """Mask records of a :func:`segment_detailed` result, with the keys of SAM's
+    automatic mask generator where they apply.
+
+    Each record: ``id`` (the label), ``segmentation`` (see ``output_mode`` in
+    :func:`diffseg.io.records.masks_to_records`), ``area``, ``bbox`` (XYWH),
+    ``point_coords`` (``[[x, y]]``: the image pixel of the anchor that seeded
+    the segment's proposal), ``crop_box`` (XYWH of the centre crop DiffSeg
+    segmented), and diffseg's own ``score`` (``exp(-mean_kl)``), ``mean_kl`` and
+    ``proposal`` (index among the merged proposals).
+    """
+    from .io.records import masks_to_records
+
+    top, left, side = result["crop"]
+    R = result["proposals"].shape[1]
+    records = masks_to_records(result["labels"], scores=result.get("score"), output_mode=output_mode)
+    for r in records:
+        k = r["id"]
+        proposal = int(result["proposal"][k])
+        i, j = divmod(int(result["seed"][proposal]), R)
+        r["point_coords"] = [[left + (j + 0.5) * side / R, top + (i + 0.5) * side / R]]
+        r["crop_box"] = [int(left), int(top), int(side), int(side)]
+        if "mean_kl" in result:
+            kl = float(result["mean_kl"][k])
+            r["mean_kl"] = kl if np.isfinite(kl) else None
+        r["proposal"] = proposal
+    return records
+
+
+class MaskGenerator:
+    """DiffSeg with the interface of SAM's ``SamAutomaticMaskGenerator``.
+
+    ::
+
+        generator = diffseg.MaskGenerator(model, kl_threshold=1.1, output_mode="coco_rle")
+        masks = generator.generate(image)   # [{"segmentation", "area", "bbox", ...}, ...]
+
+    Parameters
+    ----------
+    model : Model, bundle path, model id, or None (the default model)
+    kl_threshold : merge threshold(s); 1.1 (COCO-Stuff) by default, 0.9 for Cityscapes
+    grid : anchors per side (16: 256 anchors), SAM's ``points_per_side``
+    timestep, weights : see :func:`segment`
+    output_mode : ``"binary_mask"`` (default, as SAM), ``"uncompressed_rle"`` or ``"coco_rle"``
+
+    Unlike SAM's masks, DiffSeg's partition the image: every pixel belongs to
+    exactly one mask. See :func:`result_records` for the record keys.
+    """
+
+    def __init__(self, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP,
+                 weights=None, output_mode="binary_mask"):
+        from .io.records import OUTPUT_MODES
+
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+        if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+            raise ValueError(f"grid must be a positive integer, got {grid!r}")
+        self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+        self.kl_threshold = kl_thresholds(kl_threshold)
+        self.grid = int(grid)
+        self.timestep = timestep
+        self.weights = weights
+        self.output_mode = output_mode
+
+    def generate(self, image):
+        """Masks of one image (path, PIL image or uint8 array), as displayed."""
+        result = segment_detailed(image, self.model, kl_threshold=self.kl_threshold, grid=self.grid,
+                                  timestep=self.timestep, weights=self.weights)
+        return result_records(result, self.output_mode)

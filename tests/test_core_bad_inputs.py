@@ -87,7 +87,7 @@ def test_merge_bad_A(A, error, match):
     (dict(kl_threshold=(1.1, np.nan)), ValueError, r"kl_threshold\[1\]"),
     (dict(kl_threshold=(np.inf,)), ValueError, r"kl_threshold\[0\]"),
     (dict(kl_threshold=()), ValueError, "kl_threshold is empty"),
-    (dict(kl_threshold="abc"), TypeError, "kl_threshold"),
+    (dict(kl_threshold="abc"), ValueError, "kl_threshold"),
 ])
 def test_merge_bad_parameters(kwargs, error, match):
     kwargs.setdefault("grid", 4)

@@ -64,7 +64,7 @@ def test_records_match_pycocotools(mask_utils, index):
 def test_uncompressed_counts_read_by_pycocotools(mask_utils, index):
     labels = _label_maps()[index]
     h, w = labels.shape
-    for r in masks_to_records(labels, rle="uncompressed"):
+    for r in masks_to_records(labels, output_mode="uncompressed_rle"):
         seg = r["segmentation"]
         assert all(isinstance(c, int) for c in seg["counts"])
         ref = mask_utils.frPyObjects(seg, h, w)
@@ -95,21 +95,21 @@ def test_counts_conventions():
         assert string_to_counts(counts_to_string(counts)).tolist() == counts
 
 
-@pytest.mark.parametrize("rle", ["compressed", "uncompressed", "binary"])
+@pytest.mark.parametrize("mode", ["coco_rle", "uncompressed_rle", "binary_mask"])
 @pytest.mark.parametrize("index", range(len(_label_maps())))
-def test_round_trip(rle, index):
+def test_round_trip(mode, index):
     labels = _label_maps()[index]
-    records = masks_to_records(labels, rle=rle)
+    records = masks_to_records(labels, output_mode=mode)
     back = records_to_labels(records)
     assert back.dtype == np.int32
     assert np.array_equal(back, labels)
-    if rle != "binary":  # through JSON too
+    if mode != "binary_mask":  # through JSON too
         assert np.array_equal(records_to_labels(json.loads(json.dumps(records))), labels)
 
 
 def test_round_trip_binary_lists():
     labels = _label_maps()[6]
-    records = masks_to_records(labels, rle="binary")
+    records = masks_to_records(labels, output_mode="binary_mask")
     assert records[0]["segmentation"].dtype == bool
     as_lists = [{**r, "segmentation": r["segmentation"].astype(np.uint8).tolist()} for r in records]
     assert np.array_equal(records_to_labels(json.loads(json.dumps(as_lists))), labels)
@@ -141,7 +141,7 @@ def test_scores():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="rle"):
-        masks_to_records(np.zeros((2, 2), int), rle="polygon")
+        masks_to_records(np.zeros((2, 2), int), output_mode="polygon")
     with pytest.raises(ValueError, match="labels"):
         masks_to_records(np.zeros(4, int))
     with pytest.raises(TypeError, match="integer"):

@@ -118,12 +118,12 @@ def test_unreadable_files_are_counted(fake_model, photos, tmp_path, capsys):
 def test_glob_and_formats(fake_model, photos, tmp_path):
     out = tmp_path / "out"
     pattern = str(photos / "*.png")
-    assert main(["segment", pattern, "-o", str(out), "-q", "--format", "json", "--rle", "uncompressed"]) == 0
+    assert main(["segment", pattern, "-o", str(out), "-q", "--format", "json", "--output-mode", "uncompressed_rle"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["wide.json"]
     doc = json.loads((out / "wide.json").read_text())
     assert all(isinstance(r["segmentation"]["counts"], list) for r in doc["annotations"])
     out2 = tmp_path / "out2"
-    assert main(["segment", pattern, "-o", str(out2), "-q", "--format", "json,labels", "--rle", "binary"]) == 0
+    assert main(["segment", pattern, "-o", str(out2), "-q", "--format", "json,labels", "--output-mode", "binary_mask"]) == 0
     labels, doc = _read(out2, "wide")
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)
     assert not (out2 / "wide.overlay.png").exists()

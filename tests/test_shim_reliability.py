@@ -231,9 +231,11 @@ def test_random_and_structurally_wrong_files(bundle, tmp_path):
     cases["metadata size 4 GiB in the local header"] = bytes(huge_local)
     # Invalid UTF-8 quoted by libtorch's error message: the pickle's first
     # class name, same length. Was a UnicodeDecodeError instead of BundleError.
-    pkl = data.find(b"\x80\x02c__torch__.diffseg.export\nBundle\n")
+    module = b"\x80\x02c__torch__.diffseg.sd.export\n"
+    pkl = data.find(module + b"Bundle\n")
     assert pkl > 0
-    cases["non-UTF-8 class name in data.pkl"] = data[:pkl + 28] + b"Bundl\xff" + data[pkl + 34:]
+    name_at = pkl + len(module)
+    cases["non-UTF-8 class name in data.pkl"] = data[:name_at] + b"Bundl\xff" + data[name_at + 6:]
     for name, blob in cases.items():
         path = tmp_path / "case.pt"
         path.write_bytes(blob)

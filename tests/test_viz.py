@@ -90,7 +90,7 @@ def test_merge_stages(planted):
 
 def test_stage_figures(planted, tmp_path):
     attn, A, truth = planted
-    image = viz.colorize(diffseg.image.resize_nearest(truth, 48, 64))  # non-square: the crop is shown
+    image = viz.colorize(diffseg.io.images.resize_nearest(truth, 48, 64))  # non-square: the crop is shown
     fig = viz.stages_figure(image, attn)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 5  # anchors, 3 iterations, labels

@@ -14,8 +14,8 @@ extension; for files found in a folder, the path below that folder) it writes
 * ``OUT/NAME.overlay.png`` -- the image with the segments in colour;
 * ``OUT/NAME.json`` -- image size, crop, settings and one mask record per
   segment (see :mod:`diffseg.io.records`): ``id``, ``area``, ``bbox`` (XYWH),
-  ``segmentation`` (COCO RLE; ``--rle`` selects compressed string counts,
-  uncompressed list counts, or a binary mask as nested 0/1 lists),
+  ``segmentation`` (``--output-mode``: ``coco_rle`` compressed string counts,
+  ``uncompressed_rle`` list counts, or ``binary_mask`` as nested 0/1 lists),
   ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
 
 Two inputs with the same NAME get ``NAME_2``, ``NAME_3``, ... in input order.
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import kl_thresholds
+from ..io.records import OUTPUT_MODES
 
 FORMATS = ("labels", "overlay", "json")
 SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between the aggregated "
@@ -62,13 +63,13 @@ def build_document(path, result, records, settings):
 def _json_records(result, rle):
     from ..io.records import masks_to_records
 
-    records = masks_to_records(result["labels"], scores=result["score"], rle=rle)
+    records = masks_to_records(result["labels"], scores=result["score"], output_mode=rle)
     for r in records:
         k = r["id"]
         kl = float(result["mean_kl"][k])
         r["mean_kl"] = kl if np.isfinite(kl) else None
         r["proposal"] = int(result["proposal"][k])
-        if rle == "binary":
+        if rle == "binary_mask":
             r["segmentation"] = r["segmentation"].astype(np.uint8).tolist()
     return records
 
@@ -255,7 +256,7 @@ def _write(result, path, paths, rle, settings):
         doc = build_document(path, result, _json_records(result, rle), settings)
         tmp = paths["json"].with_name(paths["json"].name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":") if rle == "binary" else (", ", ": "))
+            json.dump(doc, f, separators=(",", ":") if rle == "binary_mask" else (", ", ": "))
         os.replace(tmp, paths["json"])
 
 
@@ -282,8 +283,9 @@ def register_cli(subparsers):
     p.add_argument("--timestep", type=int, default=None, help="UNet timestep (default: the bundle's, 300)")
     p.add_argument("--format", default="all", metavar="LIST",
                    help="outputs, comma-separated: labels, overlay, json (default: all)")
-    p.add_argument("--rle", choices=("compressed", "uncompressed", "binary"), default="compressed",
-                   help="segmentation encoding in the JSON (default: compressed COCO RLE)")
+    p.add_argument("--output-mode", dest="rle", choices=OUTPUT_MODES, default="coco_rle",
+                   help="segmentation encoding in the JSON, named as SAM's automatic mask generator: "
+                        "coco_rle (compressed COCO RLE, default), uncompressed_rle, binary_mask")
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose outputs all exist (resume a batch)")

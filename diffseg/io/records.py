@@ -13,16 +13,16 @@ A record (one per label value ``>= 0`` present in the map, in increasing order):
      "segmentation": {"size": [h, w], "counts": "..."},
      "score": 0.71}                # only when scores are given
 
-Segmentation encodings (``rle=``):
+Segmentation encodings (``output_mode=``, the names of SAM's automatic mask generator):
 
-* ``"compressed"`` (default): COCO run-length encoding with the counts as
+* ``"coco_rle"`` (default): COCO run-length encoding with the counts as
   COCO's compressed ASCII string -- exactly what ``pycocotools.mask.encode``
   produces (there as ``bytes``; here ``str``, so that it goes into JSON; pycocotools
   accepts both).
-* ``"uncompressed"``: COCO RLE with ``counts`` a list of ints (what
+* ``"uncompressed_rle"``: COCO RLE with ``counts`` a list of ints (what
   ``iscrowd`` annotations in COCO JSON files hold; pycocotools reads it with
   ``frPyObjects``).
-* ``"binary"``: the ``(h, w)`` bool mask itself.
+* ``"binary_mask"``: the ``(h, w)`` bool mask itself.
 
 RLE details (as pycocotools, implemented here in NumPy, no pycocotools
 needed): the mask is read in **column-major (Fortran) order** -- down the
@@ -37,7 +37,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-RLE_MODES = ("compressed", "uncompressed", "binary")
+OUTPUT_MODES = ("coco_rle", "uncompressed_rle", "binary_mask")
+"""Segmentation encodings, named as in SAM's automatic mask generator."""
 
 
 # ---------------------------------------------------------------- RLE
@@ -167,7 +168,7 @@ def _score_lookup(scores):
     return lambda label: arr[label] if 0 <= label < len(arr) else None
 
 
-def masks_to_records(labels, *, scores=None, rle="compressed"):
+def masks_to_records(labels, *, scores=None, output_mode="coco_rle"):
     """Label map -> list of mask records, one per label value ``>= 0``.
 
     Parameters
@@ -176,16 +177,16 @@ def masks_to_records(labels, *, scores=None, rle="compressed"):
         Negative values (e.g. ``-1`` outside a crop) belong to no record.
     scores : sequence indexed by label, or mapping ``{label: score}``, optional
         Adds ``"score"`` (a float; ``None`` where not finite) to each record.
-    rle : ``"compressed"`` (COCO string counts), ``"uncompressed"`` (list
-        counts) or ``"binary"`` (the bool mask as an array).
+    output_mode : ``"coco_rle"`` (COCO string counts), ``"uncompressed_rle"``
+        (list counts) or ``"binary_mask"`` (the bool mask as an array).
 
     Returns
     -------
     list of dicts with ``id``, ``area``, ``bbox`` ([x, y, w, h]),
     ``segmentation`` and optionally ``score``, ordered by id.
     """
-    if rle not in RLE_MODES:
-        raise ValueError(f"rle must be one of {', '.join(RLE_MODES)}, got {rle!r}")
+    if output_mode not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
@@ -218,13 +219,13 @@ def masks_to_records(labels, *, scores=None, rle="compressed"):
         y1 = int(np.where(spans, h - 1, ends % h).max())
         record = {"id": int(label), "area": int(ln.sum()),
                   "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]}
-        if rle == "binary":
+        if output_mode == "binary_mask":
             record["segmentation"] = labels == label
         else:
             counts = _counts_from_runs(s, ln, flat.size)
             record["segmentation"] = {
                 "size": [h, w],
-                "counts": counts_to_string(counts) if rle == "compressed" else [int(v) for v in counts],
+                "counts": counts_to_string(counts) if output_mode == "coco_rle" else [int(v) for v in counts],
             }
         if score_of is not None:
             value = score_of(label)

@@ -1,0 +1,107 @@
+"""diffseg.MaskGenerator and the seeds of merged proposals: SAM-style records
+checked against the label map they come from and against hand-worked seeds."""
+import numpy as np
+import pytest
+
+import diffseg
+from diffseg.io.records import decode_rle
+from diffseg.synthetic import planted_example
+
+R, GRID = 16, 4
+
+
+class PlantedModel:
+    """Stands in for a Stable Diffusion model: the same planted attention for any image."""
+
+    def __init__(self, n_segments=4, seed=0):
+        self.attn, self.truth = planted_example(R, n_segments, seed)
+
+    def attention(self, image, timestep=None):
+        return self.attn
+
+
+def anchor_rows():
+    coords = diffseg.anchor_coords(R, GRID)
+    return (coords[:, None] * R + coords[None, :]).ravel()
+
+
+def test_seeds_without_merging_are_the_anchors():
+    """A threshold below every distance but D(p, p) = 0 merges nothing: proposal
+    k is anchor k's, so its seed is anchor k's row of A."""
+    A = diffseg.aggregate(PlantedModel().attn)
+    proposals, seeds = diffseg.merge(A, grid=GRID, kl_threshold=1e-12, return_seeds=True)
+    assert proposals.shape[0] == GRID * GRID
+    np.testing.assert_array_equal(seeds, anchor_rows())
+
+
+def test_seeds_when_everything_merges():
+    """A huge threshold merges everything into the first proposal's group: one
+    proposal, seeded by the first anchor."""
+    A = diffseg.aggregate(PlantedModel().attn)
+    proposals, seeds = diffseg.merge(A, grid=GRID, kl_threshold=1e6, return_seeds=True)
+    assert proposals.shape[0] == 1
+    np.testing.assert_array_equal(seeds, anchor_rows()[:1])
+
+
+def test_seeds_follow_the_greedy_order():
+    """Seeds are anchor rows, distinct, in increasing anchor order (the greedy
+    step visits proposals in index order), one per proposal."""
+    A = diffseg.aggregate(PlantedModel(6, seed=3).attn)
+    proposals, seeds = diffseg.merge(A, grid=GRID, return_seeds=True)
+    rows = list(anchor_rows())
+    assert len(seeds) == proposals.shape[0]
+    positions = [rows.index(s) for s in seeds]
+    assert positions == sorted(set(positions))
+
+
+@pytest.mark.parametrize("mode", ["binary_mask", "uncompressed_rle", "coco_rle"])
+def test_generate_records(mode):
+    height, width = 60, 90
+    image = np.zeros((height, width, 3), np.uint8)
+    generator = diffseg.MaskGenerator(PlantedModel(), grid=GRID, output_mode=mode)
+    masks = generator.generate(image)
+    assert len(masks) >= 2
+    covered = np.zeros((height, width), int)
+    for m in masks:
+        mask = m["segmentation"] if mode == "binary_mask" else decode_rle(m["segmentation"])
+        assert mask.shape == (height, width) and mask.dtype == bool
+        covered += mask
+        assert m["area"] == mask.sum()
+        ys, xs = np.nonzero(mask)
+        assert m["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert m["crop_box"] == [15, 0, 60, 60]  # the centred square crop, XYWH
+        (x, y), = m["point_coords"]
+        assert 15 <= x < 75 and 0 <= y < 60
+        assert 0 < m["score"] <= 1 and m["mean_kl"] >= 0
+    assert (covered == 1).all()  # DiffSeg's masks partition the image
+
+
+def test_point_coords_are_anchor_pixels():
+    """Without merging, the record of proposal k points at anchor k's latent
+    cell centre, mapped to image pixels."""
+    side = 64
+    generator = diffseg.MaskGenerator(PlantedModel(), grid=GRID, kl_threshold=1e-12)
+    coords = diffseg.anchor_coords(R, GRID)
+    for m in generator.generate(np.zeros((side, side, 3), np.uint8)):
+        i, j = divmod(m["proposal"], GRID)
+        assert m["point_coords"] == [[(coords[j] + 0.5) * side / R, (coords[i] + 0.5) * side / R]]
+
+
+def test_cli_records_use_the_same_keys():
+    """`diffseg segment` writes the records of diffseg.pipeline.result_records."""
+    from diffseg.pipeline import result_records, segment_detailed
+
+    result = segment_detailed(np.zeros((32, 32, 3), np.uint8), PlantedModel(), grid=GRID)
+    keys = set(result_records(result)[0])
+    assert {"segmentation", "area", "bbox", "point_coords", "crop_box", "score"} <= keys
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"output_mode": "polygon"}, "output_mode"),
+    ({"grid": 0}, "grid"),
+    ({"kl_threshold": -1}, "kl_threshold"),
+    ({"kl_threshold": float("nan")}, "kl_threshold"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diffseg.MaskGenerator(PlantedModel(), **kwargs)
