@@ -15,7 +15,7 @@ import numpy as np
 
 import diffseg
 from diffseg import viz
-from diffseg.image import resize_nearest
+from diffseg.io.images import resize_nearest
 from diffseg.synthetic import planted_attention, planted_partition
 
 
