@@ -195,3 +195,12 @@ def test_weights_message_speaks_cli():
 
     text = _how_to_get_weights("CompVis/stable-diffusion-v1-4")
     assert "diffseg segment IMAGES --model OUT" in text and "diffseg export" in text
+
+
+@pytest.mark.parametrize("command", ["segment", "attention"])
+def test_output_that_is_a_file_is_a_usage_error(command, photos, tmp_path, monkeypatch, capsys):
+    model = _use(monkeypatch, PlantedModel())
+    (tmp_path / "o").write_text("a file")
+    assert cli.main([command, str(photos), "-o", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys.readouterr().err, "is a file")
+    assert model.calls == 0

@@ -32,13 +32,15 @@ def _run(args):
     from ..io.attention import save_attention
 
     apply_threads(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o/--out: {out} is a file, not a folder")
     inputs, problems = collect_inputs(args.images, args.recursive)
     for message in problems:
         report("attention", message)
     if not inputs:
         raise UserError("no images to read")
     model = _common.open_model(args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written, failed = 0, len(problems)
     try:

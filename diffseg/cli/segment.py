@@ -101,6 +101,8 @@ def _run(args):
     formats = _parse_formats(args.format)
     apply_threads(args)
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o/--output: {out_dir} is a file, not a folder")
     inputs, problems = collect_inputs(args.inputs, args.recursive, exclude=out_dir)
     for message in problems:
         report("segment", message)
