@@ -140,20 +140,18 @@ def test_load_model_exports_once_into_cache(tiny_sd_dir, tmp_path, monkeypatch):
 
 
 def test_default_model_offline_fails_fast(tmp_path, monkeypatch):
-    from diffseg.sd import export
+    from diffseg import pipeline
+    from diffseg.sd import checkpoint
 
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from diffseg import pipeline
-
     monkeypatch.setattr(pipeline, "_default_model", None)
-    from diffseg.sd import checkpoint
 
     def no_probe(timeout=5.0):  # fast = no hub probe (no wall clock: machines get busy)
         raise AssertionError("offline: the hub must not be probed")
 
     monkeypatch.setattr(checkpoint, "_hub_reachable", no_probe)
-    with pytest.raises(export.WeightsUnavailableError, match="diffusers folder"):
+    with pytest.raises(checkpoint.WeightsUnavailableError, match="diffusers folder"):
         diffseg.segment(test_image(32, 32))
     assert not list((tmp_path / "cache").glob("*/diffseg_bundle.pt"))
 
