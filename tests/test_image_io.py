@@ -172,3 +172,26 @@ def test_attention_float16_files(tmp_path):
         assert data["attn_4"].dtype == np.float16
     with pytest.raises(ValueError, match="dtype"):
         diffseg.save_attention(tmp_path / "b.npz", attn, dtype="int8")
+
+
+def test_attention_cli_orientation_for_datasets(tmp_path, monkeypatch):
+    """`diffseg attention` sees photos as displayed; --stored-orientation (for
+    evaluation datasets) as stored, like their labels."""
+    from diffseg import cli
+    from diffseg.cli import _common
+
+    shapes = []
+
+    class Recorder:
+        def attention(self, image, timestep=None):
+            shapes.append(image.shape)
+            return {2: np.full((4, 4), 0.25, np.float32)}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(_common, "open_model", lambda args: Recorder())
+    path = _phone_jpeg(tmp_path / "phone.jpg")
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "a")]) == 0
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "b"), "--stored-orientation"]) == 0
+    assert shapes == [(600, 400, 3), (400, 600, 3)]

@@ -22,6 +22,9 @@ def register_cli(subparsers):
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     add_model_arguments(p)
+    p.add_argument("--stored-orientation", action="store_true",
+                   help="ignore EXIF orientation: the image as stored, like evaluation datasets "
+                        "(their labels are stored that way); default: as displayed")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored precision: float32 (default, ~72 MB per 512 px image) or float16 "
                         "(half the size; see docs/evaluation.md for its effect on labels)")
@@ -30,6 +33,7 @@ def register_cli(subparsers):
 
 def _run(args):
     from ..io.attention import save_attention
+    from ..io.images import load_image
 
     apply_threads(args)
     out = Path(args.out)
@@ -48,7 +52,8 @@ def _run(args):
             t0 = time.perf_counter()
             target = out / f"{name}.npz"
             try:
-                save_attention(target, model.attention(image, args.timestep), dtype=args.dtype)
+                rgb = load_image(image, exif_transpose=not args.stored_orientation)
+                save_attention(target, model.attention(rgb, args.timestep), dtype=args.dtype)
             except (ValueError, OSError) as e:  # unreadable image, unwritable output
                 failed += 1
                 report("attention", f"skipped {image}: {e}")
