@@ -29,11 +29,7 @@ def _int_at_least(low, high=None):
 
 positive_int = _int_at_least(1)
 timestep = _int_at_least(0, 999)  # SD's 1000 training timesteps
-
-
-def threads(text):
-    """``--threads N``: N >= 0 (0 = OpenMP's default)."""
-    return _int_at_least(0)(text)
+threads = _int_at_least(0)  # 0 = OpenMP's default
 
 
 def kl_setting(text):

@@ -38,8 +38,8 @@ import numpy as np
 
 from .._util import atomic_path, atomic_write
 from . import _common
-from ._common import (KL_HELP, UserError, add_model_arguments, apply_threads, collect_inputs, kl_setting, positive_int,
-                      report, unique_names)
+from ._common import (KL_HELP, UserError, add_model_arguments, apply_threads, collect_inputs, kl_setting,
+                      positive_int, report, unique_names)
 
 FORMATS = ("labels", "overlay", "json")
 SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between the aggregated "
