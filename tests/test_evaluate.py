@@ -210,7 +210,7 @@ def test_fake_model_and_attention_cache(folder, tmp_path):
     cache = tmp_path / "cache"
     model = FakeModel()
     evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
-    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz"]
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["im00.npz", "im01.npz"]
     model = FakeModel()
     evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
     assert model.calls == 0  # read back from the cache
@@ -372,7 +372,7 @@ def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
             "--size", str(LABEL), "--grid", str(GRID), "--limit", "3", "-o", str(out), "--no-progress"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert calls == [(40, 32, 3)] * 3  # the original images, once each
-    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz", "im02.npz"]
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["im00.npz", "im01.npz", "im02.npz"]
     res = json.loads((out / "results.json").read_text())
     api = evaluate(folder, attention_dir=data / "attn", grid=GRID, limit=3, progress=False)
     assert strip_time(res)["settings"] == strip_time(api)["settings"]
@@ -429,3 +429,22 @@ def test_resume_is_keyed_on_the_model_bundle(folder, tmp_path):
     evaluate(folder, Bundle(bundle, "2026-01-01"), grid=GRID, output_dir=out, progress=False, limit=3)
     with pytest.raises(ValueError, match="attention: saved .*2026-01-01.*now .*2026-02-02"):
         evaluate(folder, Bundle(bundle, "2026-02-02"), grid=GRID, output_dir=out, progress=False)
+
+
+def test_attention_cache_belongs_to_one_model(folder, tmp_path):
+    """A cache filled by one model is not read for another (it used to be, silently)."""
+    (tmp_path / "b.pt").write_bytes(b"x")
+
+    class Bundle:
+        def __init__(self, created):
+            self.path, self.metadata = tmp_path / "b.pt", {"model_id": "m", "created": created}
+            self.attn = diffseg.load_attention(tmp_path / "data" / "attn" / "im00.npz")
+
+        def attention(self, image):
+            return self.attn
+
+    cache = tmp_path / "cache"
+    evaluate(folder, Bundle("2026-01-01"), attention_dir=cache, grid=GRID, limit=2, progress=False)
+    evaluate(folder, Bundle("2026-01-01"), attention_dir=cache, grid=GRID, limit=3, progress=False)
+    with pytest.raises(ValueError, match="caches the attention of another model"):
+        evaluate(folder, Bundle("2026-02-02"), attention_dir=cache, grid=GRID, limit=2, progress=False)

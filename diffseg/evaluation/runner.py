@@ -187,6 +187,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             raise FileNotFoundError(f"attention_dir: no such directory: {attention_dir}")
     elif model is None:
         raise ValueError("give a model or attention_dir (precomputed attention)")
+    if model is not None and attention_dir is not None:
+        _claim_cache(attention_dir, _model_identity(model))
 
     ids = getattr(dataset, "ids", None)
     ids = [str(i) for i in ids[:total]] if ids is not None else None
@@ -284,6 +286,26 @@ def _model_identity(model):
     if isinstance(metadata, dict):
         identity.update(model_id=metadata.get("model_id"), created=metadata.get("created"))
     return identity
+
+
+CACHE_MANIFEST = ".diffseg-attention-cache.json"
+
+
+def _claim_cache(attention_dir, identity):
+    """An attention folder used as a model's cache records that model; another
+    model would silently read the first one's attention, so it is refused."""
+    manifest = attention_dir / CACHE_MANIFEST
+    if manifest.is_file():
+        try:
+            owner = json.loads(manifest.read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != _json_clean(identity):
+            raise ValueError(f"attention_dir: {attention_dir} caches the attention of another model "
+                             f"({_short(owner)}; now {_short(_json_clean(identity))}); use another folder")
+        return
+    attention_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, {"model": identity})
 
 
 def _file_identity(path):
