@@ -135,6 +135,13 @@ def test_skip_existing_and_output_inside_input(fake_model, photos):
     assert fake_model.calls == 3
     assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing"]) == 0
     assert fake_model.calls == 3
+    # outputs made with other settings are redone, not kept
+    assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing",
+                 "--kl-threshold", "0.9"]) == 0
+    assert fake_model.calls == 6
+    assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing",
+                 "--kl-threshold", "0.9,0.9,0.9"]) == 0
+    assert fake_model.calls == 6  # the same setting, spelled per iteration
 
 
 def test_knobs_reach_the_pipeline(fake_model, photos, tmp_path):

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .._util import atomic_path, atomic_write
+from ..sd.bundle import DEFAULT_TIMESTEP
 from . import _common
 from ._common import (KL_HELP, UserError, add_model_arguments, apply_threads, collect_inputs, kl_setting,
                       positive_int, report, unique_names)
@@ -112,7 +113,7 @@ def _run(args):
     todo = []
     for path, name in inputs:
         paths = output_paths(out_dir, name, formats)
-        if args.skip_existing and all(p.is_file() for p in paths.values()):
+        if args.skip_existing and _done_with(paths, _requested(args)):
             continue
         todo.append((path, name, paths))
     skipped = len(inputs) - len(todo)
@@ -121,8 +122,7 @@ def _run(args):
     interrupted = False
     if todo:
         model = _common.open_model(args)
-        settings = {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
-                    "timestep": args.timestep if args.timestep is not None else model.info.get("timestep"),
+        settings = {**_requested(args),
                     "model": getattr(model, "metadata", {}).get("model_id"),
                     "bundle": getattr(model, "path", None)}
         try:
@@ -164,6 +164,27 @@ def _run(args):
     if not args.quiet or failed:
         report("segment", summary)
     return 1 if failed else 0
+
+
+def _requested(args):
+    """The settings of this run that are known before the model is opened."""
+    return {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
+            "timestep": DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
+            "model_arg": args.model}
+
+
+def _done_with(paths, wanted):
+    """All outputs exist and, when the JSON is among them, were made with the
+    wanted settings (outputs of other settings are not kept by --skip-existing)."""
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    if "json" not in paths:
+        return True
+    try:
+        saved = json.loads(paths["json"].read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all(saved.get(k) == v for k, v in wanted.items())
 
 
 def _write(result, path, paths, rle, settings):
@@ -209,7 +230,8 @@ def register_cli(subparsers):
                    help="segmentation encoding in the JSON (default: compressed COCO RLE)")
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip images whose outputs all exist (resume a batch)")
+                   help="skip images whose outputs all exist and (per NAME.json) were made with the same "
+                        "--kl-threshold, --grid, --timestep and --model (resume a batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
     p.set_defaults(func=_run)
