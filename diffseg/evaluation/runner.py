@@ -280,7 +280,7 @@ def _model_identity(model):
     mtime) and export stamp; for other objects, their type."""
     identity = {"name": getattr(model, "name", None) or type(model).__name__}
     path = getattr(model, "path", None)
-    if path is not None:
+    if path is not None and Path(path).is_file():
         identity.update(path=str(Path(path).resolve()), file=_file_identity(path))
     metadata = getattr(model, "metadata", None)
     if isinstance(metadata, dict):
