@@ -1,7 +1,57 @@
 """Small helpers shared across the package."""
+import contextlib
 import os
+import secrets
+from pathlib import Path
 
 
 def env_flag(name):
     """True when the environment variable ``name`` is 1/true/yes/on."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def temp_name(path):
+    """A fresh temporary name beside ``path``, keeping its suffix (so writers
+    that pick the format from it still work): unique per process and call, so
+    concurrent writers of the same file never share a temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; when the block succeeds it
+    replaces ``path`` atomically, else it is removed. Readers never see a
+    half-written file."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """``open(path, mode)`` written through :func:`atomic_path` (mode "w" or "wb")."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode.replace("w", "x")) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Exclusive advisory lock (``fcntl.flock``) on ``path`` (created if
+    missing) for the duration of the block; blocks until it is free."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -66,13 +66,13 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
     ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
     per-label ``score`` and ``mean_kl`` (:func:`diffseg.core.segment_scores`).
     """
+    if kl_threshold is None:
+        kl_threshold = DEFAULT_KL_THRESHOLD
+    rgb = load_image(image)  # a bad image fails before any model is opened or exported
     if model is None:
         model = _get_default_model()
     elif isinstance(model, (str, os.PathLike)):
         model = load_model(model)
-    if kl_threshold is None:
-        kl_threshold = DEFAULT_KL_THRESHOLD
-    rgb = load_image(image)
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
     stages = run_stages(model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,

@@ -160,7 +160,7 @@ def _cleanup(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_python(code, timeout=300, env=None):
+def run_python(code, timeout=DEFAULT_TIMEOUT, env=None):
     """Run ``code`` in a fresh interpreter; return its stdout. Fails the test
     if it exits non-zero, is killed by a signal or hangs."""
     full_env = dict(os.environ)

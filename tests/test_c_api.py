@@ -18,7 +18,7 @@ def test_core_from_plain_c(tmp_path, openmp):
     cmd = ["gcc", *flags, "-I", str(ROOT / "csrc" / "core"),
            str(ROOT / "tests" / "c" / "core_from_c.c"), *CORE, "-lm", "-o", str(exe)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "grid must be in [1, 8]" in run.stdout
     assert "resolution 3 does not divide out_res 8" in run.stdout

@@ -210,7 +210,7 @@ def test_fake_model_and_attention_cache(folder, tmp_path):
     cache = tmp_path / "cache"
     model = FakeModel()
     evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
-    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz"]
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["im00.npz", "im01.npz"]
     model = FakeModel()
     evaluate(folder, model, attention_dir=cache, grid=GRID, limit=2, progress=False)
     assert model.calls == 0  # read back from the cache
@@ -362,7 +362,7 @@ def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
             return diffseg.load_attention(data / "attn" / f"im{len(calls) - 1:02d}.npz")
 
     def fake_load_model(path, **kw):
-        assert path == "bundle.pt" and kw == {"device": "cpu"}
+        assert path == "bundle.pt" and kw["device"] == "cpu"
         return FakeModel()
 
     monkeypatch.setattr(model_mod, "load_model", fake_load_model)
@@ -372,7 +372,79 @@ def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
             "--size", str(LABEL), "--grid", str(GRID), "--limit", "3", "-o", str(out), "--no-progress"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert calls == [(40, 32, 3)] * 3  # the original images, once each
-    assert sorted(p.name for p in cache.iterdir()) == ["im00.npz", "im01.npz", "im02.npz"]
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["im00.npz", "im01.npz", "im02.npz"]
     res = json.loads((out / "results.json").read_text())
     api = evaluate(folder, attention_dir=data / "attn", grid=GRID, limit=3, progress=False)
     assert strip_time(res)["settings"] == strip_time(api)["settings"]
+
+
+def test_resume_refuses_other_attention_source(folder, tmp_path):
+    """A results folder made from one attention folder is not resumed from
+    another (it used to report the new source with the old numbers)."""
+    coco = tmp_path / "data" / "attn"
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    rng = np.random.default_rng(7)
+    for s in folder:
+        save_attention(gt / f"{s.id}.npz", planted_attention(rng.integers(0, 2, (4, 4)), rng))
+    out = tmp_path / "out"
+    first = evaluate(folder, attention_dir=coco, grid=GRID, output_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"attention: saved .*attn.*, now .*gt"):
+        evaluate(folder, attention_dir=gt, grid=GRID, output_dir=out, progress=False)
+    fresh = evaluate(folder, attention_dir=gt, grid=GRID, output_dir=out, resume=False, progress=False)
+    assert fresh["settings"][0]["tp"] != first["settings"][0]["tp"]
+    # the CLI: one line, exit 2, nothing overwritten
+    argv = ["eval", "--dataset", "folder", "--root", str(tmp_path / "data"), "--n-classes", str(N_CLASSES),
+            "--size", str(LABEL), "--grid", str(GRID), "--attention-dir", str(coco), "-o", str(out),
+            "--no-progress"]
+    assert cli.main(argv) == 2
+
+
+def test_resume_refuses_rewritten_attention_file(folder, tmp_path):
+    attn_dir = tmp_path / "data" / "attn"
+    out = tmp_path / "out"
+    evaluate(folder, attention_dir=attn_dir, grid=GRID, output_dir=out, progress=False, limit=2)
+    first = sorted(attn_dir.glob("*.npz"))[0]
+    rng = np.random.default_rng(3)
+    save_attention(first, planted_attention(rng.integers(0, 3, (4, 4)), rng))  # regenerated in place
+    with pytest.raises(ValueError, match=f"{first.name}.*rewritten"):
+        evaluate(folder, attention_dir=attn_dir, grid=GRID, output_dir=out, progress=False)
+
+
+def test_resume_is_keyed_on_the_model_bundle(folder, tmp_path):
+    """A model's identity (bundle path, size, mtime, export stamp) is part of the saved settings."""
+    class Bundle:
+        def __init__(self, path, created):
+            self.path, self.metadata = path, {"model_id": "m", "created": created}
+            self.attn = {s.id: diffseg.load_attention(tmp_path / "data" / "attn" / f"{s.id}.npz")
+                         for s in folder}
+
+        def attention(self, image):
+            return next(iter(self.attn.values()))
+
+    bundle = tmp_path / "b.pt"
+    bundle.write_bytes(b"x")
+    out = tmp_path / "out"
+    evaluate(folder, Bundle(bundle, "2026-01-01"), grid=GRID, output_dir=out, progress=False, limit=2)
+    evaluate(folder, Bundle(bundle, "2026-01-01"), grid=GRID, output_dir=out, progress=False, limit=3)
+    with pytest.raises(ValueError, match="attention: saved .*2026-01-01.*now .*2026-02-02"):
+        evaluate(folder, Bundle(bundle, "2026-02-02"), grid=GRID, output_dir=out, progress=False)
+
+
+def test_attention_cache_belongs_to_one_model(folder, tmp_path):
+    """A cache filled by one model is not read for another (it used to be, silently)."""
+    (tmp_path / "b.pt").write_bytes(b"x")
+
+    class Bundle:
+        def __init__(self, created):
+            self.path, self.metadata = tmp_path / "b.pt", {"model_id": "m", "created": created}
+            self.attn = diffseg.load_attention(tmp_path / "data" / "attn" / "im00.npz")
+
+        def attention(self, image):
+            return self.attn
+
+    cache = tmp_path / "cache"
+    evaluate(folder, Bundle("2026-01-01"), attention_dir=cache, grid=GRID, limit=2, progress=False)
+    evaluate(folder, Bundle("2026-01-01"), attention_dir=cache, grid=GRID, limit=3, progress=False)
+    with pytest.raises(ValueError, match="caches the attention of another model"):
+        evaluate(folder, Bundle("2026-02-02"), attention_dir=cache, grid=GRID, limit=2, progress=False)

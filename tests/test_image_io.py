@@ -102,3 +102,96 @@ def test_attention_file_without_maps(tmp_path):
     np.savez(path, other=np.zeros(3))
     with pytest.raises(ValueError, match="no 'attn_<res>'"):
         diffseg.load_attention(path)
+
+
+# ---------------------------------------------------------------- EXIF orientation
+def _phone_jpeg(path, orientation=6):
+    """Stored 600 wide x 400 high, left half white; displayed turned 90 degrees
+    clockwise (Orientation=6): 400 wide x 600 high, white on top."""
+    rgb = np.zeros((400, 600, 3), np.uint8)
+    rgb[:, :300] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_exif_orientation_gives_the_image_as_displayed(tmp_path):
+    path = _phone_jpeg(tmp_path / "phone.jpg")
+    shown = image.load_image(path)
+    assert shown.shape == (600, 400, 3)
+    assert shown[:250].mean() > 200 and shown[350:].mean() < 50
+    with Image.open(path) as im:
+        assert image.load_image(im).shape == (600, 400, 3)
+    stored = image.load_image(path, exif_transpose=False)  # what evaluation datasets use
+    assert stored.shape == (400, 600, 3) and stored[:, :250].mean() > 200
+    with pytest.raises(TypeError, match="exif_transpose"):
+        image.load_image(path, exif_transpose="yes")
+
+
+def test_segment_viz_and_cli_follow_exif(tmp_path, monkeypatch):
+    import json
+
+    from diffseg import cli
+    from diffseg.cli import _common
+    from diffseg.evaluation.datasets import Sample
+    from diffseg.synthetic import planted_example
+    from diffseg.viz import overlay
+
+    class Planted:
+        info, metadata, path = {"timestep": 300}, {}, "planted"
+        attn = planted_example(R=16, n_segments=3)[0]
+
+        def attention(self, image, timestep=None):
+            return self.attn
+
+        def close(self):
+            pass
+
+    path = _phone_jpeg(tmp_path / "phone.jpg")
+    labels = diffseg.segment(path, Planted())
+    assert labels.shape == (600, 400)
+    assert overlay(path, labels).shape == (600, 400, 3)
+    monkeypatch.setattr(_common, "open_model", lambda args: Planted())
+    assert cli.main(["segment", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    with Image.open(tmp_path / "out" / "phone.labels.png") as im:
+        assert im.size == (400, 600)  # (width, height) as displayed
+    doc = json.loads((tmp_path / "out" / "phone.json").read_text())
+    assert (doc["height"], doc["width"]) == (600, 400)
+    assert Sample("phone", None, path).image.shape == (400, 600, 3)  # datasets: stored, like their labels
+
+
+def test_attention_float16_files(tmp_path):
+    attn = {4: np.random.default_rng(0).dirichlet(np.ones(16), 16).astype(np.float32)}
+    diffseg.save_attention(tmp_path / "a.npz", attn)
+    diffseg.save_attention(tmp_path / "h.npz", attn, dtype="float16")
+    back = diffseg.load_attention(tmp_path / "h.npz")
+    assert back[4].dtype == np.float32
+    np.testing.assert_allclose(back[4], attn[4], rtol=1e-3)
+    with np.load(tmp_path / "h.npz") as data:
+        assert data["attn_4"].dtype == np.float16
+    with pytest.raises(ValueError, match="dtype"):
+        diffseg.save_attention(tmp_path / "b.npz", attn, dtype="int8")
+
+
+def test_attention_cli_orientation_for_datasets(tmp_path, monkeypatch):
+    """`diffseg attention` sees photos as displayed; --stored-orientation (for
+    evaluation datasets) as stored, like their labels."""
+    from diffseg import cli
+    from diffseg.cli import _common
+
+    shapes = []
+
+    class Recorder:
+        def attention(self, image, timestep=None):
+            shapes.append(image.shape)
+            return {2: np.full((4, 4), 0.25, np.float32)}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(_common, "open_model", lambda args: Recorder())
+    path = _phone_jpeg(tmp_path / "phone.jpg")
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "a")]) == 0
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "b"), "--stored-orientation"]) == 0
+    assert shapes == [(600, 400, 3), (400, 600, 3)]

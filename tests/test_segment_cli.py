@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import diffseg
-from diffseg.cli import segment as segment_cli
+from diffseg.cli import _common
 from diffseg.io.images import save_label_png
 from diffseg.cli import main
 from diffseg.io.records import records_to_labels
@@ -40,7 +40,7 @@ class PlantedModel:
 @pytest.fixture
 def fake_model(monkeypatch):
     model = PlantedModel()
-    monkeypatch.setattr(segment_cli, "_open_model", lambda args: model)
+    monkeypatch.setattr(_common, "open_model", lambda args: model)
     return model
 
 
@@ -135,6 +135,13 @@ def test_skip_existing_and_output_inside_input(fake_model, photos):
     assert fake_model.calls == 3
     assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing"]) == 0
     assert fake_model.calls == 3
+    # outputs made with other settings are redone, not kept
+    assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing",
+                 "--kl-threshold", "0.9"]) == 0
+    assert fake_model.calls == 6
+    assert main(["segment", str(photos), "-r", "-o", str(out), "-q", "--skip-existing",
+                 "--kl-threshold", "0.9,0.9,0.9"]) == 0
+    assert fake_model.calls == 6  # the same setting, spelled per iteration
 
 
 def test_knobs_reach_the_pipeline(fake_model, photos, tmp_path):
@@ -193,7 +200,7 @@ def test_subprocess_with_tiny_bundle(tiny_bundle, photos, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(diffseg.__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "diffseg", "segment", str(photos / "wide.png"),
                            str(photos / "tall.jpg"), "-o", str(out), "--model", str(tiny_bundle)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "2 image(s) segmented" in proc.stderr
     labels, doc = _read(out, "tall")

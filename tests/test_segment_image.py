@@ -145,6 +145,11 @@ def test_default_model_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(pipeline, "_default_model", None)
+
+    def no_probe(timeout=5.0):  # fast = no hub probe (no wall clock: machines get busy)
+        raise AssertionError("offline: the hub must not be probed")
+
+    monkeypatch.setattr(checkpoint, "_hub_reachable", no_probe)
     with pytest.raises(checkpoint.WeightsUnavailableError, match="diffusers folder"):
         diffseg.segment(test_image(32, 32))
     assert not list((tmp_path / "cache").glob("*/diffseg_bundle.pt"))

@@ -240,7 +240,7 @@ def test_c_example_program(tiny_bundle, tmp_path):
     prefix = str(tmp_path / "out")
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
-    r = subprocess.run([exe, tiny_bundle, "1", prefix], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([exe, tiny_bundle, "1", prefix], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 maps: 16 8 4 2" in r.stdout
     assert "shape error: image must be (3, 128, 128)" in r.stdout

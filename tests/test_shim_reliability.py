@@ -505,7 +505,7 @@ def test_exit_with_runs_in_daemon_threads(bundle):
     this segfaulted every time (libtorch torn down under a running thread);
     now an atexit hook refuses new runs and waits for those in flight."""
     for delay in (0.05, 0.2):
-        out = run_python(EXIT_SNIPPET.format(path=bundle, delay=delay), timeout=120)
+        out = run_python(EXIT_SNIPPET.format(path=bundle, delay=delay), timeout=600)
         assert out.startswith("runs")
 
 
@@ -514,7 +514,7 @@ def test_model_left_open_at_exit(bundle):
     code = (f"import gc, diffseg\nm = diffseg.Model({bundle!r})\n"
             f"class Holder: pass\nh = Holder(); h.self = h; h.model = diffseg.Model({bundle!r})\n"
             "m.run(__import__('numpy').zeros((3, 128, 128), 'float32'))\nprint('ok')\n")
-    assert run_python(code, timeout=120).strip() == "ok"
+    assert run_python(code, timeout=600).strip() == "ok"
 
 
 # ---------------------------------------------------------------- leaks
@@ -560,7 +560,7 @@ def test_rss_flat_over_open_close_and_runs(bundle):
     warm-up) stays within a few MiB; reference counts of the image and the
     model are unchanged. (Measured: +0.1 MiB and +0 MiB; one open of this
     bundle maps ~5 MiB of weights, so a leaked model would show as +100 MiB.)"""
-    out = run_python(LEAK_SNIPPET.format(path=bundle), timeout=120)
+    out = run_python(LEAK_SNIPPET.format(path=bundle), timeout=600)
     opened, ran = map(float, out.split())
     assert opened < 10, f"open/close x20 grew RSS by {opened} MiB"
     assert ran < 10, f"run x50 grew RSS by {ran} MiB"

@@ -59,7 +59,7 @@ def run_threads(fn, jobs, n_threads):
     for th in threads:
         th.start()
     for th in threads:
-        th.join(timeout=300)
+        th.join(timeout=600)
     assert not any(th.is_alive() for th in threads), "a worker thread hung"
     return results
 

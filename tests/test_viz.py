@@ -106,3 +106,40 @@ def test_stage_figures(planted, tmp_path):
     assert len([ax for ax in fig.axes if ax.images]) == 3
     with pytest.raises(ValueError, match="attn"):
         viz.stages_figure(image)
+
+
+def test_palette_neighbours_are_distinct():
+    from itertools import combinations
+
+    from diffseg.viz import palette
+
+    p = palette(256).astype(float)
+    dist = lambda i, j: np.linalg.norm(p[i] - p[j])  # noqa: E731
+    assert min(dist(i, i + k) for i in range(250) for k in (1, 2)) > 100
+    assert min(dist(i, j) for i, j in combinations(range(16), 2)) > 50
+    np.testing.assert_array_equal(palette(8), palette(256)[:8])  # the same colours for any n
+
+
+def test_demo_colours_match_across_labels_and_truth(tmp_path):
+    from PIL import Image
+
+    from diffseg import cli
+    from diffseg.viz import palette
+
+    assert cli.main(["demo", "-o", str(tmp_path), "--resolution", "32", "--size", "64"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "labels.png"))
+    truth = np.asarray(Image.open(tmp_path / "truth.png"))
+    colours = {tuple(c) for c in palette(64)}
+    assert {tuple(c) for c in labels.reshape(-1, 3)} <= colours
+    same = (labels == truth).all(axis=2).mean()
+    assert same > 0.9, same  # a found segment has the colour of the planted one it matches
+
+
+def test_match_labels():
+    from diffseg.evaluation.metrics import match_labels
+
+    truth = np.array([[0, 0, 1, 1], [2, 2, 1, 1]])
+    pred = np.array([[5, 5, 0, 0], [3, 3, 0, 4]])
+    np.testing.assert_array_equal(match_labels(pred, truth), [[0, 0, 1, 1], [2, 2, 1, 3]])
+    with pytest.raises(ValueError, match="same shape"):
+        match_labels(pred, truth[:1])

@@ -1,6 +1,13 @@
-"""``diffseg attention``: write the self-attention maps of images (.npz)."""
+"""``diffseg attention``: write the self-attention maps of images (.npz).
+
+Inputs are files, folders and glob patterns as for ``diffseg segment``; files
+that cannot be read are reported, skipped and counted (exit status 1).
+"""
 import time
 from pathlib import Path
+
+from . import _common
+from ._common import UserError, add_model_arguments, apply_threads, collect_inputs, report, unique_names
 
 
 def register_cli(subparsers):
@@ -8,40 +15,57 @@ def register_cli(subparsers):
         "attention",
         help="write the self-attention maps of images (.npz, one per image)",
         description="Run the model bundle on each image and write its self-attention maps "
-                    "(keys attn_<res>, float32 (s*s, s*s)) to DIR/<image name>.npz.",
+                    "(keys attn_<res>, (s*s, s*s)) to DIR/<image name>.npz. Exit status: 0 all written, "
+                    "1 some inputs failed, 2 usage error.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("-m", "--model", default=None,
-                   help="bundle file/folder or checkpoint (default: the cached CompVis/stable-diffusion-v1-4)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--timestep", type=int, default=300)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
+    add_model_arguments(p)
+    p.add_argument("--stored-orientation", action="store_true",
+                   help="ignore EXIF orientation: the image as stored, like evaluation datasets "
+                        "(their labels are stored that way); default: as displayed")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="stored precision: float32 (default, ~72 MB per 512 px image) or float16 "
+                        "(half the size; see docs/evaluation.md for its effect on labels)")
     p.set_defaults(func=_run)
 
 
 def _run(args):
     from ..io.attention import save_attention
-    from ..sd.model import load_model
+    from ..io.images import load_image
 
-    for image in args.images:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image: no such file: {image}")
-    model = load_model(args.model, device=args.device, threads=args.threads)
+    apply_threads(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o/--out: {out} is a file, not a folder")
+    inputs, problems = collect_inputs(args.images, args.recursive)
+    for message in problems:
+        report("attention", message)
+    if not inputs:
+        raise UserError("no images to read")
+    model = _common.open_model(args)
     out.mkdir(parents=True, exist_ok=True)
-    used = set()
-    for image in args.images:
-        t0 = time.perf_counter()
-        stem = Path(image).stem
-        name, n = stem, 1
-        while name in used:  # same file name in two folders
-            n += 1
-            name = f"{stem}_{n}"
-        used.add(name)
-        attn = model.attention(image, args.timestep)
-        target = out / f"{name}.npz"
-        save_attention(target, attn)
-        print(f"{image} -> {target} ({time.perf_counter() - t0:.2f} s)")
-    model.close()
-    return 0
+    written, failed = 0, len(problems)
+    try:
+        for image, name in unique_names([(p, p.stem) for p, _ in inputs]):
+            t0 = time.perf_counter()
+            target = out / f"{name}.npz"
+            try:
+                rgb = load_image(image, exif_transpose=not args.stored_orientation)
+                save_attention(target, model.attention(rgb, args.timestep), dtype=args.dtype)
+            except (ValueError, OSError) as e:  # unreadable image, unwritable output
+                failed += 1
+                report("attention", f"skipped {image}: {e}")
+                continue
+            written += 1
+            print(f"{image} -> {target} ({time.perf_counter() - t0:.2f} s)")
+    except KeyboardInterrupt:
+        report("attention", f"interrupted: {written} of {len(inputs)} file(s) written to {out}"
+                            + (f", {failed} failed" if failed else ""))
+        return 130
+    finally:
+        model.close()
+    if failed:
+        report("attention", f"{written} file(s) written to {out}, {failed} failed")
+    return 1 if failed else 0

@@ -1,7 +1,10 @@
 """``diffseg eval``: evaluate on COCO-Stuff-27, Cityscapes or a folder."""
+import json
 from pathlib import Path
 
-from ..evaluation.runner import RESULTS_JSON, RESULTS_MD, evaluate, markdown_table
+from ..evaluation.runner import RESULTS_JSON, RESULTS_MD, STATE_FILE, evaluate, markdown_table
+from . import _common
+from ._common import KL_HELP, UserError, add_model_arguments, apply_threads, kl_setting, positive_int, report
 
 
 def _open_dataset(args, need_images):
@@ -32,30 +35,47 @@ def _open_dataset(args, need_images):
 
 
 def _run(args):
-    if args.threads is not None:
-        from ..core import set_num_threads
-
-        set_num_threads(args.threads)
     if args.model is None and args.attention_dir is None:
-        raise ValueError("give --attention-dir (precomputed attention) or --model (a bundle)")
+        raise UserError("give --attention-dir (precomputed attention) or --model (a bundle)")
+    apply_threads(args)
     dataset = _open_dataset(args, need_images=args.model is not None)
-    kl = args.kl_threshold
-    if kl is not None:
-        kl = list(kl)
-    model = None
-    if args.model is not None:
-        from ..sd.model import load_model  # lazy: torch
-
-        model = load_model(args.model, **({"device": args.device} if args.device else {}))
-    results = evaluate(
-        dataset, model, kl_threshold=kl, attention_dir=args.attention_dir,
-        limit=args.limit, protocol=args.protocol, grid=args.grid,
-        n_classes=args.n_classes if args.dataset == "folder" else None,
-        output_dir=args.output_dir, resume=not args.no_resume, progress=not args.no_progress,
-    )
+    model = _common.open_model(args) if args.model is not None else None
+    output_dir = Path(args.output_dir)
+    try:
+        results = evaluate(
+            dataset, model, kl_threshold=args.kl_threshold, attention_dir=args.attention_dir,
+            limit=args.limit, protocol=args.protocol, grid=args.grid,
+            n_classes=args.n_classes if args.dataset == "folder" else None,
+            output_dir=output_dir, resume=not args.no_resume, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        report("eval", f"interrupted: {_images_done(output_dir)} image(s) scored so far, saved in "
+                       f"{output_dir / STATE_FILE}; run the same command again to resume")
+        return 130
+    finally:
+        if hasattr(model, "close"):
+            model.close()
     print(markdown_table(results))
-    print(f"wrote {Path(args.output_dir) / RESULTS_JSON} and {Path(args.output_dir) / RESULTS_MD}")
+    print(f"wrote {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}")
     return 0
+
+
+def _dataset_kind(text):
+    import argparse
+
+    from ..evaluation.datasets import dataset_kind
+
+    try:
+        return dataset_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _images_done(output_dir):
+    try:
+        return len(json.loads((output_dir / STATE_FILE).read_text())["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def register_cli(subparsers):
@@ -68,36 +88,33 @@ def register_cli(subparsers):
             "Several --kl-threshold settings share one attention computation per image. "
             "Rerunning the same command resumes an interrupted run."),
     )
-    p.add_argument("--dataset", required=True,
-                   help="coco-stuff-27 | cityscapes | folder")
+    p.add_argument("--dataset", required=True, type=_dataset_kind, metavar="NAME",
+                   help="dataset layout: coco-stuff-27, cityscapes or folder")
     p.add_argument("--root", help="dataset root directory")
     p.add_argument("--image-list", help="COCO-Stuff: the curated list Coco164kFull_Stuff_Coarse_7.txt "
                    "(2175 ids), or 'all'")
     p.add_argument("--image-dir", help="images directory (COCO-Stuff / folder)")
     p.add_argument("--label-dir", help="label PNG directory (COCO-Stuff / folder)")
     p.add_argument("--split", default="val", help="Cityscapes split (default: val)")
-    p.add_argument("--n-classes", type=int, help="folder: number of classes (default: from the labels)")
+    p.add_argument("--n-classes", type=positive_int, help="folder: number of classes (default: from the labels)")
     p.add_argument("--label-suffix", default=".png", help="folder: label file = <stem><suffix> (.png)")
     p.add_argument("--ignore-value", type=int, action="append",
                    help="folder: label value to ignore (repeatable; default 255)")
-    p.add_argument("--size", type=int, default=512,
+    p.add_argument("--size", type=_common._int_at_least(0), default=512,
                    help="label size after the centre crop (default 512; 0 = crop only)")
     p.add_argument("--attention-dir", help="precomputed attention, <id>.npz per image "
                    "(with --model: a cache, missing files are computed and saved)")
-    p.add_argument("--model", help="model bundle or checkpoint for diffseg.load_model (needs torch)")
-    p.add_argument("--device", help="with --model: cpu or cuda (default: load_model's)")
-    p.add_argument("--kl-threshold", nargs="+", action="extend", metavar="T",
-                   help="KL threshold setting(s): each T is a number or per-iteration values "
-                        "'0.9,1.0,1.1'; several settings are evaluated from one attention pass "
-                        "(default: 1.1 COCO-Stuff, 0.9 Cityscapes)")
-    p.add_argument("--grid", type=int, default=16, help="anchor grid per axis (default 16)")
+    add_model_arguments(p, timestep_help=None)
+    p.add_argument("--kl-threshold", type=kl_setting, nargs="+", action="extend", metavar="T",
+                   help=f"KL threshold setting(s), each {KL_HELP}; several settings are evaluated from "
+                        "one attention pass (default: 1.1 COCO-Stuff, 0.9 Cityscapes)")
+    p.add_argument("--grid", type=positive_int, default=16, help="anchor grid per axis (default 16)")
     p.add_argument("--protocol", default="per-image", choices=["per-image", "per-dataset"],
                    help="Hungarian matching per image (DiffSeg; default) or over the dataset")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images")
     p.add_argument("-o", "--output-dir", default="diffseg-eval",
                    help="results.json, results.md and the resume state (default: diffseg-eval)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a saved state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, help="threads for the C core (default: all)")
     p.set_defaults(func=_run)
     return p

@@ -3,6 +3,7 @@ import os
 import time
 
 from ..sd.bundle import DEFAULT_MODEL, DTYPES, LAYER_MODES
+from ._common import positive_int
 
 
 def register_cli(subparsers):
@@ -14,9 +15,11 @@ def register_cli(subparsers):
     )
     p.add_argument("source", help=f"hub id (e.g. {DEFAULT_MODEL}), diffusers folder, or checkpoint file")
     p.add_argument("out", help="output folder (gets diffseg_bundle.pt and metadata.json)")
-    p.add_argument("--size", type=int, default=512, help="image side the bundle is traced for (default 512)")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="image side the bundle is traced for (default 512)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="precision the bundle runs in (default float32; float16 needs CUDA)")
     p.add_argument("--layers", default="per-resolution", choices=LAYER_MODES,
                    help="4 per-resolution means (default) or all 16 per-layer maps")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint (diffusers folder)")

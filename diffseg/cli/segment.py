@@ -13,11 +13,14 @@ extension; for files found in a folder, the path below that folder) it writes
   (8-bit; 16-bit when a label exceeds 255), pixel value = segment id;
 * ``OUT/NAME.overlay.png`` -- the image with the segments in colour;
 * ``OUT/NAME.json`` -- image size, crop, settings and one mask record per
-  segment (see :mod:`diffseg.io.records`): ``id``, ``area``, ``bbox`` (XYWH),
+  segment with the keys of SAM's automatic mask generator (see
+  :func:`diffseg.pipeline.result_records`): ``id``, ``area``, ``bbox`` (XYWH),
   ``segmentation`` (``--output-mode``: ``coco_rle`` compressed string counts,
   ``uncompressed_rle`` list counts, or ``binary_mask`` as nested 0/1 lists),
-  ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
+  ``point_coords``, ``crop_box``, ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
 
+Images named ``*.labels.png`` / ``*.overlay.png`` in the output folder are
+our outputs and never inputs, so OUT may be the input folder itself.
 Two inputs with the same NAME get ``NAME_2``, ``NAME_3``, ... in input order.
 ``--format`` picks the outputs (``labels,overlay,json``; default all).
 Files that cannot be read are reported, skipped and counted; the exit status
@@ -27,17 +30,19 @@ is 0 when every input was segmented, 1 when some failed, 2 for a usage error
 DiffSeg segments the centred square crop of an image; pixels outside it take
 the label of the nearest crop pixel (see :mod:`diffseg.pipeline`).
 """
-import glob
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..core import kl_thresholds
 from ..io.records import OUTPUT_MODES
+from .._util import atomic_path, atomic_write
+from ..sd.bundle import DEFAULT_TIMESTEP
+from . import _common
+from ._common import (KL_HELP, UserError, add_model_arguments, apply_threads, collect_inputs, kl_setting,
+                      positive_int, report, unique_names)
 
 FORMATS = ("labels", "overlay", "json")
 SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between the aggregated "
@@ -60,87 +65,14 @@ def build_document(path, result, records, settings):
     }
 
 
-def _json_records(result, rle):
-    from ..io.records import masks_to_records
+def _json_records(result, output_mode):
+    from ..pipeline import result_records
 
-    records = masks_to_records(result["labels"], scores=result["score"], output_mode=rle)
-    for r in records:
-        k = r["id"]
-        kl = float(result["mean_kl"][k])
-        r["mean_kl"] = kl if np.isfinite(kl) else None
-        r["proposal"] = int(result["proposal"][k])
-        if rle == "binary_mask":
+    records = result_records(result, output_mode)
+    if output_mode == "binary_mask":  # JSON has no arrays
+        for r in records:
             r["segmentation"] = r["segmentation"].astype(np.uint8).tolist()
     return records
-
-
-# ---------------------------------------------------------------- inputs
-def _is_image(p):
-    from ..io.images import IMAGE_SUFFIXES
-
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _scan(folder, recursive, exclude):
-    pattern = "**/*" if recursive else "*"
-    found = []
-    for p in sorted(folder.glob(pattern)):
-        if not _is_image(p):
-            continue
-        if exclude is not None and (p.resolve() == exclude or exclude in p.resolve().parents):
-            continue  # our own outputs, when OUT is inside an input folder
-        found.append((p, p.relative_to(folder).with_suffix("").as_posix()))
-    return found
-
-
-def collect_inputs(paths, recursive=False, exclude=None):
-    """``(inputs, problems)``: ``inputs`` a list of ``(path, name)`` in order,
-    without repeats; ``problems`` messages for arguments that matched nothing."""
-    exclude = Path(exclude).resolve() if exclude is not None else None
-    inputs, problems, seen = [], [], set()
-
-    def add(p, name):
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            inputs.append((p, name))
-
-    for arg in paths:
-        p = Path(arg)
-        if p.is_dir():
-            found = _scan(p, recursive, exclude)
-            if not found:
-                problems.append(f"{arg}: no images in this folder"
-                                + ("" if recursive else " (-r for subfolders)"))
-            for q, name in found:
-                add(q, name)
-        elif p.exists():
-            add(p, p.stem)  # any file given by name is tried, whatever its extension
-        elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            for m in matches:
-                if Path(m).is_dir():
-                    files.extend(q for q, _ in _scan(Path(m), recursive, exclude))
-            if not files:
-                problems.append(f"{arg}: no files match")
-            for q in files:
-                add(q, q.stem)
-        else:
-            problems.append(f"{arg}: no such file or folder")
-    return inputs, problems
-
-
-def _unique_names(inputs):
-    used, out = set(), []
-    for path, name in inputs:
-        candidate, n = name, 1
-        while candidate in used:
-            n += 1
-            candidate = f"{name}_{n}"
-        used.add(candidate)
-        out.append((path, candidate))
-    return out
 
 
 def output_paths(out_dir, name, formats):
@@ -156,52 +88,39 @@ def _parse_formats(text):
         return FORMATS
     bad = [p for p in parts if p not in FORMATS]
     if bad:
-        from . import UserError
-
         raise UserError(f"--format: unknown output(s) {', '.join(bad)} (choose from {', '.join(FORMATS)}, all)")
     return tuple(f for f in FORMATS if f in parts)
-
-
-def _open_model(args):
-    from . import UserError
-    from ..sd.model import load_model
-
-    try:
-        return load_model(args.model, device=args.device, threads=args.threads)
-    except ImportError as e:
-        raise UserError(str(e)) from None
 
 
 def _run(args):
     from tqdm import tqdm
 
     from ..pipeline import segment_detailed
-    from . import UserError
 
     formats = _parse_formats(args.format)
-    thresholds = kl_thresholds(args.kl_threshold, "--kl-threshold")
-    if args.grid < 1:
-        raise UserError(f"--grid must be >= 1, got {args.grid}")
+    apply_threads(args)
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o/--output: {out_dir} is a file, not a folder")
     inputs, problems = collect_inputs(args.inputs, args.recursive, exclude=out_dir)
     for message in problems:
-        print(f"diffseg segment: {message}", file=sys.stderr)
+        report("segment", message)
     if not inputs:
         raise UserError("no images to segment")
-    inputs = _unique_names(inputs)
+    inputs = unique_names(inputs)
     todo = []
     for path, name in inputs:
         paths = output_paths(out_dir, name, formats)
-        if args.skip_existing and all(p.is_file() for p in paths.values()):
+        if args.skip_existing and _done_with(paths, _requested(args)):
             continue
         todo.append((path, name, paths))
     skipped = len(inputs) - len(todo)
 
     ok, failed = 0, len(problems)
+    interrupted = False
     if todo:
-        model = _open_model(args)
-        settings = {"kl_threshold": list(thresholds), "grid": args.grid,
-                    "timestep": args.timestep if args.timestep is not None else model.info.get("timestep"),
+        model = _common.open_model(args)
+        settings = {**_requested(args),
                     "model": getattr(model, "metadata", {}).get("model_id"),
                     "bundle": getattr(model, "path", None)}
         try:
@@ -210,7 +129,7 @@ def _run(args):
             for path, name, paths in bar:
                 t0 = time.perf_counter()
                 try:
-                    result = segment_detailed(path, model, kl_threshold=thresholds, grid=args.grid,
+                    result = segment_detailed(path, model, kl_threshold=args.kl_threshold, grid=args.grid,
                                               timestep=args.timestep)
                     _write(result, path, paths, args.rle, settings)
                 except (ValueError, OSError) as e:  # unreadable image, unwritable output
@@ -226,22 +145,50 @@ def _run(args):
                 if args.verbose:
                     tqdm.write(f"{path} -> {out_dir / name}.* ({int(result['labels'].max()) + 1} "
                                f"segments, {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             if hasattr(model, "close"):
                 model.close()
-    summary = f"diffseg segment: {ok} image(s) segmented into {out_dir}"
+    summary = f"{ok} image(s) segmented into {out_dir}"
     if skipped:
         summary += f", {skipped} already done"
     if failed:
         summary += f", {failed} failed"
+    if interrupted:
+        left = len(todo) - ok - (failed - len(problems))
+        report("segment", f"interrupted: {summary}, {left} not done (--skip-existing resumes)")
+        return 130
     if not args.quiet or failed:
-        print(summary, file=sys.stderr)
+        report("segment", summary)
     return 1 if failed else 0
+
+
+def _requested(args):
+    """The settings of this run that are known before the model is opened."""
+    return {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
+            "timestep": DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
+            "model_arg": args.model}
+
+
+def _done_with(paths, wanted):
+    """All outputs exist and, when the JSON is among them, were made with the
+    wanted settings (outputs of other settings are not kept by --skip-existing)."""
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    if "json" not in paths:
+        return True
+    try:
+        saved = json.loads(paths["json"].read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all(saved.get(k) == v for k, v in wanted.items())
 
 
 def _write(result, path, paths, rle, settings):
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
+    # Atomic writes: an interrupted run never leaves a truncated output that --skip-existing would keep.
     if "labels" in paths:
         from ..io.images import save_label_png
 
@@ -251,13 +198,12 @@ def _write(result, path, paths, rle, settings):
 
         from ..viz import overlay
 
-        Image.fromarray(overlay(result["rgb"], result["labels"])).save(paths["overlay"])
+        with atomic_path(paths["overlay"]) as tmp:
+            Image.fromarray(overlay(result["rgb"], result["labels"])).save(tmp, format="PNG")
     if "json" in paths:
         doc = build_document(path, result, _json_records(result, rle), settings)
-        tmp = paths["json"].with_name(paths["json"].name + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(paths["json"]) as f:
             json.dump(doc, f, separators=(",", ":") if rle == "binary_mask" else (", ", ": "))
-        os.replace(tmp, paths["json"])
 
 
 def register_cli(subparsers):
@@ -272,15 +218,10 @@ def register_cli(subparsers):
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", default="diffseg-out", metavar="DIR",
                    help="output folder (default: diffseg-out)")
-    p.add_argument("-m", "--model", default=None,
-                   help="bundle file/folder or checkpoint (default: CompVis/stable-diffusion-v1-4, "
-                        "exported once into the cache)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the bundle's device)")
-    p.add_argument("--threads", type=int, default=None, help="libtorch threads (default: as is)")
-    p.add_argument("--kl-threshold", default="1.1", metavar="T",
-                   help="merge threshold, or one per iteration: 1.1 (COCO-Stuff, default) or 0.9,0.9,0.9")
-    p.add_argument("--grid", type=int, default=16, help="anchors per side (default 16)")
-    p.add_argument("--timestep", type=int, default=None, help="UNet timestep (default: the bundle's, 300)")
+    add_model_arguments(p)
+    p.add_argument("--kl-threshold", type=kl_setting, default=kl_setting("1.1"), metavar="T",
+                   help=f"merge threshold: {KL_HELP} (default 1.1, COCO-Stuff; 0.9 for Cityscapes)")
+    p.add_argument("--grid", type=positive_int, default=16, metavar="N", help="anchors per side (default 16)")
     p.add_argument("--format", default="all", metavar="LIST",
                    help="outputs, comma-separated: labels, overlay, json (default: all)")
     p.add_argument("--output-mode", dest="rle", choices=OUTPUT_MODES, default="coco_rle",
@@ -288,7 +229,8 @@ def register_cli(subparsers):
                         "coco_rle (compressed COCO RLE, default), uncompressed_rle, binary_mask")
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip images whose outputs all exist (resume a batch)")
+                   help="skip images whose outputs all exist and (per NAME.json) were made with the same "
+                        "--kl-threshold, --grid, --timestep and --model (resume a batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
     p.set_defaults(func=_run)

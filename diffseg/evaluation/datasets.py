@@ -21,6 +21,7 @@ Every dataset is a sequence of :class:`Sample` objects with
 Missing or misnamed files raise ``FileNotFoundError`` naming what was
 expected, when the dataset is created.
 """
+import os
 import re
 from pathlib import Path
 
@@ -221,10 +222,11 @@ class Sample:
 
     @property
     def image(self):
-        """The original image, ``(H, W, 3)`` uint8 RGB (read on each access)."""
+        """The original image, ``(H, W, 3)`` uint8 RGB in its stored orientation
+        (EXIF Orientation ignored, like the label map; read on each access)."""
         if self.image_path is None:
             raise FileNotFoundError(f"sample {self.id!r} has no image file")
-        return load_image(self.image_path)
+        return load_image(self.image_path, exif_transpose=False)  # labels are stored unturned
 
     def __iter__(self):
         return iter((self.id, self.image, self.label))
@@ -290,8 +292,10 @@ class SegmentationDataset:
 
     def describe(self):
         """Short JSON-able description (written into evaluation results)."""
+        first, last = self._items[0][2], self._items[-1][2]
+        labels = os.path.commonpath([os.path.abspath(first), os.path.abspath(last)])
         return {"name": self.name, "n_classes": self.n_classes, "images": len(self),
-                "size": self.size}
+                "size": self.size, "labels": labels}
 
     def __repr__(self):
         return f"{type(self).__name__}({len(self)} images, {self.n_classes} classes, size={self.size})"

@@ -316,3 +316,31 @@ def hungarian_metrics(preds, gts, n_classes, protocol="per-image", ignore_index=
     for p, g in zip(preds, gts):
         m.update(p, g)
     return m.compute()
+
+
+def match_labels(pred, truth):
+    """``pred`` relabelled with the ids of the ``truth`` segments they match
+    (Hungarian matching on shared pixels), so matched segments share an id
+    (and a colour in figures); unmatched predicted segments get the ids after
+    ``truth.max()``. Negative truth pixels are ignored. Both ``(H, W)`` ints >= 0
+    for ``pred``."""
+    from scipy.optimize import linear_sum_assignment
+
+    pred = _as_label_map(pred, "pred").astype(np.int64)
+    truth = _as_label_map(truth, "truth").astype(np.int64)
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must have the same shape, got {pred.shape} and {truth.shape}")
+    if pred.min() < 0:
+        raise ValueError(f"pred: labels must be >= 0, got {pred.min()}")
+    ids, index = np.unique(pred, return_inverse=True)  # the segments present
+    index = index.reshape(pred.shape)
+    n_truth = max(int(truth.max()) + 1, 0)
+    valid = truth >= 0
+    hist = np.bincount(index[valid] * n_truth + truth[valid],
+                       minlength=ids.size * n_truth).reshape(ids.size, n_truth)
+    rows, cols = linear_sum_assignment(hist, maximize=True)
+    mapping = np.full(ids.size, -1, np.int64)
+    mapping[rows] = cols
+    unmatched = np.flatnonzero(mapping < 0)
+    mapping[unmatched] = n_truth + np.arange(unmatched.size)
+    return mapping[index]

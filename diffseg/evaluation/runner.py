@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import atomic_write
 from ..core import DEFAULT_KL_THRESHOLD, aggregate, kl_thresholds, run_stages
 from .metrics import HungarianMetrics, _check_protocol
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: attention source and per-file identities
 STATE_FILE = "state.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -80,11 +81,9 @@ def _json_clean(x):
 
 
 def _write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:  # an interruption never leaves a half-written file
         json.dump(_json_clean(data), f, indent=1, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written file
 
 
 def _weights_json(weights):
@@ -188,6 +187,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             raise FileNotFoundError(f"attention_dir: no such directory: {attention_dir}")
     elif model is None:
         raise ValueError("give a model or attention_dir (precomputed attention)")
+    if model is not None and attention_dir is not None:
+        _claim_cache(attention_dir, _model_identity(model))
 
     ids = getattr(dataset, "ids", None)
     ids = [str(i) for i in ids[:total]] if ids is not None else None
@@ -201,9 +202,10 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
                                  "`diffseg attention`; or pass a model)")
 
     described = _describe(dataset, n_classes)
-    config = {  # what must match for a saved run to be resumed
-        "dataset": {k: described.get(k) for k in ("name", "n_classes", "size", "split")
-                    if k in described},
+    config = {  # everything that determines the numbers: a saved run resumes only if all match
+        "dataset": {k: v for k, v in described.items() if k != "images"},
+        "attention": {"dir": None if attention_dir is None else str(attention_dir.resolve()),
+                      "model": None if model is None else _model_identity(model)},
         "protocol": protocol,
         "ignore_index": int(ignore_index),
         "kl_thresholds": [list(s) for s in settings],
@@ -213,6 +215,7 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
 
     metrics = [HungarianMetrics(n_classes, protocol, ignore_index) for _ in settings]
     done = []
+    files = {}  # id -> identity of the attention file it was scored from
     seconds = {"attention": 0.0, "total": 0.0, "segment": [0.0] * len(settings)}
     state_path = None
     if output_dir is not None:
@@ -220,7 +223,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
         output_dir.mkdir(parents=True, exist_ok=True)
         state_path = output_dir / STATE_FILE
         if resume and state_path.is_file():
-            done, metrics, seconds = _load_state(state_path, config, metrics)
+            done, metrics, seconds, files = _load_state(state_path, config, metrics)
+            _check_attention_files(state_path, files, attention_dir, model is not None)
 
     done_set = set(done)
     source = (f"precomputed attention ({attention_dir})" if model is None
@@ -240,7 +244,7 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             label = np.asarray(label)
             if label.ndim != 2:
                 raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
-            attn = _attention(sample_id, get_image, model, attention_dir)
+            attn, files[sample_id] = _attention(sample_id, get_image, model, attention_dir)
             A = aggregate(attn, weights=weights)
             t_attn = time.perf_counter()
             for k, setting in enumerate(settings):
@@ -253,7 +257,7 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             done.append(sample_id)
             done_set.add(sample_id)
             if state_path is not None:
-                _save_state(state_path, config, done, metrics, seconds)
+                _save_state(state_path, config, done, metrics, seconds, files)
             bar.update(1)
             if progress:
                 first = metrics[0].compute()
@@ -266,33 +270,96 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
     results["dataset"] = _json_clean({**described, "evaluated": len(done)})
     if output_dir is not None:
         _write_json(output_dir / RESULTS_JSON, results)
-        (output_dir / RESULTS_MD).write_text(markdown_table(results))
+        with atomic_write(output_dir / RESULTS_MD) as f:
+            f.write(markdown_table(results))
     return results
 
 
+def _model_identity(model):
+    """What identifies a model's attention: its bundle file (path, size,
+    mtime) and export stamp; for other objects, their type."""
+    identity = {"name": getattr(model, "name", None) or type(model).__name__}
+    path = getattr(model, "path", None)
+    if path is not None and Path(path).is_file():
+        identity.update(path=str(Path(path).resolve()), file=_file_identity(path))
+    metadata = getattr(model, "metadata", None)
+    if isinstance(metadata, dict):
+        identity.update(model_id=metadata.get("model_id"), created=metadata.get("created"))
+    return identity
+
+
+CACHE_MANIFEST = ".diffseg-attention-cache.json"
+
+
+def _claim_cache(attention_dir, identity):
+    """An attention folder used as a model's cache records that model; another
+    model would silently read the first one's attention, so it is refused."""
+    manifest = attention_dir / CACHE_MANIFEST
+    if manifest.is_file():
+        try:
+            owner = json.loads(manifest.read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != _json_clean(identity):
+            raise ValueError(f"attention_dir: {attention_dir} caches the attention of another model "
+                             f"({_short(owner)}; now {_short(_json_clean(identity))}); use another folder")
+        return
+    attention_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, {"model": identity})
+
+
+def _file_identity(path):
+    """``[size, mtime_ns]`` of a file: changes whenever it is rewritten."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _check_attention_files(state_path, files, attention_dir, have_model):
+    """Refuse to resume when an attention file already scored has changed
+    (rewritten in place) or, without a model to recompute it, disappeared."""
+    for sample_id, saved in files.items():
+        if saved is None:
+            continue
+        path = attention_dir / f"{sample_id}.npz"
+        if not path.is_file():
+            if have_model:
+                continue  # recomputed by the same model (part of the saved settings)
+            now = "missing"
+        elif _file_identity(path) == saved:
+            continue
+        else:
+            now = "rewritten since"
+        raise ValueError(f"{state_path}: the attention file {path} scored in this run is {now}; "
+                         f"use another output directory, or resume=False / --no-resume to start over")
+
+
 def _attention(sample_id, get_image, model, attention_dir):
+    """``(attention, identity of its file or None)``."""
     from ..io.attention import load_attention, save_attention
 
     path = attention_dir / f"{sample_id}.npz" if attention_dir is not None else None
     if path is not None and path.is_file():
-        return load_attention(path)
+        identity = _file_identity(path)  # before reading: a rewrite during the read shows on resume
+        return load_attention(path), identity
     if model is None:
         raise FileNotFoundError(f"attention_dir: no attention file for {sample_id!r}: {path}")
     image = get_image()
     if image is None:
         raise ValueError(f"sample {sample_id!r} has no image to run the model on")
     attn = model.attention(image)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_attention(path, attn)
-    return attn
+    if path is None:
+        return attn, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_attention(path, attn)
+    return attn, _file_identity(path)
 
 
-def _save_state(path, config, done, metrics, seconds):
+def _save_state(path, config, done, metrics, seconds, files):
     _write_json(path, {
         "version": STATE_VERSION,
         "config": config,
         "done": done,
+        "attention_files": files,
         "metrics": [m.state_dict() for m in metrics],
         "seconds": seconds,
     })
@@ -309,16 +376,21 @@ def _load_state(path, config, metrics):
                          f"start over with resume=False / --no-resume")
     saved = state.get("config", {})
     if _json_clean(config) != saved:
-        diff = sorted(k for k in set(saved) | set(config)
-                      if _json_clean(config.get(k)) != saved.get(k))
+        diff = [f"{k}: saved {_short(saved.get(k))}, now {_short(_json_clean(config.get(k)))}"
+                for k in sorted(set(saved) | set(config)) if _json_clean(config.get(k)) != saved.get(k)]
         raise ValueError(
-            f"{path} belongs to a run with different settings ({', '.join(diff)}); "
+            f"{path} belongs to a run with different settings ({'; '.join(diff)}); "
             f"use another output directory, or resume=False / --no-resume to overwrite it")
     loaded = [HungarianMetrics.from_state_dict(s) for s in state["metrics"]]
     if len(loaded) != len(metrics):
         raise ValueError(f"{path}: {len(loaded)} saved accumulators for {len(metrics)} settings")
     seconds = state["seconds"]
-    return list(state["done"]), loaded, seconds
+    return list(state["done"]), loaded, seconds, dict(state.get("attention_files", {}))
+
+
+def _short(value, limit=160):
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _results(config, settings, metrics, seconds, n_done, class_names, source):

@@ -9,20 +9,29 @@ from pathlib import Path
 import numpy as np
 
 from .._interp import resize_bilinear
+from .._util import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File extensions read as images when scanning folders."""
 
 
-def load_image(image):
+def load_image(image, *, exif_transpose=True):
     """A path, PIL image or array -> ``(H, W, 3)`` uint8 RGB.
 
     Grayscale is replicated to RGB; RGBA (and transparent palette or LA
     images) is composited on black; palette and 16-bit images are converted.
     Arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8.
-    """
-    from PIL import Image
 
+    ``exif_transpose=True`` (default): files and PIL images are turned as they
+    are displayed, following their EXIF Orientation tag (a phone photo stored
+    600x400 with Orientation=6 gives a 400-wide, 600-high array), so labels
+    line up with what the user sees. ``False`` keeps the stored orientation,
+    as evaluation datasets do: their label maps are stored that way.
+    """
+    from PIL import Image, ImageOps
+
+    if not isinstance(exif_transpose, (bool, np.bool_)):
+        raise TypeError(f"exif_transpose must be True or False, got {exif_transpose!r}")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -30,10 +39,12 @@ def load_image(image):
         try:
             with Image.open(path) as im:
                 im.load()
-                return load_image(im)
+                return load_image(im, exif_transpose=exif_transpose)
         except (OSError, SyntaxError) as e:  # PIL raises these for unreadable files
             raise ValueError(f"image: cannot read {path}: {e}") from None
     if isinstance(image, Image.Image):
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)  # a copy when turned, else the image itself
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             return load_image(np.asarray(image.convert("RGBA")))  # alpha over black, below
         elif image.mode.startswith("I;16") or image.mode == "I":
@@ -101,4 +112,5 @@ def save_label_png(path, labels):
     if low < 0 or high > 65535:
         raise ValueError(f"labels must be in 0..65535 for a PNG, got {low}..{high}")
     arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
-    Image.fromarray(arr).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

@@ -25,7 +25,8 @@ def _how_to_get_weights(source):
         f"  * a single checkpoint file: `diffseg export model.safetensors OUT` (or .ckpt);\n"
         f"  * the Hugging Face cache: download once with internet access (the hub id is then found "
         f"offline; set HF_HOME to share a cache).\n"
-        f"Then export once and reuse the bundle: `diffseg.load_model('OUT')`."
+        f"Then use the bundle: `diffseg segment IMAGES --model OUT` "
+        f"(in Python: `diffseg.load_model('OUT')`)."
     )
 
 

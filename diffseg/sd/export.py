@@ -27,6 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .._util import atomic_path, atomic_write
 from .bundle import (BUNDLE_FILE, DEFAULT_MODEL, DEFAULT_TIMESTEP, DTYPES, FORMAT, FORMAT_VERSION,
                      LAYER_MODES, METADATA_NAME)
 from .capture import install_capture
@@ -188,12 +189,12 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / BUNDLE_FILE
     text = json.dumps(metadata, indent=1, sort_keys=True)
-    tmp = out_dir / (BUNDLE_FILE + ".tmp")
-    with warnings.catch_warnings():
+    # A unique temporary name: concurrent exports to one folder never share a half-written file.
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream; still loads
         torch.jit.save(bundle, str(tmp), _extra_files={METADATA_NAME: text})
-    os.replace(tmp, path)  # never leave a half-written bundle behind
-    (out_dir / "metadata.json").write_text(text + "\n")
+    with atomic_write(out_dir / "metadata.json") as f:
+        f.write(text + "\n")
     return str(path)
 
 

@@ -20,6 +20,8 @@ it does not, opening raises ``BundleError`` with the same advice: export the
 bundle again). ``warnings.simplefilter("error", diffseg.BundleVersionWarning)``
 makes the mismatch an error.
 """
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import file_lock
 from ..core import average_layers
 from ..io.images import preprocess_image
 from .bundle import BUNDLE_FILE, DEFAULT_MODEL
@@ -77,10 +80,28 @@ def _torch_version():
         return "none"
 
 
-def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", layers="per-resolution"):
-    """Cache folder of the bundle for a model id: keyed by model, torch
-    version, device, size, dtype and layers."""
+def checkpoint_fingerprint(path):
+    """Identity of a local checkpoint (file or folder): a hash of every file's
+    relative path, size and mtime, so a checkpoint rebuilt in place gets a new
+    cache entry instead of the stale bundle."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())
+    h = hashlib.sha256()
+    for q in files:
+        st = q.stat()
+        h.update(f"{q.relative_to(path).as_posix() if q != path else q.name}\0{st.st_size}\0"
+                 f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", layers="per-resolution",
+                      fingerprint=None):
+    """Cache folder of the bundle for a model id: keyed by model (and, for a
+    local checkpoint, its :func:`checkpoint_fingerprint`), torch version,
+    device, size, dtype and layers."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "--", str(model_id)).strip("-") or "model"
+    if fingerprint is not None:
+        safe += f"__src-{fingerprint}"
     device_kind = str(device).split(":")[0]
     key = f"{safe}__torch-{_torch_version()}__{device_kind}__{dtype}__{size}"
     if layers != "per-resolution":
@@ -229,26 +250,53 @@ class Model:
         return list(zip(self.metadata["layer_names"], maps))
 
 
+def _looks_like_hub_id(source):
+    """``owner/name`` (what the Hugging Face hub takes), not a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
+
+
+def _check_can_export(source):
+    """Fail before announcing an export that cannot run (core-only install)."""
+    missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"exporting {source} needs {', '.join(missing)}: "
+                          "pip install torch==2.13.0 diffusers transformers, or pass an exported bundle")
+
+
 def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="float32"):
     """Open a model bundle.
 
     ``path_or_id``: a bundle file or folder, or a checkpoint (hub id, diffusers
     folder, ``.safetensors``/``.ckpt`` file; default
     ``CompVis/stable-diffusion-v1-4``) that is exported on first use into
-    :func:`cache_dir` (keyed by model, torch version, device, size and dtype)
-    and reused afterwards.
+    :func:`cache_dir` and reused afterwards. The cache is keyed by model (for a
+    local checkpoint, also the sizes and mtimes of its files, so one rebuilt
+    in place is exported again), torch version, device, size and dtype; a
+    reused bundle is reported on stderr. Concurrent processes exporting the
+    same checkpoint wait for one export (a lock file in the cache).
+
+    Raises ``FileNotFoundError`` at once for a path that does not exist (an
+    argument that is not a hub id ``owner/name``) and ``ImportError`` before
+    any export when the libtorch shim or torch/diffusers are missing.
     """
     source = DEFAULT_MODEL if path_or_id is None else os.fspath(path_or_id)
     p = Path(source).expanduser()
     if p.is_file() and p.suffix == ".pt" or (p.is_dir() and (p / BUNDLE_FILE).is_file()):
         return Model(p, device=device, threads=threads)
-    if p.suffix == ".pt" and not p.exists():
-        raise FileNotFoundError(f"model bundle not found: {p} (write one with `diffseg export SOURCE DIR`)")
-    key = str(p.resolve()) if p.exists() else source
-    folder = cached_bundle_dir(key, device=device, size=size, dtype=dtype)
-    if not (folder / BUNDLE_FILE).is_file():
-        from .export import export_bundle
+    if not p.exists() and (p.suffix == ".pt" or not _looks_like_hub_id(source)):
+        raise FileNotFoundError(f"model: no such bundle, checkpoint file or folder: {source} "
+                                "(a hub id looks like 'CompVis/stable-diffusion-v1-4')")
+    _shim()  # an export is useless without the shim to run it
+    local = p.exists()
+    folder = cached_bundle_dir(str(p.resolve()) if local else source, device=device, size=size, dtype=dtype,
+                               fingerprint=checkpoint_fingerprint(p) if local else None)
+    with file_lock(folder.with_name(folder.name + ".lock")):  # one export per checkpoint at a time
+        if (folder / BUNDLE_FILE).is_file():
+            print(f"diffseg: using the cached bundle {folder} for {source}", file=sys.stderr)
+        else:
+            _check_can_export(source)
+            from .export import export_bundle
 
-        print(f"diffseg: exporting {source} to {folder} (once)", file=sys.stderr)
-        export_bundle(source, folder, size=size, device=device, dtype=dtype)
+            print(f"diffseg: exporting {source} to {folder} (once)", file=sys.stderr)
+            export_bundle(source, folder, size=size, device=device, dtype=dtype)
     return Model(folder, device=device, threads=threads)
