@@ -31,6 +31,8 @@ CORE_CFLAGS = [
     "-fno-math-errno", "-fopenmp-simd",
 ]
 
+# Extra flags by source file name: distutils gives all sources of an
+# Extension the same flags (the shim's -std=c++NN is added in BuildExt).
 PER_FILE_CFLAGS = {"gemm.c": ["-ffp-contract=fast"]}
 
 
@@ -56,17 +58,30 @@ def compiler_accepts(compiler, flags):
 
 class BuildExt(build_ext):
     def build_extensions(self):
+        file_flags = dict(PER_FILE_CFLAGS)
         for ext in self.extensions:
             if ext.name == "diffseg._core":
                 self._configure_openmp(ext)
+            elif ext.name == "diffseg._torch":
+                from csrc.torch.build import shim_file_flags
+
+                file_flags.update(shim_file_flags(self._cxx()))
         compile_one = self.compiler._compile
 
         def compile_with_file_flags(obj, src, ext, cc_args, extra_postargs, pp_opts):
-            extra = PER_FILE_CFLAGS.get(os.path.basename(src), [])
+            extra = file_flags.get(os.path.basename(src), [])
             compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
 
         self.compiler._compile = compile_with_file_flags
         super().build_extensions()
+
+    def _cxx(self):
+        """The command that compiles C++ sources (argument list)."""
+        for attr in ("compiler_so_cxx", "compiler_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                return list(cmd)
+        return ["c++"]
 
     def _configure_openmp(self, ext):
         if env_flag("DIFFSEG_NO_OPENMP"):
