@@ -7,6 +7,7 @@ diffseg._torch  libtorch shim (only when torch is importable at build time:
                 pip install --no-build-isolation; DIFFSEG_NO_TORCH=1 skips
                 it). See csrc/torch/.
 """
+import atexit
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import tempfile
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext
 
 CORE_SOURCES = [
@@ -54,6 +56,20 @@ def compiler_accepts(compiler, flags):
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class FreshBuild(build):
+    """Build in a new temporary folder unless --build-base is given. A build/
+    left from another state of the tree or another torch would be reused:
+    setuptools skips objects newer than their sources (an object compiled
+    against other torch headers) and packs what build/lib holds into wheels
+    (modules since removed from the tree)."""
+
+    def finalize_options(self):
+        if self.build_base == "build":  # the default
+            self.build_base = tempfile.mkdtemp(prefix="diffseg-build-")
+            atexit.register(shutil.rmtree, self.build_base, ignore_errors=True)
+        super().finalize_options()
 
 
 class BuildExt(build_ext):
@@ -127,4 +143,4 @@ shim = torch_extension()
 if shim is not None:
     extensions.append(shim)
 
-setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions, cmdclass={"build": FreshBuild, "build_ext": BuildExt})
