@@ -7,6 +7,7 @@ diffseg._torch  libtorch shim (only when torch is importable at build time:
                 pip install --no-build-isolation; DIFFSEG_NO_TORCH=1 skips
                 it). See csrc/torch/.
 """
+import atexit
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import tempfile
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext
 
 CORE_SOURCES = [
@@ -31,6 +33,8 @@ CORE_CFLAGS = [
     "-fno-math-errno", "-fopenmp-simd",
 ]
 
+# Extra flags by source file name: distutils gives all sources of an
+# Extension the same flags (the shim's -std=c++NN is added in BuildExt).
 PER_FILE_CFLAGS = {"gemm.c": ["-ffp-contract=fast"]}
 
 
@@ -54,19 +58,46 @@ def compiler_accepts(compiler, flags):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class FreshBuild(build):
+    """Build in a new temporary folder unless --build-base is given. A build/
+    left from another state of the tree or another torch would be reused:
+    setuptools skips objects newer than their sources (an object compiled
+    against other torch headers) and packs what build/lib holds into wheels
+    (modules since removed from the tree)."""
+
+    def finalize_options(self):
+        if self.build_base == "build":  # the default
+            self.build_base = tempfile.mkdtemp(prefix="diffseg-build-")
+            atexit.register(shutil.rmtree, self.build_base, ignore_errors=True)
+        super().finalize_options()
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
+        file_flags = dict(PER_FILE_CFLAGS)
         for ext in self.extensions:
             if ext.name == "diffseg._core":
                 self._configure_openmp(ext)
+            elif ext.name == "diffseg._torch":
+                from csrc.torch.build import shim_file_flags
+
+                file_flags.update(shim_file_flags(self._cxx()))
         compile_one = self.compiler._compile
 
         def compile_with_file_flags(obj, src, ext, cc_args, extra_postargs, pp_opts):
-            extra = PER_FILE_CFLAGS.get(os.path.basename(src), [])
+            extra = file_flags.get(os.path.basename(src), [])
             compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
 
         self.compiler._compile = compile_with_file_flags
         super().build_extensions()
+
+    def _cxx(self):
+        """The command that compiles C++ sources (argument list)."""
+        for attr in ("compiler_so_cxx", "compiler_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                return list(cmd)
+        return ["c++"]
 
     def _configure_openmp(self, ext):
         if env_flag("DIFFSEG_NO_OPENMP"):
@@ -112,4 +143,4 @@ shim = torch_extension()
 if shim is not None:
     extensions.append(shim)
 
-setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions, cmdclass={"build": FreshBuild, "build_ext": BuildExt})

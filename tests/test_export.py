@@ -52,6 +52,25 @@ def test_metadata(tiny_bundle, tiny_sd_dir):
     assert side == meta
 
 
+def test_layout_attributes_for_the_shim(tiny_bundle, all_layers_bundle):
+    """The shim reads the layout from the scripted module, not from the JSON."""
+    from diffseg.sd.bundle import SHIM_ATTRIBUTES
+
+    for path, res in [(tiny_bundle, [16, 8, 4, 2]),
+                      (all_layers_bundle, [16, 16, 8, 8, 4, 4, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16])]:
+        module = torch.jit.load(path)
+        got = {name: getattr(module, name) for name in SHIM_ATTRIBUTES}
+        assert got == {"format_version": 2, "image_size": 128, "image_channels": 3, "latent_size": 16,
+                       "latent_channels": 4, "default_timestep": 300, "map_resolutions": res,
+                       "device_type": "cpu"}
+        assert read_metadata(path)["output_resolutions"] == res
+
+
+def test_script_bundle_checks_the_layout():
+    with pytest.raises(ValueError, match="image_size"):
+        export._script_bundle(None, None, {"format_version": 2})
+
+
 def test_traced_bundle_equals_eager(tiny_bundle, tiny_pipe):
     """The TorchScript graph itself (loaded in Python) against diffusers' own
     explicit attention processor, for encode, denoise and forward."""

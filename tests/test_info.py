@@ -1,9 +1,12 @@
 """`diffseg info` and the import-time promises of the user-facing modules."""
 import json
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 import diffseg
 from diffseg import info as info_module
@@ -60,3 +63,13 @@ def test_cli_modules_import_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=str(Path(diffseg.__file__).parents[1]), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"diffseg {diffseg.__version__}\n"
+    from diffseg._version import __version__
+
+    assert diffseg.__version__ == __version__ and re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)

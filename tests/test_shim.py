@@ -20,6 +20,7 @@ import diffseg  # noqa: E402
 # TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 from diffseg.io.images import preprocess_image  # noqa: E402
+from diffseg.sd.bundle import FORMAT_VERSION  # noqa: E402
 from sd_tiny import reference_attention  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,9 @@ def test_info(tiny_model):
     assert info["map_resolutions"] == [16, 8, 4, 2]
     assert info["timestep"] == 300
     assert tiny_model.resolutions == [16, 8, 4, 2]
-    assert tiny_model.metadata["format_version"] == _torch.FORMAT_VERSION
+    assert tiny_model.metadata["format_version"] == _torch.FORMAT_VERSION == FORMAT_VERSION == 2
+    assert info["format_version"] == 2
+    assert json.loads(tiny_model._model.metadata()) == tiny_model.metadata  # the extra file, unparsed
 
 
 def test_attention_equals_eager_diffusers(tiny_model, tiny_pipe):
@@ -111,8 +114,10 @@ def test_missing_bundle(tmp_path):
 def test_corrupt_bundles(tiny_bundle, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match="not a readable TorchScript archive"):
-        diffseg.Model(junk)
+    with pytest.raises(_torch.BundleError, match="not a readable zip archive"):
+        diffseg.Model(junk)  # refused by Python, reading the metadata
+    with pytest.raises(_torch.BundleError, match="not a readable TorchScript archive"):
+        _torch.Model(str(junk))
     truncated = tmp_path / "truncated.pt"
     data = open(tiny_bundle, "rb").read()
     truncated.write_bytes(data[: len(data) // 2])
@@ -131,6 +136,8 @@ def test_torchscript_without_metadata(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
     with pytest.raises(ValueError, match="not a diffseg bundle"):
         diffseg.Model(path)
+    with pytest.raises(_torch.BundleError, match="no 'format_version' attribute: not a diffseg bundle"):
+        _torch.Model(str(path))
 
 
 def rewrite_metadata(src, dst, edit):
@@ -143,44 +150,159 @@ def rewrite_metadata(src, dst, edit):
             zout.writestr(item, data)
 
 
-def test_wrong_metadata_version(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("version", [1, 3, 99, "2", 2.0, True, None])
+def test_other_format_version_is_refused_before_the_shim(tiny_bundle, tmp_path, monkeypatch, version):
+    """A bundle of another format version (a version-1 bundle of an older
+    diffseg, say): one BundleError that says to export again, raised before
+    the shim opens the file."""
     def bump(text):
         meta = json.loads(text)
-        meta["format_version"] = 99
+        if version is None:
+            del meta["format_version"]
+        else:
+            meta["format_version"] = version
         return json.dumps(meta)
 
-    dst = tmp_path / "v99.pt"
+    dst = tmp_path / "other.pt"
     rewrite_metadata(tiny_bundle, dst, bump)
-    with pytest.raises(ValueError, match="format version 99 is not supported"):
+
+    def shim_must_not_open(*args):
+        raise AssertionError("the shim was called")
+
+    monkeypatch.setattr(_torch, "Model", shim_must_not_open)
+    with pytest.raises(_torch.BundleError, match=rf"format version {version!r}, this diffseg reads version 2: "
+                                                 r"export it again .*`diffseg export"):
         diffseg.Model(dst)
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t[: len(t) // 2], "not valid JSON"),
-    (lambda t: json.dumps({**json.loads(t), "format": "other"}), "diffseg-bundle"),
-    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "image_size"}), "image_size"),
-    (lambda t: json.dumps({**json.loads(t), "output_resolutions": [16, 8]}), "outputs"),
+    (lambda t: "[1, 2]", "not a JSON object"),
+    (lambda t: json.dumps({**json.loads(t), "format": "other"}), "not a diffseg bundle"),
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "format"}), "not a diffseg bundle"),
 ])
 def test_bad_metadata(tiny_bundle, tmp_path, edit, message):
     dst = tmp_path / "bad.pt"
     rewrite_metadata(tiny_bundle, dst, edit)
-    try:
-        model = diffseg.Model(dst)
-    except ValueError as e:
-        assert message in str(e)
-        return
-    # Metadata that parses but disagrees with the graph fails at run time.
+    with pytest.raises(_torch.BundleError, match=message):
+        diffseg.Model(dst)
+
+
+def test_sizes_come_from_the_module_not_the_json(tiny_bundle, tmp_path):
+    """The shim parses no JSON: sizes in diffseg.json that contradict the
+    graph (or are not sizes at all) change nothing."""
+    dst = tmp_path / "lying.pt"
+    rewrite_metadata(tiny_bundle, dst, lambda t: json.dumps(
+        {**json.loads(t), "image_size": "big", "output_resolutions": [3], "latent_size": None, "device": "cuda"}))
+    with diffseg.Model(dst) as model:
+        assert model.info["image_size"] == 128 and model.info["map_resolutions"] == [16, 8, 4, 2]
+        assert model.metadata["image_size"] == "big"
+        maps, eps = model.run(example_image(128), eps=True)
+    assert [m.shape for m in maps] == [(256, 256), (64, 64), (16, 16), (4, 4)] and eps.shape == (4, 16, 16)
+
+
+GOOD_LAYOUT = {"format_version": 2, "image_size": 64, "image_channels": 3, "latent_size": 8, "latent_channels": 4,
+               "default_timestep": 300, "map_resolutions": [8, 4], "device_type": "cpu"}
+
+
+def scripted_bundle(path, **changes):
+    """A small scripted module with the layout attributes (a key set to
+    None is left out) and valid v2 metadata; forward returns eps and maps of
+    the shapes GOOD_LAYOUT promises."""
+    import torch
+    from typing import List
+
+    layout = {k: v for k, v in {**GOOD_LAYOUT, **changes}.items() if v is not None}
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, v in layout.items():
+                setattr(self, k, v)
+
+        def forward(self, image: torch.Tensor, t: torch.Tensor) -> List[torch.Tensor]:
+            return [torch.zeros(1, 4, 8, 8), torch.full((1, 64, 64), 1 / 64), torch.full((1, 16, 16), 1 / 16)]
+
+    meta = {"format": "diffseg-bundle", "format_version": 2, "model_id": "fake"}
+    torch.jit.save(torch.jit.script(Fake()), str(path), _extra_files={"diffseg.json": json.dumps(meta)})
+    return str(path)
+
+
+def test_scripted_layout_is_what_the_shim_reads(tmp_path):
+    path = scripted_bundle(tmp_path / "good.pt")
+    with diffseg.Model(path) as model:
+        assert model.info == {"format_version": 2, "image_size": 64, "image_channels": 3, "latent_size": 8,
+                              "latent_channels": 4, "timestep": 300, "map_resolutions": [8, 4]}
+        maps, eps = model.run(np.zeros((3, 64, 64), np.float32), eps=True)
+        assert maps[1].shape == (16, 16) and np.all(maps[1] == np.float32(1 / 16))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 1}, "format version 1 is not supported.*`diffseg export`"),
+    ({"format_version": None}, "no 'format_version' attribute"),
+    ({"image_size": "128"}, "'image_size' must be an integer in"),
+    ({"image_size": 4}, "'image_size' must be an integer in"),
+    ({"image_channels": 2 ** 40}, "'image_channels' must be an integer in"),
+    ({"latent_size": None}, "no 'latent_size' attribute"),
+    ({"latent_channels": -4}, "'latent_channels' must be an integer"),
+    ({"default_timestep": 1.5}, "'default_timestep' must be an integer"),
+    ({"map_resolutions": [8, "4"]}, "'map_resolutions'"),  # no list type: TorchScript drops the attribute
+    ({"map_resolutions": [8, 0]}, "'map_resolutions' must be a list"),
+    ({"map_resolutions": [2] * 65}, "'map_resolutions' must be a list"),
+    ({"map_resolutions": 8}, "'map_resolutions' must be a list"),
+    ({"device_type": None}, "no 'device_type' attribute"),
+    ({"device_type": 0}, "'device_type' must be a string"),
+])
+def test_bad_layout_attributes(tmp_path, change, message):
+    """The shim checks what it reads from the module: a bundle written by
+    hand or damaged is a BundleError naming the attribute, never a crash."""
+    path = scripted_bundle(tmp_path / "bad.pt", **change)
+    with pytest.raises(_torch.BundleError, match=message):
+        _torch.Model(path)
+
+
+def test_layout_disagreeing_with_the_graph_fails_when_running(tmp_path):
+    path = scripted_bundle(tmp_path / "wrong.pt", map_resolutions=[8, 2])
+    with diffseg.Model(path) as model, pytest.raises(_torch.BundleError, match=r"map 1 has shape \[1, 16, 16\]"):
+        model.run(np.zeros((3, 64, 64), np.float32))
+
+
+def test_device_errors(tiny_bundle, tmp_path):
+    """Devices that cannot run here are ValueErrors (exit 2 in the CLI),
+    raised before any export or load."""
+    for device in ("tpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+            diffseg.Model(tiny_bundle, device=device)
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        _torch.Model(tiny_bundle, "tpu")
+    # A bundle exported for CUDA, opened on the CPU.
+    with pytest.raises(ValueError, match="exported for device 'cuda', not 'cpu'.*--device cpu"):
+        _torch.Model(scripted_bundle(tmp_path / "cuda.pt", device_type="cuda"))
+
+
+@pytest.mark.skipif(_torch.cuda_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(tiny_bundle, tmp_path, capfd):
+    message = r"device 'cuda': CUDA is not available to libtorch .* use device 'cpu'"
     with pytest.raises(ValueError, match=message):
-        model.attention(example_image(128))
-    model.close()
+        diffseg.Model(tiny_bundle, device="cuda")
+    with pytest.raises(ValueError, match=message):
+        diffseg.load_model(tiny_bundle, device="cuda")
+    # A checkpoint (not a bundle): refused before the (slow) export.
+    with pytest.raises(ValueError, match=message.replace("'cuda'", "'cuda:1'")):
+        diffseg.load_model(tmp_path / "no-such-checkpoint", device="cuda:1")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        _torch.Model(tiny_bundle, "cuda")  # the shim checks too (C callers)
+    capfd.readouterr()
+    image = tmp_path / "x.png"
+    from PIL import Image
 
-
-def test_device_errors(tiny_bundle):
-    with pytest.raises((ValueError, RuntimeError), match="device"):
-        diffseg.Model(tiny_bundle, device="tpu")
-    if not _torch.cuda_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
-            diffseg.Model(tiny_bundle, device="cuda")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    r = subprocess.run([sys.executable, "-m", "diffseg", "segment", str(image), "--model", tiny_bundle,
+                        "--device", "cuda", "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "CUDA is not available" in r.stderr, r.stderr
+    assert r.stdout == ""
 
 
 def test_closed_model(tiny_bundle):

@@ -36,7 +36,6 @@ cleanup() { [ "${DIFFSEG_ASAN_KEEP:-0}" = 1 ] && echo "kept $work" || rm -rf "$w
 trap cleanup EXIT
 
 start=$(date +%s)
-mkdir -p "$work/diffseg"
 cp "$here"/setup.py "$here"/pyproject.toml "$work"/
 if [ -n "${DIFFSEG_ASAN_CSRC_REF:-}" ]; then
     # C sources of a git revision (e.g. HEAD) while csrc/ is being edited.
@@ -44,7 +43,8 @@ if [ -n "${DIFFSEG_ASAN_CSRC_REF:-}" ]; then
 else
     cp -r "$here"/csrc "$work"/
 fi
-cp "$here"/diffseg/*.py "$work"/diffseg/
+# The whole package (subpackages included), without the normal build's .so files.
+(cd "$here" && find diffseg -name '*.py' -print0 | tar -cf - --null -T -) | tar -xf - -C "$work"
 cp -r "$here"/tests "$work"/
 find "$work"/tests -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$work"/build

@@ -4,7 +4,7 @@
  * Only the shim's C header is used here; no C++ and no torch headers. Arrays
  * are validated while holding the GIL (float32, C-contiguous, shape, finite),
  * then the GIL is released around the model run. The friendlier API
- * (images, preprocessing, dictionaries) is diffseg/model.py.
+ * (images, preprocessing, dictionaries) is diffseg/sd/model.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -52,13 +52,15 @@ static PyObject *shim_error(int rc) {
     PyObject *type;
     switch (rc) {
         case DSEG_TORCH_ENOMEM: type = PyExc_MemoryError; break;
-        case DSEG_TORCH_EINVAL: type = PyExc_ValueError; break;
+        /* A device the bundle was not exported for, or no CUDA: a wrong argument. */
+        case DSEG_TORCH_EINVAL:
+        case DSEG_TORCH_EDEVICE: type = PyExc_ValueError; break;
         case DSEG_TORCH_EIO:
         case DSEG_TORCH_EFORMAT: type = BundleError; break;
         default: type = PyExc_RuntimeError; break;
     }
-    /* The shim keeps messages UTF-8; decode leniently all the same, so that a
-     * byte quoted from a corrupt bundle never turns into a UnicodeDecodeError. */
+    /* libtorch may quote bytes of a corrupt bundle: decode leniently, so that
+     * they never turn into a UnicodeDecodeError. */
     PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
     if (text) {
         PyErr_SetObject(type, text);
@@ -172,7 +174,8 @@ static PyObject *model_info(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
 
 static PyObject *model_metadata(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
     if (!check_open(self)) return NULL;
-    return PyUnicode_FromString(dseg_torch_metadata(self->model));
+    const char *text = dseg_torch_metadata(self->model);
+    return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
 /* run(image: float32 (C, S, S), timestep: int = -1, eps: bool = False)
@@ -283,7 +286,7 @@ static PyMethodDef model_methods[] = {
      "image: float32 (C, S, S) in [-1, 1]. maps: list of (n, n) float32 arrays in the\n"
      "order of info()['map_resolutions']; eps: (latent_channels, L, L) or None."},
     {"info", (PyCFunction)model_info, METH_NOARGS, "Sizes and output layout of the bundle (dict)."},
-    {"metadata", (PyCFunction)model_metadata, METH_NOARGS, "The bundle's metadata (JSON text)."},
+    {"metadata", (PyCFunction)model_metadata, METH_NOARGS, "The bundle's diffseg.json extra file, unparsed (invalid UTF-8 replaced)."},
     {"close", (PyCFunction)model_close, METH_NOARGS,
      "Release the model (idempotent). Runs in progress in other threads finish first;\n"
      "new runs raise ValueError('Model is closed')."},

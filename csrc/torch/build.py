@@ -1,5 +1,5 @@
 """setuptools Extension for ``diffseg._torch``: the libtorch shim
-(csrc/torch/diffseg_torch.cpp, C++17) and its CPython binding
+(csrc/torch/diffseg_torch.cpp, C++) and its CPython binding
 (csrc/python/torch_module.c, C), built against the installed torch wheel.
 
 Built only when torch is importable at build time, which with pip means
@@ -8,11 +8,14 @@ build environment has no torch). ``DIFFSEG_NO_TORCH=1`` skips it.
 
 Flags: the wheel's headers are included with -isystem so that their warnings
 do not count; our own sources compile with -Wall -Wextra and no warnings.
-The C++ standard is the compiler's default, which is C++17 or later for
-g++ >= 11 and clang >= 16 (diffseg_torch.cpp checks it): distutils passes the
-same flags to C and C++ sources, and -std=c++17 on the C binding is a warning.
+The C++ standard is taken from the torch being built against (libtorch 2.13
+needs C++17, 2.14 C++20; see cxx_standard) and applies to the C++ shim only:
+distutils passes an Extension's flags to C and C++ sources alike, so setup.py
+adds it per file (shim_file_flags).
 """
 import os
+import shlex
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,6 +68,36 @@ def link_flags(libdir, gpu_libraries=()):
     if gpu_libraries:
         flags += ["-Wl,--no-as-needed"] + [f"-l{lib}" for lib in gpu_libraries] + ["-Wl,--as-needed"]
     return flags
+
+
+CXX_STANDARDS = ("c++17", "c++20")
+
+
+def cxx_standard(cxx, includes):
+    """The oldest of CXX_STANDARDS whose -std=... lets ``cxx`` (an argument
+    list) preprocess <torch/script.h> of ``includes``: the headers of each
+    libtorch refuse older standards with an #error."""
+    errors = ""
+    for std in CXX_STANDARDS:
+        cmd = list(cxx) + [f"-std={std}", "-E", "-x", "c++", "-", "-o", os.devnull]
+        for inc in includes:
+            cmd += ["-isystem", inc]
+        proc = subprocess.run(cmd, input="#include <torch/script.h>\n", capture_output=True, text=True)
+        if proc.returncode == 0:
+            return std
+        errors = proc.stderr
+    raise RuntimeError(f"{shlex.join(cxx)} compiles the torch headers with none of {', '.join(CXX_STANDARDS)}:\n"
+                       + errors[-2000:])
+
+
+def shim_file_flags(cxx):
+    """Per-file compile flags of the shim's C++ sources for the compiler
+    ``cxx`` (argument list): {basename: flags}."""
+    paths = torch_paths()
+    if paths is None:
+        return {}
+    std = cxx_standard(cxx, paths[0])
+    return {os.path.basename(src): [f"-std={std}"] for src in SOURCES if src.endswith(".cpp")}
 
 
 def torch_extension():
@@ -129,7 +162,8 @@ def example_commands(out, *, optimize="-O1", cc="gcc", cxx="g++"):
         commands.append([cc] + core_cflags() + ["-fPIC", "-fopenmp", "-c", src, "-o", obj])
         objects.append(obj)
     shim_obj = os.path.join(objdir, "diffseg_torch.o")
-    commands.append([cxx] + compile_flags(includes, abi, optimize) + ["-g0", "-fPIC", "-c",
+    std = cxx_standard([cxx], includes)
+    commands.append([cxx, f"-std={std}"] + compile_flags(includes, abi, optimize) + ["-g0", "-fPIC", "-c",
                     os.path.join(HERE, "diffseg_torch.cpp"), "-o", shim_obj])
     example_obj = os.path.join(objdir, "example.o")
     commands.append([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-I", os.path.join(ROOT, "csrc", "core"),

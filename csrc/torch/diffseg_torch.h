@@ -3,8 +3,11 @@
  * returns its self-attention maps) through libtorch, from plain C.
  *
  * A bundle is the file written by `diffseg export` (diffseg_bundle.pt): a
- * TorchScript module whose forward(image, t) returns
- * (eps, map_0, map_1, ...), plus a JSON metadata extra file ("diffseg.json").
+ * TorchScript module whose forward(image, t) returns (eps, map_0, map_1, ...)
+ * and whose attributes give its layout (format_version, image_size,
+ * image_channels, latent_size, latent_channels, default_timestep,
+ * map_resolutions, device_type), plus descriptive JSON metadata as an extra
+ * file ("diffseg.json") that the shim hands out unparsed.
  * The C API is backend-neutral: nothing here names TorchScript types, so
  * another backend (AOTInductor .pt2) can implement the same functions.
  *
@@ -16,8 +19,8 @@
  *   - A handle may be used from several threads; runs on one handle are
  *     serialised. Closing a handle while another thread uses it is an error
  *     of the caller (the Python binding waits for runs in progress).
- *   - Error messages are valid UTF-8 (bytes quoted from a corrupt bundle
- *     are replaced by '?').
+ *   - Error messages may quote bytes of a corrupt bundle as libtorch reports
+ *     them: they are not guaranteed to be valid UTF-8.
  */
 #ifndef DIFFSEG_TORCH_H
 #define DIFFSEG_TORCH_H
@@ -31,13 +34,13 @@ enum {
     DSEG_TORCH_EINVAL = 1,   /* invalid argument (message names it) */
     DSEG_TORCH_ENOMEM = 2,   /* allocation failed */
     DSEG_TORCH_EIO = 3,      /* bundle missing, unreadable or not a bundle */
-    DSEG_TORCH_EFORMAT = 4,  /* bundle metadata invalid or of another format version */
+    DSEG_TORCH_EFORMAT = 4,  /* bundle layout invalid or of another format version */
     DSEG_TORCH_ERUNTIME = 5, /* the model failed while running */
     DSEG_TORCH_EDEVICE = 6,  /* device unavailable or not the bundle's device */
 };
 
 /* The bundle format version this shim reads. */
-#define DSEG_TORCH_FORMAT_VERSION 1
+#define DSEG_TORCH_FORMAT_VERSION 2
 /* Most attention maps a bundle may return (16 for layers="all"). */
 #define DSEG_TORCH_MAX_MAPS 64
 
@@ -81,7 +84,9 @@ int dseg_torch_open(const char *path, const char *device, int num_threads,
 /* Sizes and output layout of an open bundle. */
 int dseg_torch_info_get(const dseg_torch_model *model, dseg_torch_info *info);
 
-/* The bundle's metadata as JSON text (owned by the handle, valid until close). */
+/* The bundle's descriptive metadata (model id, layer names, torch version,
+ * ...): the bytes of its "diffseg.json" extra file, unparsed and unchecked
+ * ("" when absent), owned by the handle and valid until close. */
 const char *dseg_torch_metadata(const dseg_torch_model *model);
 
 /*

@@ -37,6 +37,9 @@ def build_parser():
         prog="diffseg",
         description="DiffSeg: zero-shot segmentation from Stable Diffusion self-attention.",
     )
+    from .._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register_cli(sub)

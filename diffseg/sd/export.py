@@ -16,8 +16,11 @@ A bundle is one TorchScript file (``diffseg_bundle.pt``) that the libtorch shim
 * ``forward(image, t) = denoise(encode(image), t)``.
 
 Every map is ``(1, s*s, s*s)`` float32: row = query position (row-major),
-column = key, rows sum to 1. Metadata (JSON) is the TorchScript extra file
-``diffseg.json`` (also written beside the bundle as ``metadata.json``).
+column = key, rows sum to 1. The layout the shim needs (sizes, map
+resolutions, device type, format version: ``bundle.SHIM_ATTRIBUTES``) is stored
+as attributes of the scripted module; the descriptive metadata (JSON) is the
+TorchScript extra file ``diffseg.json`` (also written beside the bundle as
+``metadata.json``).
 
 Nothing here imports torch or diffusers at module level.
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from .._util import atomic_path, atomic_write
 from .bundle import (BUNDLE_FILE, DEFAULT_MODEL, DEFAULT_TIMESTEP, DTYPES, FORMAT, FORMAT_VERSION,
-                     LAYER_MODES, METADATA_NAME)
+                     LAYER_MODES, METADATA_NAME, SHIM_ATTRIBUTES)
 from .capture import install_capture
 from .checkpoint import _check_supported, _sd_version, load_pipeline
 
@@ -68,15 +71,24 @@ def _modules(pipe, sink, embedding, mode):
     return Encoder(pipe.vae, pipe.unet.dtype), UNetAttention(pipe.unet)
 
 
-def _script_bundle(encoder, unet):
+def _script_bundle(encoder, unet, layout):
+    """Script the bundle; ``layout`` maps each name of ``SHIM_ATTRIBUTES`` to
+    its value, stored as module attributes for the shim (it parses no JSON)."""
     import torch
     from typing import List
 
+    if set(layout) != set(SHIM_ATTRIBUTES):
+        raise ValueError(f"layout must have exactly the keys {SHIM_ATTRIBUTES}, got {sorted(layout)}")
+
     class Bundle(torch.nn.Module):
+        map_resolutions: List[int]
+
         def __init__(self, encoder, unet):
             super().__init__()
             self.encoder = encoder
             self.unet = unet
+            for name, value in layout.items():
+                setattr(self, name, value)
 
         @torch.jit.export
         def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -149,11 +161,16 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         sink.record_names = True  # the traced run lists the layers in execution order
         traced_unet = torch.jit.trace(unet_wrapper, (example_latent, example_t), check_trace=False)
         sink.record_names = False
-        bundle = _script_bundle(traced_encoder, traced_unet)
-    layer_names = [n for n, _ in sink.names]
-    layer_res = [s for _, s in sink.names]
-    resolutions = sorted(set(layer_res), reverse=True)
-    output_res = layer_res if layers == "all" else resolutions
+        layer_names = [n for n, _ in sink.names]
+        layer_res = [s for _, s in sink.names]
+        resolutions = sorted(set(layer_res), reverse=True)
+        output_res = layer_res if layers == "all" else resolutions
+        bundle = _script_bundle(traced_encoder, traced_unet, {
+            "format_version": FORMAT_VERSION, "image_size": size, "image_channels": 3,
+            "latent_size": latent_size, "latent_channels": latent_channels,
+            "default_timestep": DEFAULT_TIMESTEP, "map_resolutions": list(output_res),
+            "device_type": device.split(":")[0],
+        })
 
     import diffusers
 

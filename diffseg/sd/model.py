@@ -34,7 +34,7 @@ import numpy as np
 from .._util import file_lock
 from ..core import average_layers
 from ..io.images import preprocess_image
-from .bundle import BUNDLE_FILE, DEFAULT_MODEL
+from .bundle import BUNDLE_FILE, DEFAULT_MODEL, FORMAT, FORMAT_VERSION, METADATA_NAME, read_metadata
 
 CACHE_ENV = "DIFFSEG_CACHE"
 
@@ -109,6 +109,40 @@ def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", laye
     return cache_dir() / key
 
 
+def check_device(device):
+    """``device`` as a string, after checking that it names a device this
+    process can run on (ValueError otherwise: a CUDA device without CUDA
+    fails here, not deep inside libtorch)."""
+    device = str(device)
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device != "cpu":
+        _torch = _shim()
+        if not _torch.cuda_available():
+            raise ValueError(f"device {device!r}: CUDA is not available to libtorch {_torch.torch_version()} "
+                             "here (a CPU-only torch, or no GPU or driver): use device 'cpu'")
+    return device
+
+
+def _bundle_metadata(path, error):
+    """The metadata dict of a bundle file; ``error`` (BundleError) when the
+    file is not a diffseg bundle of this format version. Read without torch,
+    before the shim opens the file."""
+    try:
+        meta = read_metadata(path)
+    except OSError as e:
+        raise error(f"bundle: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise error(f"bundle: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise error(f"bundle: {path}: {METADATA_NAME} does not say format {FORMAT!r}: not a diffseg bundle")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise error(f"bundle: {path} is a diffseg bundle of format version {version!r}, this diffseg reads "
+                    f"version {FORMAT_VERSION}: export it again with this diffseg (`diffseg export SOURCE DIR`)")
+    return meta
+
+
 def _resolve_bundle(path):
     """A bundle file, or a folder holding ``diffseg_bundle.pt``; None if not a path on disk."""
     p = Path(os.fspath(path)).expanduser()
@@ -141,25 +175,22 @@ class Model:
             raise FileNotFoundError(f"model bundle not found: {path}")
         _torch = _shim()
         # Cheap checks first, in Python, for clear messages (the shim checks again).
-        if device is None:
-            device = "cpu"
+        device = check_device("cpu" if device is None else device)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 0):
             raise ValueError(f"threads must be a non-negative integer, got {threads!r}")
         self.path = str(bundle)
-        self.device = str(device)
-        self._model = _torch.Model(self.path, self.device, int(threads or 0))
-        self.info = self._model.info()
+        self.device = device
+        self.metadata = _bundle_metadata(self.path, _torch.BundleError)
         try:
-            # The shim's parser is strict JSON over valid UTF-8; this cannot
-            # fail unless the two disagree, but a corrupt bundle must never
-            # surface as a bare JSONDecodeError.
-            self.metadata = json.loads(self._model.metadata())
-            if not isinstance(self.metadata, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            self._model.close()
-            raise _torch.BundleError(f"bundle: the metadata of {self.path} cannot be read: {e}") from None
+            self._model = _torch.Model(self.path, self.device, int(threads or 0))
+        except _torch.BundleError as e:
+            exported, runtime = self.metadata.get("torch_version"), _torch.torch_version()
+            if exported is None or _release(exported) == _release(runtime):
+                raise
+            raise _torch.BundleError(f"{e} (the bundle was exported with torch {exported}, this is libtorch "
+                                     f"{runtime}: export it again with this torch, `diffseg export`)") from None
+        self.info = self._model.info()
         self._check_torch_version(_torch)
 
     def _check_torch_version(self, _torch):
@@ -280,6 +311,7 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
     any export when the libtorch shim or torch/diffusers are missing.
     """
     source = DEFAULT_MODEL if path_or_id is None else os.fspath(path_or_id)
+    device = check_device(device)  # before a slow export for a device that cannot run it
     p = Path(source).expanduser()
     if p.is_file() and p.suffix == ".pt" or (p.is_dir() and (p / BUNDLE_FILE).is_file()):
         return Model(p, device=device, threads=threads)
