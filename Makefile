@@ -2,7 +2,8 @@
 #   make demo   set up .venv and run the main job (segment an image with a
 #               Stable Diffusion bundle when IMAGE=... is given, else planted
 #               synthetic attention, no weights needed)
-#   make test   set up .venv and run the test suite (what CI runs)
+#   make test   set up .venv and run the test suite (CI runs it first, then
+#               test-reliability, test-asan and the release checks)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ SOURCES := $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.py) setup.py p
 # The torch wheel is pinned: a plain "torch" requirement pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench test-asan clean
+.PHONY: demo test test-reliability bench test-asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,11 @@ else
 endif
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not reliability"
+
+# Slow fuzzing, concurrency, leak, damaged-bundle and build-from-C tests.
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -m reliability
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

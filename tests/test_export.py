@@ -150,6 +150,7 @@ def test_per_resolution_bundle_refuses_layer_attention(tiny_model):
         tiny_model.layer_attention(np.zeros((3, 128, 128), np.float32))
 
 
+@pytest.mark.reliability  # slow: `make test-reliability`
 def test_sd2_topology(tmp_path):
     """SD 2.x options (linear projections, per-block heads, upcast attention,
     v-prediction) export and match eager diffusers."""

@@ -32,6 +32,8 @@ import diffseg
 from diffseg import _core, reference
 from run_in_subprocess import isolated, record
 
+pytestmark = pytest.mark.reliability  # slow: `make test-reliability`, which CI runs too
+
 SCALE = float(os.environ.get("DIFFSEG_FUZZ_SCALE", "1"))
 
 

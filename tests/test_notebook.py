@@ -25,6 +25,7 @@ def _run(model, tmp_path, monkeypatch):
     return text, images
 
 
+@pytest.mark.reliability  # slow: `make test-reliability`
 def test_notebook_tiny_model(tiny_bundle, tmp_path, monkeypatch):
     pytest.importorskip("diffseg._torch")
     text, images = _run(str(tiny_bundle), tmp_path, monkeypatch)

@@ -345,6 +345,7 @@ def test_concurrent_runs(tiny_model):
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("g++") is None, reason="needs gcc and g++")
+@pytest.mark.reliability  # slow: `make test-reliability`
 def test_c_example_program(tiny_bundle, tmp_path):
     """csrc/torch/example.c links the shim and the core without Python; its
     maps match the Python path and its labels are what the core gives."""

@@ -26,6 +26,8 @@ from diffseg import _core
 from diffseg.synthetic import planted_example
 from run_in_subprocess import isolated, run_python
 
+pytestmark = pytest.mark.reliability  # slow: `make test-reliability`, which CI runs too
+
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 

@@ -22,7 +22,6 @@ makes the mismatch an error.
 """
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
