@@ -24,6 +24,7 @@ CORE_SOURCES = [
     "csrc/core/aggregate.c",
     "csrc/core/merge.c",
     "csrc/core/nms.c",
+    "csrc/core/refine.c",
     "csrc/python/core_module.c",
 ]
 # -ffp-contract=off: no FMA contraction, so aggregate and nms match

@@ -357,8 +357,9 @@ def sym_kl(p, q):
 
 
 def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-               weights=None):
-    """Aggregate (unless ``A`` is given), merge and label, keeping every stage.
+               weights=None, refine=False):
+    """Aggregate (unless ``A`` is given), merge (then :func:`refine` when
+    ``refine``) and label, keeping every stage.
 
     Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, R, R),
     ``labels`` (height, width) int32 and ``proposal`` (label -> proposal
@@ -372,17 +373,21 @@ def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
             raise ValueError("give attn (attention maps) or A (aggregated attention)")
         A = aggregate(attn, weights=weights)
     proposals = merge(A, grid=grid, kl_threshold=thresholds)
+    if refine:
+        proposals = _refine(A, proposals)
     labels, index = nms(proposals, size, return_index=True)
     return {"A": A, "proposals": proposals, "labels": labels, "proposal": index}
 
 
 def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-                      weights=None):
+                      weights=None, refine=False):
     """Aggregate, merge and label: attention maps -> ``(height, width)`` int32 labels.
 
-    See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments.
+    See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments;
+    ``refine=True`` adds the official k-means refinement (:func:`refine`).
     """
-    return run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=size, weights=weights)["labels"]
+    return run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=size, weights=weights,
+                      refine=refine)["labels"]
 
 
 def segment_scores(labels, proposals, A, *, index=None):
@@ -434,3 +439,65 @@ def segment_scores(labels, proposals, A, *, index=None):
     with np.errstate(over="ignore"):
         score = np.exp(-mean_kl)
     return score, mean_kl
+
+
+def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=False,
+           return_stats=False):
+    """k-means refinement of merged proposals (the official ``refine=True``).
+
+    The official code runs scikit-learn's ``KMeans(n_clusters=K,
+    init=proposals, n_init=1)`` on the ``R*R`` rows of ``A`` and replaces each
+    proposal by the mean of the rows assigned to it. This is the same Lloyd
+    iteration in C: squared Euclidean distances, first centre on ties,
+    scikit-learn's stopping rules (labels unchanged, or squared centre shift
+    ``<= tol`` x the mean column variance of ``A``; a final assignment when
+    stopped by the shift or ``max_iter``) and its relocation of empty clusters
+    to the rows farthest from their centres. Labels are those of float64
+    arithmetic (float32 estimates, near ties decided again in float64), so they
+    equal scikit-learn's on float64 data up to exact-tie rounding.
+
+    Parameters
+    ----------
+    A : (R*R, R*R) or (R, R, R, R) array, aggregated attention
+    proposals : (K, R, R) or (K, R*R) array, e.g. from :func:`merge`
+    max_iter : int >= 1
+    tol : float >= 0
+    workers : int, optional
+        Threads for this call (default: :func:`get_num_threads`). Results are
+        bit-identical for any value.
+    return_labels : bool
+        Also return ``labels`` (R*R,) int32: the cluster of each row of ``A``.
+    return_stats : bool
+        Also return ``{"iterations", "strict_convergence", "relocated",
+        "rechecks"}``.
+
+    Returns
+    -------
+    proposals : (K', R, R) float32, K' <= K: the clusters that end non-empty,
+        in order (the official code would give an empty one a NaN map).
+    """
+    A, R = _as_matrix(A)
+    P = _float32(proposals, "proposals")
+    if P.ndim == 3 and P.shape[1:] == (R, R):
+        P = P.reshape(P.shape[0], R * R)
+    if P.ndim != 2 or P.shape[1] != R * R:
+        raise ValueError(f"proposals must be (K, {R}, {R}) or (K, {R * R}) to match A, "
+                         f"got shape {P.shape}")
+    max_iter = _check_int(max_iter, "max_iter", 1, 1 << 30)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__}")
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be finite and >= 0, got {tol}")
+    threads = 0 if workers is None else _check_int(workers, "workers", 1, 4096)
+    out, labels, iterations, strict, relocated, rechecks = _core.refine(
+        A, P, max_iter, float(tol), threads)
+    result = (out.reshape(-1, R, R),)
+    if return_labels:
+        result += (labels,)
+    if return_stats:
+        result += ({"iterations": iterations, "strict_convergence": bool(strict),
+                    "relocated": relocated, "rechecks": rechecks},)
+    return result[0] if len(result) == 1 else result
+
+
+_refine = refine  # for functions whose `refine` keyword hides this one

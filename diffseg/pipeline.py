@@ -56,7 +56,8 @@ def paste_labels(labels, height, width, border="nearest"):
 
 
 def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                     timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", scores=True):
+                     timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", scores=True,
+                     refine=False):
     """Segment one image and keep the intermediate results.
 
     Arguments as :func:`segment` (``model`` may also be any object with
@@ -76,7 +77,7 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
     stages = run_stages(model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,
-                        size=(side, side), weights=weights)
+                        size=(side, side), weights=weights, refine=refine)
     crop_labels = stages["labels"]
     result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border),
               "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}
@@ -87,7 +88,7 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
 
 
 def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP, weights=None,
-            border="nearest"):
+            border="nearest", refine=False):
     """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
 
     Parameters
@@ -100,9 +101,11 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
         UNet timestep (300 as the official code).
     border : ``"nearest"`` or int
         Label of pixels outside the centre crop (see the module docstring).
+    refine : bool
+        The official k-means refinement after the merge (:func:`diffseg.refine`).
     """
     return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                            weights=weights, border=border, scores=False)["labels"]
+                            weights=weights, border=border, scores=False, refine=refine)["labels"]
 
 
 def result_records(result, output_mode="coco_rle"):

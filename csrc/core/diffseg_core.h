@@ -110,6 +110,32 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D);
 int dseg_nms(const float *proposals, int K, int h, int w, int H, int W,
              int32_t *labels, int *n_labels, int32_t *winners);
 
+/* Optional statistics of one dseg_refine call. */
+typedef struct {
+    int iterations;         /* Lloyd iterations run (scikit-learn's n_iter_) */
+    int strict_convergence; /* 1: stopped because the labels did not change */
+    int relocated;          /* empty clusters moved to far rows, all iterations */
+    int64_t rechecks;       /* row assignments decided in float64 (near ties) */
+} dseg_refine_stats;
+
+/*
+ * k-means refinement, as the official code's refine=True (scikit-learn
+ * KMeans(init=proposals, n_init=1): Lloyd, its tolerance, its stopping rules
+ * and its relocation of empty clusters).
+ *
+ * A: (n, d) rows to cluster (non-negative, e.g. the (R*R, R*R) aggregated
+ * attention); init: (K, d) initial centres, 1 <= K <= n. Stops after max_iter
+ * (>= 1) iterations, when the labels stop changing, or when the squared
+ * Frobenius norm of the centre shift is <= tol (>= 0) x the mean column
+ * variance of A. out: (K, d) buffer; its first *n_out rows are the means of
+ * the rows of A in each cluster that the final labels leave non-empty, in
+ * cluster order. labels (n entries, the final cluster of each row) and stats
+ * may be NULL. threads < 1: dseg_get_num_threads().
+ */
+int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_iter,
+                double tol, int threads, float *out, int *n_out, int32_t *labels,
+                dseg_refine_stats *stats);
+
 #ifdef __cplusplus
 }
 #endif

@@ -397,6 +397,68 @@ static PyObject *py_sgemm_backend(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED
     return PyUnicode_FromString(dseg_get_sgemm() ? "external" : "builtin");
 }
 
+/* refine(A: (n, d), init: (K, d), max_iter: int, tol: float, threads: int)
+ *   -> (proposals (K', d), labels (n,) int32, iterations, strict, relocated, rechecks) */
+static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *A_obj, *P_obj;
+    int max_iter, threads;
+    double tol;
+    if (!PyArg_ParseTuple(args, "OOidi", &A_obj, &P_obj, &max_iter, &tol, &threads)) return NULL;
+    PyArrayObject *A = checked_array(A_obj, 2, "A");
+    PyArrayObject *P = A ? checked_array(P_obj, 2, "proposals") : NULL;
+    if (!P) return NULL;
+    const npy_intp n = PyArray_DIM(A, 0), d = PyArray_DIM(A, 1), K = PyArray_DIM(P, 0);
+    if (n > 2000000000 || d > 2000000000) {
+        PyErr_SetString(PyExc_ValueError, "A is too large");
+        return NULL;
+    }
+    if (PyArray_DIM(P, 1) != d) {
+        PyErr_Format(PyExc_ValueError, "proposals must have %zd columns (as A), got %zd",
+                     (Py_ssize_t)d, (Py_ssize_t)PyArray_DIM(P, 1));
+        return NULL;
+    }
+    if (K > n) {
+        PyErr_Format(PyExc_ValueError, "proposals: %zd proposals for %zd rows of A (at most one per row)",
+                     (Py_ssize_t)K, (Py_ssize_t)n);
+        return NULL;
+    }
+    if (max_iter < 1) {
+        PyErr_Format(PyExc_ValueError, "max_iter must be >= 1, got %d", max_iter);
+        return NULL;
+    }
+    if (!(tol >= 0.0 && tol <= 1e300)) {
+        PyErr_Format(PyExc_ValueError, "tol must be finite and >= 0, got %g", tol);
+        return NULL;
+    }
+    npy_intp dims[2] = {K, d}, ldims[1] = {n};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    PyObject *labels = out ? PyArray_SimpleNew(1, ldims, NPY_INT32) : NULL;
+    if (!labels) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    int rc, kept = 0;
+    dseg_refine_stats stats = {0, 0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    rc = dseg_refine((const float *)PyArray_DATA(A), (int)n, (int)d, (const float *)PyArray_DATA(P),
+                     (int)K, max_iter, tol, threads, (float *)PyArray_DATA((PyArrayObject *)out),
+                     &kept, (int32_t *)PyArray_DATA((PyArrayObject *)labels), &stats);
+    Py_END_ALLOW_THREADS
+    if (rc != DSEG_OK) {
+        Py_DECREF(out);
+        Py_DECREF(labels);
+        return core_error(rc);
+    }
+    PyObject *used = PySequence_GetSlice(out, 0, kept);
+    Py_DECREF(out);
+    if (!used) {
+        Py_DECREF(labels);
+        return NULL;
+    }
+    return Py_BuildValue("NNiiiL", used, labels, stats.iterations, stats.strict_convergence,
+                         stats.relocated, (long long)stats.rechecks);
+}
+
 static PyMethodDef methods[] = {
     {"aggregate", py_aggregate, METH_VARARGS, "aggregate(maps, weights, out_res) -> (N, N) float32"},
     {"merge", py_merge, METH_VARARGS,
@@ -409,6 +471,9 @@ static PyMethodDef methods[] = {
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the core was built with OpenMP"},
     {"set_sgemm", py_set_sgemm, METH_O, "set_sgemm(capsule or None)"},
     {"sgemm_backend", py_sgemm_backend, METH_NOARGS, "'external' or 'builtin'"},
+    {"refine", py_refine, METH_VARARGS,
+     "refine(A, proposals, max_iter, tol, threads) -> (proposals, labels, iterations, strict, "
+     "relocated, rechecks)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -44,7 +44,7 @@ def _run(args):
     try:
         results = evaluate(
             dataset, model, kl_threshold=args.kl_threshold, attention_dir=args.attention_dir,
-            limit=args.limit, protocol=args.protocol, grid=args.grid,
+            limit=args.limit, protocol=args.protocol, grid=args.grid, refine=args.refine,
             n_classes=args.n_classes if args.dataset == "folder" else None,
             output_dir=output_dir, resume=not args.no_resume, progress=not args.no_progress,
         )
@@ -109,6 +109,9 @@ def register_cli(subparsers):
                    help=f"KL threshold setting(s), each {KL_HELP}; several settings are evaluated from "
                         "one attention pass (default: 1.1 COCO-Stuff, 0.9 Cityscapes)")
     p.add_argument("--grid", type=positive_int, default=16, help="anchor grid per axis (default 16)")
+    p.add_argument("--refine", action="store_true",
+                   help="k-means refinement after the merge, as the official refine=True "
+                        "(off in the official benchmarks)")
     p.add_argument("--protocol", default="per-image", choices=["per-image", "per-dataset"],
                    help="Hungarian matching per image (DiffSeg; default) or over the dataset")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images")

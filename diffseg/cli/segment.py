@@ -130,7 +130,7 @@ def _run(args):
                 t0 = time.perf_counter()
                 try:
                     result = segment_detailed(path, model, kl_threshold=args.kl_threshold, grid=args.grid,
-                                              timestep=args.timestep)
+                                              timestep=args.timestep, refine=args.refine)
                     _write(result, path, paths, args.rle, settings)
                 except (ValueError, OSError) as e:  # unreadable image, unwritable output
                     failed += 1
@@ -168,7 +168,11 @@ def _requested(args):
     """The settings of this run that are known before the model is opened."""
     return {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
             "timestep": DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
-            "model_arg": args.model}
+            "model_arg": args.model, "refine": bool(args.refine)}
+
+
+# Settings added after outputs were first saved: the value older outputs were made with.
+_OLDER_OUTPUTS = {"refine": False}
 
 
 def _done_with(paths, wanted):
@@ -182,7 +186,7 @@ def _done_with(paths, wanted):
         saved = json.loads(paths["json"].read_text()).get("settings", {})
     except (OSError, ValueError, AttributeError):
         return False
-    return all(saved.get(k) == v for k, v in wanted.items())
+    return all(saved.get(k, _OLDER_OUTPUTS.get(k)) == v for k, v in wanted.items())
 
 
 def _write(result, path, paths, rle, settings):
@@ -222,6 +226,9 @@ def register_cli(subparsers):
     p.add_argument("--kl-threshold", type=kl_setting, default=kl_setting("1.1"), metavar="T",
                    help=f"merge threshold: {KL_HELP} (default 1.1, COCO-Stuff; 0.9 for Cityscapes)")
     p.add_argument("--grid", type=positive_int, default=16, metavar="N", help="anchors per side (default 16)")
+    p.add_argument("--refine", action="store_true",
+                   help="k-means refinement of the merged proposals, as the official refine=True "
+                        "(off by default, as in the official benchmarks)")
     p.add_argument("--format", default="all", metavar="LIST",
                    help="outputs, comma-separated: labels, overlay, json (default: all)")
     p.add_argument("--output-mode", dest="rle", choices=OUTPUT_MODES, default="coco_rle",
@@ -230,7 +237,7 @@ def register_cli(subparsers):
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose outputs all exist and (per NAME.json) were made with the same "
-                        "--kl-threshold, --grid, --timestep and --model (resume a batch)")
+                        "--kl-threshold, --grid, --refine, --timestep and --model (resume a batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
     p.set_defaults(func=_run)

@@ -117,7 +117,7 @@ def _describe(dataset, n_classes):
 # -- evaluation ---------------------------------------------------------------
 def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limit=None,
              protocol="per-image", grid=16, weights=None, n_classes=None, class_names=None,
-             ignore_index=-1, output_dir=None, resume=True, progress=True):
+             ignore_index=-1, output_dir=None, resume=True, progress=True, refine=False):
     """Segment every image of ``dataset`` and score it.
 
     Parameters
@@ -137,6 +137,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
     protocol : ``"per-image"`` (DiffSeg) or ``"per-dataset"`` (see
         :mod:`diffseg.evaluation.metrics`).
     grid, weights : passed to :func:`diffseg.merge` / :func:`diffseg.aggregate`.
+    refine : k-means refinement after the merge (:func:`diffseg.refine`; the
+        official benchmark leaves it off).
     n_classes, class_names : default from the dataset.
     output_dir : where ``state.json``, ``results.json`` and ``results.md`` go.
         Needed to resume.
@@ -212,6 +214,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
         "grid": int(grid),
         "weights": _weights_json(weights),
     }
+    if refine:  # only when on: states saved before the option existed still resume
+        config["refine"] = True
 
     metrics = [HungarianMetrics(n_classes, protocol, ignore_index) for _ in settings]
     done = []
@@ -249,7 +253,8 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             t_attn = time.perf_counter()
             for k, setting in enumerate(settings):
                 t0 = time.perf_counter()
-                pred = run_stages(A=A, grid=grid, kl_threshold=setting, size=label.shape)["labels"]
+                pred = run_stages(A=A, grid=grid, kl_threshold=setting, size=label.shape,
+                                  refine=refine)["labels"]
                 metrics[k].update(pred, label)
                 seconds["segment"][k] += time.perf_counter() - t0
             seconds["attention"] += t_attn - t_start

@@ -1,0 +1,353 @@
+/*
+ * k-means refinement (the official code's refine=True): scikit-learn's
+ * KMeans(init=proposals, n_init=1), i.e. Lloyd's algorithm with
+ * scikit-learn's stopping rules and empty-cluster relocation, on the rows of A.
+ *
+ * Precision. The official code runs scikit-learn on float64 attention. Here
+ * centres are kept in float64; distances are estimated with the float32 GEMM
+ * (the squared norm of the row is common to all centres, so only
+ * |c|^2 - 2 a.c is compared), and a row whose best and second-best estimates
+ * are within the GEMM's error bound is decided again in float64. Labels are
+ * therefore those of float64 arithmetic, whatever the GEMM backend, ISA or
+ * thread count. Sums run in a fixed order (each thread owns whole columns,
+ * rows added in index order), so results are bit-identical for any thread
+ * count.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum {
+    CHUNK = 64,  /* rows per E-step task: a (CHUNK, d) slab of A stays in L2 */
+};
+
+/* Threads for a region of about `work` operations: one when too little. */
+static int team(int threads, double work) { return dseg_threads_for(work) > 1 ? threads : 1; }
+
+typedef struct {
+    const float *A;
+    int n, d, K, threads;
+    double rel;        /* relative error bound of a float32 GEMM dot product */
+    const double *c;   /* (K, d) centres */
+    const float *c32;  /* (K, d) centres rounded for the GEMM */
+    double *cnorm;     /* (K) |c|^2 */
+    float *G;          /* (n, K) GEMM results */
+    int32_t *labels;   /* (n) out */
+    int64_t rechecks;
+} estep;
+
+/* |c|^2 - 2 a.c in float64 (the row's own |a|^2 left out). */
+static double exact_score(const float *a, const double *c, double cnorm, int d) {
+    double dot = 0.0;
+    for (int f = 0; f < d; f++) dot += (double)a[f] * c[f];
+    return cnorm - 2.0 * dot;
+}
+
+/* Bound on the error of the estimate |c|^2 - 2 g of a score: for
+ * non-negative data the GEMM's dot product g is within rel * g of a.c (this
+ * covers rounding the centre to float32 too), plus what underflow can lose
+ * (under FLT_MIN per product). */
+static double err(const estep *e, float g) {
+    return 2.0 * (e->rel * g + (double)e->d * FLT_MIN);
+}
+
+/* Label every row: the centre with the smallest squared distance, the first
+ * on ties (as scikit-learn). */
+static void assign(estep *e) {
+    const int n = e->n, d = e->d, K = e->K;
+    for (int j = 0; j < K; j++) {
+        double s = 0.0;
+        const double *c = e->c + (size_t)j * d;
+        for (int f = 0; f < d; f++) s += c[f] * c[f];
+        e->cnorm[j] = s;
+    }
+    int64_t rechecks = 0;
+    const int chunks = (n + CHUNK - 1) / CHUNK;
+    /* The GEMM of each task runs on its calling thread (nested regions are
+     * inactive), so the threads split the rows, not the few centres. */
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
+    num_threads(team(e->threads, (double)n * K * d))
+    for (int ch = 0; ch < chunks; ch++) {
+        const int i0 = ch * CHUNK, m = n - i0 < CHUNK ? n - i0 : CHUNK;
+        float *G = e->G + (size_t)i0 * K;
+        dseg_gemm_nt(m, K, d, e->A + (size_t)i0 * d, d, e->c32, d, G, K, 0, NULL);
+        for (int r = 0; r < m; r++) {
+            const float *g = G + (size_t)r * K;
+            /* Rows whose interval [score - err, score + err] overlaps the
+             * best one's are decided in float64. */
+            int best = 0;
+            double best_hi = INFINITY;
+            for (int j = 0; j < K; j++) {
+                const double hi = e->cnorm[j] - 2.0 * g[j] + err(e, g[j]);
+                if (hi < best_hi) {
+                    best_hi = hi;
+                    best = j;
+                }
+            }
+            int rivals = 0;
+            for (int j = 0; j < K; j++)
+                rivals += j != best && e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) <= best_hi;
+            if (rivals) {
+                const float *a = e->A + (size_t)(i0 + r) * d;
+                double best_s = INFINITY;
+                best = 0;
+                for (int j = 0; j < K; j++) {
+                    if (e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) > best_hi) continue;
+                    const double s = exact_score(a, e->c + (size_t)j * d, e->cnorm[j], d);
+                    if (s < best_s) {
+                        best_s = s;
+                        best = j;
+                    }
+                }
+                rechecks++;
+            }
+            e->labels[i0 + r] = best;
+        }
+    }
+    e->rechecks += rechecks;
+}
+
+/* Column ranges for `parts` tasks that each read whole row segments (long
+ * contiguous runs; a sum over rows keeps its row order however the columns
+ * are split, so results do not depend on the split). */
+static int column_width(int d, int parts) { return ((d + parts - 1) / parts + 15) / 16 * 16; }
+
+/* sums[j] = sum of the rows labelled j (added in row order), counts[j] = how
+ * many. */
+static void cluster_sums(const float *A, int n, int d, int K, const int32_t *labels,
+                         int threads, double *sums, int64_t *counts) {
+    memset(sums, 0, sizeof(double) * (size_t)K * d);
+    memset(counts, 0, sizeof(int64_t) * (size_t)K);
+    for (int i = 0; i < n; i++) counts[labels[i]]++;
+    const int parts = team(threads, (double)n * d), width = column_width(d, parts);
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+    for (int b = 0; b < parts; b++) {
+        const int f0 = b * width, len = d - f0 < width ? d - f0 : width;
+        for (int i = 0; i < n && len > 0; i++) {
+            const float *a = A + (size_t)i * d + f0;
+            double *s = sums + (size_t)labels[i] * d + f0;
+            for (int f = 0; f < len; f++) s[f] += a[f];
+        }
+    }
+}
+
+/* Squared distance of every row to the centre of its label (float64). */
+static void distances_to_centres(const float *A, int n, int d, const double *c,
+                                 const int32_t *labels, int threads, double *out) {
+#pragma omp parallel for schedule(static) num_threads(team(threads, (double)n * d))
+    for (int i = 0; i < n; i++) {
+        const float *a = A + (size_t)i * d;
+        const double *ci = c + (size_t)labels[i] * d;
+        double s = 0.0;
+        for (int f = 0; f < d; f++) {
+            const double t = a[f] - ci[f];
+            s += t * t;
+        }
+        out[i] = s;
+    }
+}
+
+/*
+ * scikit-learn's rule for clusters left empty by an E-step
+ * (_relocate_empty_clusters_dense): unless every row sits exactly on its
+ * centre, the e empty clusters (in index order) take the e rows farthest from
+ * their centres (farthest first); each such row moves its sum and count from
+ * its cluster to the empty one. scikit-learn orders those rows with
+ * np.argpartition, which leaves ties and the order among them unspecified;
+ * here: decreasing distance, lower row index first on ties.
+ */
+static int relocate_empty(const float *A, int n, int d, int K, const double *c,
+                          const int32_t *labels, int threads, double *sums,
+                          int64_t *counts) {
+    int empty = 0;
+    for (int j = 0; j < K; j++) empty += counts[j] == 0;
+    if (!empty) return 0;
+    double *dist = malloc(sizeof(double) * (size_t)n);
+    int *far = malloc(sizeof(int) * (size_t)empty);
+    if (!dist || !far) {
+        free(dist);
+        free(far);
+        return -1;
+    }
+    distances_to_centres(A, n, d, c, labels, threads, dist);
+    double top = 0.0;
+    for (int i = 0; i < n; i++) top = dist[i] > top ? dist[i] : top;
+    int moved = 0;
+    if (top > 0.0) {
+        /* e passes of a max-scan: e <= K, and this path is rare. */
+        for (int t = 0; t < empty; t++) {
+            int pick = -1;
+            for (int i = 0; i < n; i++) {
+                int taken = 0;
+                for (int u = 0; u < t && !taken; u++) taken = far[u] == i;
+                if (!taken && (pick < 0 || dist[i] > dist[pick])) pick = i;
+            }
+            far[t] = pick;
+        }
+        int t = 0;
+        for (int j = 0; j < K; j++) {
+            if (counts[j] != 0 || t >= empty) continue;
+            const int i = far[t++], from = labels[i];
+            const float *a = A + (size_t)i * d;
+            double *src = sums + (size_t)from * d, *dst = sums + (size_t)j * d;
+            for (int f = 0; f < d; f++) {
+                src[f] -= a[f];
+                dst[f] = a[f];
+            }
+            counts[j] = 1;
+            counts[from]--;
+            moved++;
+        }
+    }
+    free(dist);
+    free(far);
+    return moved;
+}
+
+/* centres = sums / counts. A cluster still empty (every row on its centre, or
+ * its last row relocated) takes the mean of the largest cluster, which is
+ * what scikit-learn's _average_centers means to do (it copies that cluster's
+ * row whether or not it is already divided, depending on the index order). */
+static void average(const double *sums, const int64_t *counts, int K, int d, double *c) {
+    int largest = 0;
+    for (int j = 1; j < K; j++) largest = counts[j] > counts[largest] ? j : largest;
+    for (int j = 0; j < K; j++) {
+        const int src = counts[j] > 0 ? j : largest;
+        const double inv = 1.0 / (double)counts[src];
+        for (int f = 0; f < d; f++) c[(size_t)j * d + f] = sums[(size_t)src * d + f] * inv;
+    }
+}
+
+/* Mean over columns of the (population) column variances, from one pass:
+ * (sum of squares / n - sum of squared column means) / d in float64 (the
+ * cancellation costs a few digits of 16; this only sets the tolerance).
+ * work: 2 d doubles. */
+static double mean_column_variance(const float *A, int n, int d, int threads, double *work) {
+    double *colsum = work, *colsq = work + d;
+    const int parts = team(threads, (double)n * d), width = column_width(d, parts);
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+    for (int b = 0; b < parts; b++) {
+        const int f0 = b * width, len = d - f0 < width ? d - f0 : width;
+        for (int f = 0; f < len; f++) colsum[f0 + f] = colsq[f0 + f] = 0.0;
+        double *restrict cs = colsum + f0, *restrict cq = colsq + f0;
+        for (int i = 0; i < n && len > 0; i++) {
+            const float *a = A + (size_t)i * d + f0;
+            for (int f = 0; f < len; f++) {
+                cs[f] += a[f];
+                cq[f] += (double)a[f] * a[f];
+            }
+        }
+    }
+    double sq = 0.0, mean_sq = 0.0;
+    for (int f = 0; f < d; f++) {
+        const double mean = colsum[f] / n;
+        sq += colsq[f] / n;
+        mean_sq += mean * mean;
+    }
+    const double v = (sq - mean_sq) / d;
+    return v > 0.0 ? v : 0.0;
+}
+
+int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_iter,
+                double tol, int threads, float *out, int *n_out, int32_t *labels,
+                dseg_refine_stats *stats) {
+    dseg_clear_error();
+    if (!A || !init || !out || !n_out) return dseg_fail(DSEG_EINVAL, "refine: NULL buffer");
+    if (n < 1 || d < 1) return dseg_fail(DSEG_EINVAL, "A must have at least one row and column");
+    if (K < 1 || K > n)
+        return dseg_fail(DSEG_EINVAL, "proposals: need 1 to %d (rows of A) proposals, got %d", n, K);
+    if (max_iter < 1) return dseg_fail(DSEG_EINVAL, "max_iter must be >= 1, got %d", max_iter);
+    if (!(tol >= 0.0 && tol <= 1e300)) return dseg_fail(DSEG_EINVAL, "tol must be finite and >= 0");
+    if (threads < 1) threads = dseg_threads();
+
+    const size_t kd = (size_t)K * d;
+    double *c = malloc(sizeof(double) * kd), *c_new = malloc(sizeof(double) * kd);
+    double *sums = malloc(sizeof(double) * kd), *cnorm = malloc(sizeof(double) * K);
+    double *colvar = malloc(sizeof(double) * 2 * (size_t)d);
+    float *c32 = malloc(sizeof(float) * kd), *G = malloc(sizeof(float) * (size_t)n * K);
+    int64_t *counts = malloc(sizeof(int64_t) * K);
+    int32_t *lab = malloc(sizeof(int32_t) * n), *lab_old = malloc(sizeof(int32_t) * n);
+    int rc = DSEG_OK;
+    if (!c || !c_new || !sums || !cnorm || !colvar || !c32 || !G || !counts || !lab || !lab_old) {
+        rc = dseg_fail(DSEG_ENOMEM, "refine: out of memory");
+        goto done;
+    }
+
+    /* scikit-learn's tolerance: tol x the mean over columns of the column
+     * variances of A. */
+    const double tol_abs = tol > 0.0 ? tol * mean_column_variance(A, n, d, threads, colvar) : 0.0;
+
+    for (size_t t = 0; t < kd; t++) c[t] = init[t];
+    estep e = {A, n, d, K, threads, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, 0};
+    for (int i = 0; i < n; i++) lab_old[i] = -1;
+    int iter = 0, strict = 0, relocated = 0, moved = 0;
+    for (iter = 0; iter < max_iter; iter++) {
+        for (size_t t = 0; t < kd; t++) c32[t] = (float)c[t];
+        e.c = c;
+        assign(&e);
+        cluster_sums(A, n, d, K, lab, threads, sums, counts);
+        moved = relocate_empty(A, n, d, K, c, lab, threads, sums, counts);
+        if (moved < 0) {
+            rc = dseg_fail(DSEG_ENOMEM, "refine: out of memory");
+            goto done;
+        }
+        relocated += moved;
+        average(sums, counts, K, d, c_new);
+        double shift = 0.0;
+        for (size_t t = 0; t < kd; t++) shift += (c_new[t] - c[t]) * (c_new[t] - c[t]);
+        double *swap = c;
+        c = c_new;
+        c_new = swap;
+        /* scikit-learn: unchanged labels first ("strict convergence"), then
+         * the squared centre shift against the tolerance. */
+        if (memcmp(lab, lab_old, sizeof(int32_t) * n) == 0) {
+            strict = 1;
+            break;
+        }
+        if (shift <= tol_abs) break;
+        memcpy(lab_old, lab, sizeof(int32_t) * n);
+    }
+    const int iterations = iter < max_iter ? iter + 1 : max_iter;
+    if (!strict) { /* final E-step: labels that match the final centres */
+        for (size_t t = 0; t < kd; t++) c32[t] = (float)c[t];
+        e.c = c;
+        assign(&e);
+    }
+
+    /* Each proposal becomes the mean of its rows (the official code's loop);
+     * clusters the final labels leave empty are dropped. After strict
+     * convergence without relocation the last sums are those of these labels. */
+    if (!strict || moved) cluster_sums(A, n, d, K, lab, threads, sums, counts);
+    int kept = 0;
+    for (int j = 0; j < K; j++) {
+        if (!counts[j]) continue;
+        const double inv = 1.0 / (double)counts[j];
+        for (int f = 0; f < d; f++)
+            out[(size_t)kept * d + f] = (float)(sums[(size_t)j * d + f] * inv);
+        kept++;
+    }
+    *n_out = kept;
+    if (labels) memcpy(labels, lab, sizeof(int32_t) * n);
+    if (stats) {
+        stats->iterations = iterations;
+        stats->strict_convergence = strict;
+        stats->relocated = relocated;
+        stats->rechecks = e.rechecks;
+    }
+
+done:
+    free(c);
+    free(c_new);
+    free(sums);
+    free(cnorm);
+    free(colvar);
+    free(c32);
+    free(G);
+    free(counts);
+    free(lab);
+    free(lab_old);
+    return rc;
+}
