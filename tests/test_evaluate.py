@@ -448,3 +448,35 @@ def test_attention_cache_belongs_to_one_model(folder, tmp_path):
     evaluate(folder, Bundle("2026-01-01"), attention_dir=cache, grid=GRID, limit=3, progress=False)
     with pytest.raises(ValueError, match="caches the attention of another model"):
         evaluate(folder, Bundle("2026-02-02"), attention_dir=cache, grid=GRID, limit=2, progress=False)
+
+
+def test_refine_matches_by_hand_and_keys_the_resume(folder, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    res = evaluate(folder, kl_threshold=0.011, attention_dir=data / "attn", grid=GRID, refine=True,
+                   output_dir=out, progress=False)
+    m = HungarianMetrics(folder.n_classes)
+    for s in folder:
+        attn = diffseg.load_attention(data / "attn" / f"{s.id}.npz")
+        m.update(diffseg.segment_attention(attn, kl_threshold=0.011, grid=GRID, size=s.label.shape,
+                                           refine=True), s.label)
+    want = m.compute()
+    row = res["settings"][0]
+    assert (row["tp"], row["fp"], row["fn"]) == (want["tp"], want["fp"], want["fn"])
+    # a refined run is not resumed without refinement, nor the other way round
+    with pytest.raises(ValueError, match="refine"):
+        evaluate(folder, kl_threshold=0.011, attention_dir=data / "attn", grid=GRID, output_dir=out,
+                 progress=False)
+    plain = tmp_path / "plain"
+    evaluate(folder, kl_threshold=0.011, attention_dir=data / "attn", grid=GRID, output_dir=plain,
+             progress=False)
+    with pytest.raises(ValueError, match="refine"):
+        evaluate(folder, kl_threshold=0.011, attention_dir=data / "attn", grid=GRID, refine=True,
+                 output_dir=plain, progress=False)
+    # the CLI flag reaches evaluate
+    argv = ["eval", "--dataset", "folder", "--root", str(data), "--attention-dir", str(data / "attn"),
+            "--n-classes", str(N_CLASSES), "--size", str(LABEL), "--grid", str(GRID),
+            "--kl-threshold", "0.011", "--refine", "-o", str(tmp_path / "cli"), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    cli_res = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert strip_time(cli_res)["settings"] == strip_time(res)["settings"]

@@ -207,3 +207,23 @@ def test_subprocess_with_tiny_bundle(tiny_bundle, photos, tmp_path):
     assert labels.shape == (50, 30)
     assert doc["settings"]["timestep"] == 300
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)
+
+
+def test_refine_flag(fake_model, photos, tmp_path):
+    out = tmp_path / "out"
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q"]) == 0
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q", "--skip-existing",
+                 "--refine"]) == 0
+    assert fake_model.calls == 2  # outputs made without refinement are redone
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q", "--skip-existing",
+                 "--refine"]) == 0
+    assert fake_model.calls == 2  # kept
+    labels, doc = _read(out, "wide")
+    assert doc["settings"]["refine"] is True
+    np.testing.assert_array_equal(labels, diffseg.segment(photos / "wide.png", fake_model, refine=True))
+    # outputs saved before the option existed count as made without it
+    doc["settings"].pop("refine")
+    (out / "wide.json").write_text(json.dumps(doc))
+    calls = fake_model.calls
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q", "--skip-existing"]) == 0
+    assert fake_model.calls == calls
