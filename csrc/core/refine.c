@@ -36,6 +36,7 @@ typedef struct {
     double *cnorm;     /* (K) |c|^2 */
     float *G;          /* (n, K) GEMM results */
     int32_t *labels;   /* (n) out */
+    double *row_sq;    /* (n) out when not NULL: |a|^2 of each row */
     int64_t rechecks;
 } estep;
 
@@ -54,6 +55,50 @@ static double err(const estep *e, float g) {
     return 2.0 * (e->rel * g + (double)e->d * FLT_MIN);
 }
 
+/* Rows i0..i0+m-1 from their GEMM results G (m, K): squared norms when
+ * asked, labels. Returns how many were decided in float64. */
+static int64_t label_rows(const estep *e, int i0, int m, const float *G) {
+    const int d = e->d, K = e->K;
+    int64_t rechecks = 0;
+    for (int r = 0; r < m; r++) {
+        const float *a = e->A + (size_t)(i0 + r) * d, *g = G + (size_t)r * K;
+        if (e->row_sq) {
+            double sq = 0.0;
+            for (int f = 0; f < d; f++) sq += (double)a[f] * a[f];
+            e->row_sq[i0 + r] = sq;
+        }
+        /* Rows whose interval [score - err, score + err] overlaps the best
+         * one's are decided in float64. */
+        int best = 0;
+        double best_hi = INFINITY;
+        for (int j = 0; j < K; j++) {
+            const double hi = e->cnorm[j] - 2.0 * g[j] + err(e, g[j]);
+            if (hi < best_hi) {
+                best_hi = hi;
+                best = j;
+            }
+        }
+        int rivals = 0;
+        for (int j = 0; j < K; j++)
+            rivals += j != best && e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) <= best_hi;
+        if (rivals) {
+            double best_s = INFINITY;
+            best = 0;
+            for (int j = 0; j < K; j++) {
+                if (e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) > best_hi) continue;
+                const double s = exact_score(a, e->c + (size_t)j * d, e->cnorm[j], d);
+                if (s < best_s) {
+                    best_s = s;
+                    best = j;
+                }
+            }
+            rechecks++;
+        }
+        e->labels[i0 + r] = best;
+    }
+    return rechecks;
+}
+
 /* Label every row: the centre with the smallest squared distance, the first
  * on ties (as scikit-learn). */
 static void assign(estep *e) {
@@ -64,48 +109,22 @@ static void assign(estep *e) {
         for (int f = 0; f < d; f++) s += c[f] * c[f];
         e->cnorm[j] = s;
     }
+    const int nt = team(e->threads, (double)n * K * d);
+    if (nt == 1) { /* one GEMM call: no team woken per chunk */
+        dseg_gemm_nt(n, K, d, e->A, d, e->c32, d, e->G, K, 0, NULL);
+        e->rechecks += label_rows(e, 0, n, e->G);
+        return;
+    }
     int64_t rechecks = 0;
     const int chunks = (n + CHUNK - 1) / CHUNK;
     /* The GEMM of each task runs on its calling thread (nested regions are
      * inactive), so the threads split the rows, not the few centres. */
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
-    num_threads(team(e->threads, (double)n * K * d))
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) num_threads(nt)
     for (int ch = 0; ch < chunks; ch++) {
         const int i0 = ch * CHUNK, m = n - i0 < CHUNK ? n - i0 : CHUNK;
         float *G = e->G + (size_t)i0 * K;
         dseg_gemm_nt(m, K, d, e->A + (size_t)i0 * d, d, e->c32, d, G, K, 0, NULL);
-        for (int r = 0; r < m; r++) {
-            const float *g = G + (size_t)r * K;
-            /* Rows whose interval [score - err, score + err] overlaps the
-             * best one's are decided in float64. */
-            int best = 0;
-            double best_hi = INFINITY;
-            for (int j = 0; j < K; j++) {
-                const double hi = e->cnorm[j] - 2.0 * g[j] + err(e, g[j]);
-                if (hi < best_hi) {
-                    best_hi = hi;
-                    best = j;
-                }
-            }
-            int rivals = 0;
-            for (int j = 0; j < K; j++)
-                rivals += j != best && e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) <= best_hi;
-            if (rivals) {
-                const float *a = e->A + (size_t)(i0 + r) * d;
-                double best_s = INFINITY;
-                best = 0;
-                for (int j = 0; j < K; j++) {
-                    if (e->cnorm[j] - 2.0 * g[j] - err(e, g[j]) > best_hi) continue;
-                    const double s = exact_score(a, e->c + (size_t)j * d, e->cnorm[j], d);
-                    if (s < best_s) {
-                        best_s = s;
-                        best = j;
-                    }
-                }
-                rechecks++;
-            }
-            e->labels[i0 + r] = best;
-        }
+        rechecks += label_rows(e, i0, m, G);
     }
     e->rechecks += rechecks;
 }
@@ -115,22 +134,39 @@ static void assign(estep *e) {
  * are split, so results do not depend on the split). */
 static int column_width(int d, int parts) { return ((d + parts - 1) / parts + 15) / 16 * 16; }
 
-/* sums[j] = sum of the rows labelled j (added in row order), counts[j] = how
- * many. */
-static void cluster_sums(const float *A, int n, int d, int K, const int32_t *labels,
-                         int threads, double *sums, int64_t *counts) {
-    memset(sums, 0, sizeof(double) * (size_t)K * d);
-    memset(counts, 0, sizeof(int64_t) * (size_t)K);
-    for (int i = 0; i < n; i++) counts[labels[i]]++;
-    const int parts = team(threads, (double)n * d), width = column_width(d, parts);
+/*
+ * Keep sums[j] = the sum of the rows whose contribution sits in cluster j
+ * (owner; -1: none yet) and counts[j] their number: move every row whose
+ * label differs from its owner, in row order. Few rows change after the
+ * first iterations, so this costs far less than summing every row again; the
+ * order of the additions depends only on the labels, not on the threads.
+ * moved: n ints of work space.
+ */
+static void move_rows(const float *A, int n, int d, const int32_t *labels, int32_t *owner,
+                      int threads, double *sums, int64_t *counts, int *moved) {
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        if (labels[i] != owner[i]) moved[m++] = i;
+    const int parts = team(threads, 2.0 * m * d), width = column_width(d, parts);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
     for (int b = 0; b < parts; b++) {
         const int f0 = b * width, len = d - f0 < width ? d - f0 : width;
-        for (int i = 0; i < n && len > 0; i++) {
+        for (int t = 0; t < m && len > 0; t++) {
+            const int i = moved[t];
             const float *a = A + (size_t)i * d + f0;
-            double *s = sums + (size_t)labels[i] * d + f0;
-            for (int f = 0; f < len; f++) s[f] += a[f];
+            double *dst = sums + (size_t)labels[i] * d + f0;
+            if (owner[i] >= 0) {
+                double *src = sums + (size_t)owner[i] * d + f0;
+                for (int f = 0; f < len; f++) src[f] -= a[f];
+            }
+            for (int f = 0; f < len; f++) dst[f] += a[f];
         }
+    }
+    for (int t = 0; t < m; t++) {
+        const int i = moved[t];
+        if (owner[i] >= 0) counts[owner[i]]--;
+        counts[labels[i]]++;
+        owner[i] = labels[i];
     }
 }
 
@@ -160,7 +196,7 @@ static void distances_to_centres(const float *A, int n, int d, const double *c,
  * here: decreasing distance, lower row index first on ties.
  */
 static int relocate_empty(const float *A, int n, int d, int K, const double *c,
-                          const int32_t *labels, int threads, double *sums,
+                          const int32_t *labels, int32_t *owner, int threads, double *sums,
                           int64_t *counts) {
     int empty = 0;
     for (int j = 0; j < K; j++) empty += counts[j] == 0;
@@ -199,6 +235,7 @@ static int relocate_empty(const float *A, int n, int d, int K, const double *c,
             }
             counts[j] = 1;
             counts[from]--;
+            owner[i] = j;
             moved++;
         }
     }
@@ -221,33 +258,20 @@ static void average(const double *sums, const int64_t *counts, int K, int d, dou
     }
 }
 
-/* Mean over columns of the (population) column variances, from one pass:
- * (sum of squares / n - sum of squared column means) / d in float64 (the
- * cancellation costs a few digits of 16; this only sets the tolerance).
- * work: 2 d doubles. */
-static double mean_column_variance(const float *A, int n, int d, int threads, double *work) {
-    double *colsum = work, *colsq = work + d;
-    const int parts = team(threads, (double)n * d), width = column_width(d, parts);
-#pragma omp parallel for schedule(static, 1) num_threads(parts)
-    for (int b = 0; b < parts; b++) {
-        const int f0 = b * width, len = d - f0 < width ? d - f0 : width;
-        for (int f = 0; f < len; f++) colsum[f0 + f] = colsq[f0 + f] = 0.0;
-        double *restrict cs = colsum + f0, *restrict cq = colsq + f0;
-        for (int i = 0; i < n && len > 0; i++) {
-            const float *a = A + (size_t)i * d + f0;
-            for (int f = 0; f < len; f++) {
-                cs[f] += a[f];
-                cq[f] += (double)a[f] * a[f];
-            }
-        }
-    }
+/* Mean over columns of the (population) column variances of A, from the
+ * first E-step's by-products: (sum of squares / n - sum of squared column
+ * means) / d in float64, the column sums taken from the cluster sums. The
+ * cancellation costs a few of 16 digits; this only sets the tolerance.
+ * col: d doubles of work space. */
+static double mean_column_variance(const double *sums, int K, int n, int d,
+                                   const double *row_sq, double *col) {
     double sq = 0.0, mean_sq = 0.0;
-    for (int f = 0; f < d; f++) {
-        const double mean = colsum[f] / n;
-        sq += colsq[f] / n;
-        mean_sq += mean * mean;
-    }
-    const double v = (sq - mean_sq) / d;
+    for (int i = 0; i < n; i++) sq += row_sq[i];
+    memset(col, 0, sizeof(double) * d);
+    for (int j = 0; j < K; j++)
+        for (int f = 0; f < d; f++) col[f] += sums[(size_t)j * d + f];
+    for (int f = 0; f < d; f++) mean_sq += (col[f] / n) * (col[f] / n);
+    const double v = (sq / n - mean_sq) / d;
     return v > 0.0 ? v : 0.0;
 }
 
@@ -266,30 +290,37 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
     const size_t kd = (size_t)K * d;
     double *c = malloc(sizeof(double) * kd), *c_new = malloc(sizeof(double) * kd);
     double *sums = malloc(sizeof(double) * kd), *cnorm = malloc(sizeof(double) * K);
-    double *colvar = malloc(sizeof(double) * 2 * (size_t)d);
+    double *col = malloc(sizeof(double) * d), *row_sq = malloc(sizeof(double) * n);
     float *c32 = malloc(sizeof(float) * kd), *G = malloc(sizeof(float) * (size_t)n * K);
     int64_t *counts = malloc(sizeof(int64_t) * K);
     int32_t *lab = malloc(sizeof(int32_t) * n), *lab_old = malloc(sizeof(int32_t) * n);
+    int32_t *owner = malloc(sizeof(int32_t) * n);
+    int *work = malloc(sizeof(int) * n);
     int rc = DSEG_OK;
-    if (!c || !c_new || !sums || !cnorm || !colvar || !c32 || !G || !counts || !lab || !lab_old) {
+    if (!c || !c_new || !sums || !cnorm || !col || !row_sq || !c32 || !G || !counts || !lab ||
+        !lab_old || !owner || !work) {
         rc = dseg_fail(DSEG_ENOMEM, "refine: out of memory");
         goto done;
     }
 
-    /* scikit-learn's tolerance: tol x the mean over columns of the column
-     * variances of A. */
-    const double tol_abs = tol > 0.0 ? tol * mean_column_variance(A, n, d, threads, colvar) : 0.0;
-
     for (size_t t = 0; t < kd; t++) c[t] = init[t];
-    estep e = {A, n, d, K, threads, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, 0};
-    for (int i = 0; i < n; i++) lab_old[i] = -1;
-    int iter = 0, strict = 0, relocated = 0, moved = 0;
+    estep e = {A, n, d, K, threads, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, row_sq, 0};
+    double tol_abs = 0.0;
+    for (int i = 0; i < n; i++) lab_old[i] = owner[i] = -1;
+    memset(sums, 0, sizeof(double) * kd);
+    memset(counts, 0, sizeof(int64_t) * K);
+    int iter = 0, strict = 0, relocated = 0;
     for (iter = 0; iter < max_iter; iter++) {
         for (size_t t = 0; t < kd; t++) c32[t] = (float)c[t];
         e.c = c;
         assign(&e);
-        cluster_sums(A, n, d, K, lab, threads, sums, counts);
-        moved = relocate_empty(A, n, d, K, c, lab, threads, sums, counts);
+        move_rows(A, n, d, lab, owner, threads, sums, counts, work);
+        if (iter == 0) {
+            /* scikit-learn's tolerance: tol x the mean column variance of A */
+            tol_abs = tol * mean_column_variance(sums, K, n, d, row_sq, col);
+            e.row_sq = NULL;
+        }
+        const int moved = relocate_empty(A, n, d, K, c, lab, owner, threads, sums, counts);
         if (moved < 0) {
             rc = dseg_fail(DSEG_ENOMEM, "refine: out of memory");
             goto done;
@@ -318,9 +349,8 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
     }
 
     /* Each proposal becomes the mean of its rows (the official code's loop);
-     * clusters the final labels leave empty are dropped. After strict
-     * convergence without relocation the last sums are those of these labels. */
-    if (!strict || moved) cluster_sums(A, n, d, K, lab, threads, sums, counts);
+     * clusters the final labels leave empty are dropped. */
+    move_rows(A, n, d, lab, owner, threads, sums, counts, work);
     int kept = 0;
     for (int j = 0; j < K; j++) {
         if (!counts[j]) continue;
@@ -343,11 +373,14 @@ done:
     free(c_new);
     free(sums);
     free(cnorm);
-    free(colvar);
+    free(col);
+    free(row_sq);
     free(c32);
     free(G);
     free(counts);
     free(lab);
     free(lab_old);
+    free(owner);
+    free(work);
     return rc;
 }
