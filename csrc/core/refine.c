@@ -173,6 +173,7 @@ static void move_rows(const float *A, int n, int d, const int32_t *labels, int32
 /* Squared distance of every row to the centre of its label (float64). */
 static void distances_to_centres(const float *A, int n, int d, const double *c,
                                  const int32_t *labels, int threads, double *out) {
+    (void)threads; /* read only by the OpenMP clause */
 #pragma omp parallel for schedule(static) num_threads(team(threads, (double)n * d))
     for (int i = 0; i < n; i++) {
         const float *a = A + (size_t)i * d;

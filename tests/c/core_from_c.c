@@ -1,5 +1,5 @@
 /* The core used from plain C, without Python: planted two-segment attention
- * -> aggregate -> merge -> nms, plus error reporting. Prints "ok" on success. */
+ * -> aggregate -> merge -> nms and refine, plus error reporting. Prints "ok" on success. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +51,24 @@ int main(void) {
                 printf("FAIL label at (%d, %d)\n", y, x);
                 return 1;
             }
+    /* k-means refinement keeps the two halves; proposals become their means. */
+    float refined[2 * 8 * 8 * 8 * 8];
+    int32_t rows[8 * 8];
+    int kept = 0;
+    dseg_refine_stats rstats;
+    if (dseg_refine(A, R * R, R * R, proposals, K, 300, 1e-4, 0, refined, &kept, rows, &rstats) !=
+        DSEG_OK)
+        return fail("refine");
+    for (int i = 0; i < R * R; i++)
+        if (rows[i] != (i % R < R / 2 ? 0 : 1)) {
+            printf("FAIL refine label of row %d\n", i);
+            return 1;
+        }
+    /* the proposals already are the means: the first shift is within tol */
+    if (kept != 2 || rstats.iterations != 1 || rstats.strict_convergence) return fail("refine result");
+    if (dseg_refine(A, R * R, R * R, proposals, K, 0, 1e-4, 0, refined, &kept, NULL, NULL) !=
+        DSEG_EINVAL)
+        return fail("max_iter 0");
     /* Errors come back as codes with a message, never an exit. */
     if (dseg_merge(A, R, 0, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("grid 0");
     printf("error message: %s\n", dseg_last_error());
