@@ -469,7 +469,10 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=
         Also return ``labels`` (R*R,) int32: the cluster of each row of ``A``.
     return_stats : bool
         Also return ``{"iterations", "strict_convergence", "relocated",
-        "rechecks"}``.
+        "rechecks", "kept"}``: Lloyd iterations, whether they stopped because
+        no label changed, empty clusters moved, row assignments decided again
+        in float64 (near ties), and row assignments that distance bounds
+        showed unchanged without reading the row (Hamerly's bounds).
 
     Returns
     -------
@@ -489,14 +492,14 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be finite and >= 0, got {tol}")
     threads = 0 if workers is None else _check_int(workers, "workers", 1, 4096)
-    out, labels, iterations, strict, relocated, rechecks = _core.refine(
+    out, labels, iterations, strict, relocated, rechecks, kept = _core.refine(
         A, P, max_iter, float(tol), threads)
     result = (out.reshape(-1, R, R),)
     if return_labels:
         result += (labels,)
     if return_stats:
         result += ({"iterations": iterations, "strict_convergence": bool(strict),
-                    "relocated": relocated, "rechecks": rechecks},)
+                    "relocated": relocated, "rechecks": rechecks, "kept": kept},)
     return result[0] if len(result) == 1 else result
 
 

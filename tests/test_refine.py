@@ -66,6 +66,7 @@ def test_labels_and_means_equal_scikit_learn(case):
     km = kmeans(A, init)
     np.testing.assert_array_equal(labels, km.labels_)
     assert stats["iterations"] == km.n_iter_
+    assert stats["kept"] > 0  # the distance bounds spared rows, and labels still agree
     R = int(round(np.sqrt(A.shape[0])))
     np.testing.assert_allclose(out.reshape(len(out), -1), cluster_means(A, km.labels_),
                                rtol=1e-6, atol=1e-12)

@@ -116,6 +116,7 @@ typedef struct {
     int strict_convergence; /* 1: stopped because the labels did not change */
     int relocated;          /* empty clusters moved to far rows, all iterations */
     int64_t rechecks;       /* row assignments decided in float64 (near ties) */
+    int64_t kept;           /* row assignments kept by the distance bounds, unread */
 } dseg_refine_stats;
 
 /*

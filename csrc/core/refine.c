@@ -21,7 +21,10 @@
 #include "internal.h"
 
 enum {
-    CHUNK = 64,  /* rows per E-step task: a (CHUNK, d) slab of A stays in L2 */
+    CHUNK = 64,         /* rows per E-step task: a (CHUNK, d) slab of A stays in L2 */
+    SERIAL_CHUNK = 512, /* rows per GEMM call on one thread: the built-in GEMM wakes
+                           its own team at each call (nested regions are inactive
+                           only inside a team of several threads) */
 };
 
 /* Threads for a region of about `work` operations: one when too little. */
@@ -35,8 +38,16 @@ typedef struct {
     const float *c32;  /* (K, d) centres rounded for the GEMM */
     double *cnorm;     /* (K) |c|^2 */
     float *G;          /* (n, K) GEMM results */
-    int32_t *labels;   /* (n) out */
-    double *row_sq;    /* (n) out when not NULL: |a|^2 of each row */
+    int32_t *labels;   /* (n) in/out */
+    double *row_sq;    /* (n) |a|^2 of each row, filled by the first E-step */
+    double *upper;     /* (n) bound above the distance of each row to its centre */
+    double *lower;     /* (n) bound below its distance to any other centre */
+    const double *delta; /* (K) how far each centre moved since the last E-step */
+    int bounded;       /* upper/lower/delta hold (not in the first E-step) */
+    int *todo;         /* (n) rows to label */
+    int64_t kept;      /* rows the bounds kept, over all E-steps */
+    float *gather;     /* rows to label, made contiguous: (threads, CHUNK, d) or
+                          (SERIAL_CHUNK, d) */
     int64_t rechecks;
 } estep;
 
@@ -55,17 +66,20 @@ static double err(const estep *e, float g) {
     return 2.0 * (e->rel * g + (double)e->d * FLT_MIN);
 }
 
-/* Rows i0..i0+m-1 from their GEMM results G (m, K): squared norms when
- * asked, labels. Returns how many were decided in float64. */
-static int64_t label_rows(const estep *e, int i0, int m, const float *G) {
+/* Rows rows[0..m) (A rows X, leading dimension d) from their GEMM results
+ * G (m, K): labels, distance bounds (and squared norms in the first E-step).
+ * Returns how many were decided in float64. */
+static int64_t label_rows(const estep *e, const int *rows, int m, const float *X,
+                          const float *G) {
     const int d = e->d, K = e->K;
     int64_t rechecks = 0;
     for (int r = 0; r < m; r++) {
-        const float *a = e->A + (size_t)(i0 + r) * d, *g = G + (size_t)r * K;
-        if (e->row_sq) {
+        const int i = rows[r];
+        const float *a = X + (size_t)r * d, *g = G + (size_t)r * K;
+        if (!e->bounded) {
             double sq = 0.0;
             for (int f = 0; f < d; f++) sq += (double)a[f] * a[f];
-            e->row_sq[i0 + r] = sq;
+            e->row_sq[i] = sq;
         }
         /* Rows whose interval [score - err, score + err] overlaps the best
          * one's are decided in float64. */
@@ -94,13 +108,27 @@ static int64_t label_rows(const estep *e, int i0, int m, const float *G) {
             }
             rechecks++;
         }
-        e->labels[i0 + r] = best;
+        e->labels[i] = best;
+        /* Distances |a - c|^2 = |a|^2 + score, widened by the score's error
+         * bound and the float64 rounding of the sum. */
+        double up = 0.0, low = INFINITY;
+        for (int j = 0; j < K; j++) {
+            const double s = e->row_sq[i] + e->cnorm[j] - 2.0 * g[j];
+            const double margin = err(e, g[j]) + 1e-12 * (e->row_sq[i] + e->cnorm[j]);
+            if (j == best) up = s + margin;
+            else if (s - margin < low) low = s - margin;
+        }
+        e->upper[i] = sqrt(up > 0.0 ? up : 0.0) * (1 + 1e-12);
+        e->lower[i] = sqrt(low > 0.0 ? low : 0.0) * (1 - 1e-12);
     }
     return rechecks;
 }
 
 /* Label every row: the centre with the smallest squared distance, the first
- * on ties (as scikit-learn). */
+ * on ties (as scikit-learn). A row whose distance to its centre, plus how
+ * far that centre moved, stays below its distance to any other centre, minus
+ * how far those moved, keeps its label without being read (Hamerly's bounds:
+ * Lloyd's result, with less work once few rows are near a border). */
 static void assign(estep *e) {
     const int n = e->n, d = e->d, K = e->K;
     for (int j = 0; j < K; j++) {
@@ -109,24 +137,48 @@ static void assign(estep *e) {
         for (int f = 0; f < d; f++) s += c[f] * c[f];
         e->cnorm[j] = s;
     }
-    const int nt = team(e->threads, (double)n * K * d);
-    if (nt == 1) { /* one GEMM call: no team woken per chunk */
-        dseg_gemm_nt(n, K, d, e->A, d, e->c32, d, e->G, K, 0, NULL);
-        e->rechecks += label_rows(e, 0, n, e->G);
-        return;
+    int m = 0;
+    if (e->bounded) {
+        int far1 = 0; /* the two largest moves */
+        for (int j = 1; j < K; j++) far1 = e->delta[j] > e->delta[far1] ? j : far1;
+        double far2 = 0.0;
+        for (int j = 0; j < K; j++) far2 = j != far1 && e->delta[j] > far2 ? e->delta[j] : far2;
+        for (int i = 0; i < n; i++) {
+            const int l = e->labels[i];
+            e->upper[i] += e->delta[l];
+            e->lower[i] -= l == far1 ? far2 : e->delta[far1];
+            if (!(e->upper[i] < e->lower[i])) e->todo[m++] = i;
+        }
+        e->kept += n - m;
+    } else {
+        for (int i = 0; i < n; i++) e->todo[m++] = i;
     }
+    const int nt = team(e->threads, (double)m * K * d), chunk = nt > 1 ? CHUNK : SERIAL_CHUNK;
+    const int chunks = (m + chunk - 1) / chunk;
     int64_t rechecks = 0;
-    const int chunks = (n + CHUNK - 1) / CHUNK;
     /* The GEMM of each task runs on its calling thread (nested regions are
      * inactive), so the threads split the rows, not the few centres. */
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) num_threads(nt)
     for (int ch = 0; ch < chunks; ch++) {
-        const int i0 = ch * CHUNK, m = n - i0 < CHUNK ? n - i0 : CHUNK;
-        float *G = e->G + (size_t)i0 * K;
-        dseg_gemm_nt(m, K, d, e->A + (size_t)i0 * d, d, e->c32, d, G, K, 0, NULL);
-        rechecks += label_rows(e, i0, m, G);
+        const int t0 = ch * chunk, rows = m - t0 < chunk ? m - t0 : chunk;
+        const int *idx = e->todo + t0;
+        const float *X = e->A + (size_t)idx[0] * d;
+        if (idx[rows - 1] - idx[0] != rows - 1) { /* not consecutive rows: gather */
+#ifdef _OPENMP
+            float *buf = e->gather + (size_t)omp_get_thread_num() * chunk * d;
+#else
+            float *buf = e->gather;
+#endif
+            for (int r = 0; r < rows; r++)
+                memcpy(buf + (size_t)r * d, e->A + (size_t)idx[r] * d, sizeof(float) * d);
+            X = buf;
+        }
+        float *G = e->G + (size_t)t0 * K;
+        dseg_gemm_nt(rows, K, d, X, d, e->c32, d, G, K, 0, NULL);
+        rechecks += label_rows(e, idx, rows, X, G);
     }
     e->rechecks += rechecks;
+    e->bounded = 1;
 }
 
 /* Column ranges for `parts` tasks that each read whole row segments (long
@@ -296,16 +348,22 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
     int64_t *counts = malloc(sizeof(int64_t) * K);
     int32_t *lab = malloc(sizeof(int32_t) * n), *lab_old = malloc(sizeof(int32_t) * n);
     int32_t *owner = malloc(sizeof(int32_t) * n);
-    int *work = malloc(sizeof(int) * n);
+    int *work = malloc(sizeof(int) * n), *todo = malloc(sizeof(int) * n);
+    double *upper = malloc(sizeof(double) * n), *lower = malloc(sizeof(double) * n);
+    double *delta = malloc(sizeof(double) * K);
+    const int chunks = (n + CHUNK - 1) / CHUNK, slots = threads < chunks ? threads : chunks;
+    const int gather_rows = slots * CHUNK > SERIAL_CHUNK ? slots * CHUNK : SERIAL_CHUNK;
+    float *gather = malloc(sizeof(float) * gather_rows * (size_t)d);
     int rc = DSEG_OK;
     if (!c || !c_new || !sums || !cnorm || !col || !row_sq || !c32 || !G || !counts || !lab ||
-        !lab_old || !owner || !work) {
+        !lab_old || !owner || !work || !todo || !upper || !lower || !delta || !gather) {
         rc = dseg_fail(DSEG_ENOMEM, "refine: out of memory");
         goto done;
     }
 
     for (size_t t = 0; t < kd; t++) c[t] = init[t];
-    estep e = {A, n, d, K, threads, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, row_sq, 0};
+    estep e = {A, n, d, K, slots, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, row_sq,
+               upper, lower, delta, 0, todo, 0, gather, 0};
     double tol_abs = 0.0;
     for (int i = 0; i < n; i++) lab_old[i] = owner[i] = -1;
     memset(sums, 0, sizeof(double) * kd);
@@ -319,7 +377,6 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
         if (iter == 0) {
             /* scikit-learn's tolerance: tol x the mean column variance of A */
             tol_abs = tol * mean_column_variance(sums, K, n, d, row_sq, col);
-            e.row_sq = NULL;
         }
         const int moved = relocate_empty(A, n, d, K, c, lab, owner, threads, sums, counts);
         if (moved < 0) {
@@ -329,7 +386,13 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
         relocated += moved;
         average(sums, counts, K, d, c_new);
         double shift = 0.0;
-        for (size_t t = 0; t < kd; t++) shift += (c_new[t] - c[t]) * (c_new[t] - c[t]);
+        for (int j = 0; j < K; j++) {
+            double s2 = 0.0;
+            for (size_t t = (size_t)j * d; t < (size_t)(j + 1) * d; t++)
+                s2 += (c_new[t] - c[t]) * (c_new[t] - c[t]);
+            shift += s2;
+            delta[j] = sqrt(s2) * (1 + 1e-12); /* widened for rounding */
+        }
         double *swap = c;
         c = c_new;
         c_new = swap;
@@ -367,6 +430,7 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
         stats->strict_convergence = strict;
         stats->relocated = relocated;
         stats->rechecks = e.rechecks;
+        stats->kept = e.kept;
     }
 
 done:
@@ -383,5 +447,10 @@ done:
     free(lab_old);
     free(owner);
     free(work);
+    free(todo);
+    free(upper);
+    free(lower);
+    free(delta);
+    free(gather);
     return rc;
 }

@@ -398,7 +398,7 @@ static PyObject *py_sgemm_backend(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED
 }
 
 /* refine(A: (n, d), init: (K, d), max_iter: int, tol: float, threads: int)
- *   -> (proposals (K', d), labels (n,) int32, iterations, strict, relocated, rechecks) */
+ *   -> (proposals (K', d), labels (n,) int32, iterations, strict, relocated, rechecks, kept) */
 static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *A_obj, *P_obj;
     int max_iter, threads;
@@ -438,7 +438,7 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     int rc, kept = 0;
-    dseg_refine_stats stats = {0, 0, 0, 0};
+    dseg_refine_stats stats = {0, 0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     rc = dseg_refine((const float *)PyArray_DATA(A), (int)n, (int)d, (const float *)PyArray_DATA(P),
                      (int)K, max_iter, tol, threads, (float *)PyArray_DATA((PyArrayObject *)out),
@@ -455,8 +455,8 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_DECREF(labels);
         return NULL;
     }
-    return Py_BuildValue("NNiiiL", used, labels, stats.iterations, stats.strict_convergence,
-                         stats.relocated, (long long)stats.rechecks);
+    return Py_BuildValue("NNiiiLL", used, labels, stats.iterations, stats.strict_convergence,
+                         stats.relocated, (long long)stats.rechecks, (long long)stats.kept);
 }
 
 static PyMethodDef methods[] = {
@@ -473,7 +473,7 @@ static PyMethodDef methods[] = {
     {"sgemm_backend", py_sgemm_backend, METH_NOARGS, "'external' or 'builtin'"},
     {"refine", py_refine, METH_VARARGS,
      "refine(A, proposals, max_iter, tol, threads) -> (proposals, labels, iterations, strict, "
-     "relocated, rechecks)"},
+     "relocated, rechecks, kept)"},
     {NULL, NULL, 0, NULL},
 };
 
