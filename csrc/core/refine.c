@@ -12,6 +12,10 @@
  * thread count. Sums run in a fixed order (each thread owns whole columns,
  * rows added in index order), so results are bit-identical for any thread
  * count.
+ *
+ * Cost. Hamerly's bounds (widened for rounding) skip the rows whose label
+ * cannot change, and the cluster sums are updated by the rows that changed,
+ * so iterations after the first touch little of A.
  */
 #include <float.h>
 #include <math.h>
