@@ -31,8 +31,10 @@ enum {
                            only inside a team of several threads) */
 };
 
-/* Threads for a region of about `work` operations: one when too little. */
-static int team(int threads, double work) { return dseg_threads_for(work) > 1 ? threads : 1; }
+/* Threads for a region of about `work` operations: one when too little to
+ * repay waking a team (the threshold of dseg_threads_for, which reads the
+ * process-wide count rather than this call's). */
+static int team(int threads, double work) { return work < 262144.0 ? 1 : threads; }
 
 typedef struct {
     const float *A;
