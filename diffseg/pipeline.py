@@ -150,7 +150,7 @@ class MaskGenerator:
     model : Model, bundle path, model id, or None (the default model)
     kl_threshold : merge threshold(s); 1.1 (COCO-Stuff) by default, 0.9 for Cityscapes
     grid : anchors per side (16: 256 anchors), SAM's ``points_per_side``
-    timestep, weights : see :func:`segment`
+    timestep, weights, refine : see :func:`segment`
     output_mode : ``"binary_mask"`` (default, as SAM), ``"uncompressed_rle"`` or ``"coco_rle"``
 
     Unlike SAM's masks, DiffSeg's partition the image: every pixel belongs to
@@ -158,7 +158,7 @@ class MaskGenerator:
     """
 
     def __init__(self, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP,
-                 weights=None, output_mode="binary_mask"):
+                 weights=None, output_mode="binary_mask", refine=False):
         from .io.records import OUTPUT_MODES
 
         if output_mode not in OUTPUT_MODES:
@@ -171,9 +171,10 @@ class MaskGenerator:
         self.timestep = timestep
         self.weights = weights
         self.output_mode = output_mode
+        self.refine = bool(refine)
 
     def generate(self, image):
         """Masks of one image (path, PIL image or uint8 array), as displayed."""
         result = segment_detailed(image, self.model, kl_threshold=self.kl_threshold, grid=self.grid,
-                                  timestep=self.timestep, weights=self.weights)
+                                  timestep=self.timestep, weights=self.weights, refine=self.refine)
         return result_records(result, self.output_mode)
