@@ -9,11 +9,11 @@
 
 #include "internal.h"
 
-static dseg_sgemm_fn external_sgemm = NULL;
+static dseg_sgemm_fn default_sgemm = NULL; /* process default; calls get theirs in dseg_exec */
 
-void dseg_set_sgemm(dseg_sgemm_fn fn) { external_sgemm = fn; }
+void dseg_set_sgemm(dseg_sgemm_fn fn) { default_sgemm = fn; }
 
-dseg_sgemm_fn dseg_get_sgemm(void) { return external_sgemm; }
+dseg_sgemm_fn dseg_get_sgemm(void) { return default_sgemm; }
 
 enum {
     TILE = 4,    /* 4 x 4 dot products per micro-kernel call */
@@ -59,13 +59,13 @@ static int tile_needed(const unsigned char *need, int m, int n, int ld, int i, i
     return 0;
 }
 
-static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
+static void builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X, int ldx, const float *Y,
                             int ldy, float *C, int ldc, int accumulate,
                             const unsigned char *need) {
     const int jblocks = (n + JBLOCK - 1) / JBLOCK;
     /* A thread owns whole column blocks of C, and each entry sums its k
      * slices in order: the result does not depend on the thread count. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)m * n * k))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)m * n * k))
     for (int jb = 0; jb < jblocks; jb++) {
         const int j_end = (jb + 1) * JBLOCK < n ? (jb + 1) * JBLOCK : n;
         for (int k0 = 0; k0 < k; k0 += KBLOCK) {
@@ -100,21 +100,22 @@ static void builtin_gemm_nt(int m, int n, int k, const float *X, int ldx, const 
  * and the rounding of the double sums. An external sgemm may sum all 2k
  * terms in one chain: gamma_2k, with the same 1e-4 floor.
  */
-double dseg_gemm_rel_error(int k) {
+double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
     const double u = FLT_EPSILON / 2;
-    const double chain = external_sgemm ? 2.0 * k + 2 : KBLOCK + 2.0 * k / KBLOCK + 2;
+    const double chain = ex->sgemm ? 2.0 * k + 2 : KBLOCK + 2.0 * k / KBLOCK + 2;
     const double gamma = chain * u / (1 - chain * u);
     return gamma * 1.6 > 1e-4 ? gamma * 1.6 : 1e-4;
 }
 
-void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, int ldy,
-                  float *C, int ldc, int accumulate, const unsigned char *need) {
+void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                  const float *Y, int ldy, float *C, int ldc, int accumulate,
+                  const unsigned char *need) {
     if (m <= 0 || n <= 0) return;
-    if (external_sgemm) {
+    if (ex->sgemm) {
         /* Row-major C = X Y^T is column-major C^T = Y X^T. */
         const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-        external_sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
+        ex->sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
         return;
     }
-    builtin_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
+    builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }

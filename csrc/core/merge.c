@@ -91,8 +91,8 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
     st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
 }
 
-static void log_rows(const float *X, int m, int n, float *logX, row_stats *st) {
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * n * 8))
+static void log_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int m, int n, float *logX, row_stats *st) {
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)m * n * 8))
     for (int i = 0; i < m; i++) log_row(X + (size_t)i * n, n, logX + (size_t)i * n, st + i);
 }
 
@@ -107,42 +107,101 @@ static double sym_kl_exact(const float *p, const float *q, int n) {
 }
 
 int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_sym_kl_ex(P, m, Q, k, n, D, &ex);
+}
+
+int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *D,
+                   const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (m < 0 || k < 0 || n < 1) return dseg_fail(DSEG_EINVAL, "sym_kl: bad sizes");
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * k * n))
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)m * k * n))
     for (int i = 0; i < m; i++)
         for (int j = 0; j < k; j++)
             D[(size_t)i * k + j] = sym_kl_exact(P + (size_t)i * n, Q + (size_t)j * n, n);
     return DSEG_OK;
 }
 
-/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms. */
-/* rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
+/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms.
+ * rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
  * mass_q max|log p|; |h| covers the final rounding of the cross term. */
 static double error_bound(const row_stats *sp, const row_stats *sq, double rel) {
     return rel * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) + fabs(sq->h)) +
            1e-12;
 }
 
-/* Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM. */
-static int below(float cross, const row_stats *sp, const row_stats *sq,
-                 const float *p, const float *q, int n, double tau, double rel,
-                 int64_t *rechecks) {
+/* Relative error of log_positive against the float64 log, measured over
+ * every positive finite float: at most 8.2e-8 (1.4 x 2^-24; exact at x = 1).
+ * Bounded here with a margin of 3.7x. */
+#define LOG_REL_ERROR 3e-7
+
+/*
+ * D(p, q) from the float32 logs, summed in float64 (same zero conventions as
+ * sym_kl_exact). *bound receives a bound on its distance from sym_kl_exact's
+ * value: the log error (LOG_REL_ERROR per log) plus the rounding of both
+ * float64 sums (n terms, 2^-53 each, doubled for safety), all relative to
+ * S = sum |p - q| (|log p| + |log q|).
+ */
+DSEG_CLONES
+static double sym_kl_from_logs(const float *p, const float *lp, const float *q, const float *lq,
+                               int n, double *bound) {
+    double s = 0.0, a = 0.0;
+    int mismatch = 0;
+#pragma omp simd reduction(+ : s, a) reduction(| : mismatch)
+    for (int j = 0; j < n; j++) {
+        const double d = (double)p[j] - (double)q[j];
+        s += d * ((double)lp[j] - (double)lq[j]);
+        a += fabs(d) * ((double)fabsf(lp[j]) + (double)fabsf(lq[j]));
+        mismatch |= (p[j] == 0.0f) != (q[j] == 0.0f);
+    }
+    if (mismatch) {
+        *bound = 0.0;
+        return INFINITY;
+    }
+    *bound = 0.5 * a * (LOG_REL_ERROR * 1.01 + 4.0 * (n + 4) * DBL_EPSILON) + 1e-300;
+    return 0.5 * s;
+}
+
+/* How one pair was decided (for the statistics). */
+typedef struct {
+    int64_t refined; /* recomputed from float32 logs in float64 */
+    int64_t exact;   /* recomputed from scratch in float64 */
+} recheck_counts;
+
+/*
+ * Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM.
+ * Three tiers, each used only when the one before cannot decide: the GEMM
+ * estimate, the float64 sum over the cached float32 logs (a few ulp from the
+ * exact value, so it decides all but pairs within ~1e-6 of tau), and the
+ * exact float64 distance.
+ */
+static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
+                 const float *lp, const float *q, const float *lq, int n, double tau, double rel,
+                 recheck_counts *counts) {
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
-    ++*rechecks;
+    counts->refined++;
+    double bound;
+    const double d = sym_kl_from_logs(p, lp, q, lq, n, &bound);
+    if (!isfinite(d)) {
+        if (d == INFINITY && bound == 0.0) return 0; /* zero-mass mismatch: exactly +inf */
+    } else if (isfinite(bound) && fabs(d - tau) > bound) {
+        return d < tau;
+    }
+    counts->exact++;
     return sym_kl_exact(p, q, n) < tau;
 }
 
 /* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T, where need says (NULL: all) */
-static void cross_terms(const float *X, const float *logX, int m, const float *Y,
+static void cross_terms(const dseg_exec *ex, const float *X, const float *logX, int m, const float *Y,
                         const float *logY, int n_rows, int n, float *cross,
                         const unsigned char *need) {
-    dseg_gemm_nt(m, n_rows, n, X, n, logY, n, cross, n_rows, 0, need);
-    dseg_gemm_nt(m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
+    dseg_gemm_nt(ex, m, n_rows, n, X, n, logY, n, cross, n_rows, 0, need);
+    dseg_gemm_nt(ex, m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
 }
 
 /* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
@@ -207,17 +266,17 @@ static void add_listed_rows(double *acc, const float *A, int N, const int32_t *l
 /* Mean of the selected rows of A for each anchor, accumulated in float64.
  * Threads split the columns; every sum follows a fixed order, so the result
  * does not depend on the thread count. */
-static int selected_means(const float *A, int N, int G, int window, const unsigned char *mask,
+static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int G, int window, const unsigned char *mask,
                           const int32_t *count, double *acc, float *proposals) {
     int32_t *lists = malloc(sizeof(int32_t) * (size_t)G * N), *lengths = malloc(sizeof(int32_t) * G);
     int *pred = malloc(sizeof(int) * G);
     const int ok = lists && lengths && pred;
     if (ok) {
-#pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for((double)G * N * 4))
+#pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for(ex, (double)G * N * 4))
         for (int g = 0; g < G; g++)
             lengths[g] = row_list(mask, count, N, g, window, lists + (size_t)g * N, pred + g);
         const int slabs = (N + COLS - 1) / COLS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)G * N * 4))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)G * N * 4))
         for (int sl = 0; sl < slabs; sl++) {
             const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
             for (int g = 0; g < G; g++) {
@@ -243,9 +302,9 @@ static int pool_factor(int R) {
 }
 
 /* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
-static void pool_rows(const float *X, int rows, int R, int f, float *out) {
+static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f, float *out) {
     const int Rp = R / f, Np = Rp * Rp;
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)rows * R * R))
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)rows * R * R))
     for (int i = 0; i < rows; i++) {
         const float *x = X + (size_t)i * R * R;
         float *o = out + (size_t)i * Np;
@@ -267,7 +326,7 @@ static void pool_rows(const float *X, int rows, int R, int f, float *out) {
  * full resolution. The pooled GEMMs are (R/f)^2 deep instead of R^2.
  * need: (G, N). Returns 0 on allocation failure.
  */
-static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G, double tau,
+static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int G, double tau,
                            unsigned char *need) {
     const int N = R * R, f = pool_factor(R);
     if (f == 1) {
@@ -283,14 +342,14 @@ static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G,
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
     const int ok = pA && logpA && pX && logpX && cross && sa && sx;
     if (ok) {
-        pool_rows(A, N, R, f, pA);
+        pool_rows(ex, A, N, R, f, pA);
         for (int g = 0; g < G; g++)
             memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
-        log_rows(pA, N, Np, logpA, sa);
-        log_rows(pX, G, Np, logpX, sx);
-        cross_terms(pX, logpX, G, pA, logpA, N, Np, cross, NULL);
-        const double rel = dseg_gemm_rel_error(Np);
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)G * N))
+        log_rows(ex, pA, N, Np, logpA, sa);
+        log_rows(ex, pX, G, Np, logpX, sx);
+        cross_terms(ex, pX, logpX, G, pA, logpA, N, Np, cross, NULL);
+        const double rel = dseg_gemm_rel_error(ex, Np);
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)G * N))
         for (int g = 0; g < G; g++)
             for (int p = 0; p < N; p++)
                 need[(size_t)g * N + p] =
@@ -301,7 +360,7 @@ static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G,
 }
 
 /* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int window,
+static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int G, int window,
                        double tau, float *proposals, dseg_merge_stats *stats) {
     const int N = R * R;
     unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
@@ -314,40 +373,44 @@ static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int
     double *acc = NULL;
     int rc = DSEG_OK;
     if (!mask || !X || !logX || !logA || !cross || !sx || !sa || !count) goto oom;
-    if (!candidate_pairs(A, R, anchor_rows, G, tau, mask)) goto oom;
+    if (!candidate_pairs(ex, A, R, anchor_rows, G, tau, mask)) goto oom;
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
-    log_rows(X, G, N, logX, sx);
-    log_rows(A, N, N, logA, sa);
-    cross_terms(X, logX, G, A, logA, N, N, cross, mask);
-    free(logA), logA = NULL;
+    log_rows(ex, X, G, N, logX, sx);
+    log_rows(ex, A, N, N, logA, sa);
+    cross_terms(ex, X, logX, G, A, logA, N, N, cross, mask);
 
-    const double rel = dseg_gemm_rel_error(N);
-    int64_t rechecks = 0, candidates = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks, candidates) \
-    num_threads(dseg_threads_for((double)G * N * 8))
+    const double rel = dseg_gemm_rel_error(ex, N);
+    int64_t refined = 0, exact = 0, candidates = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : refined, exact, candidates) \
+    num_threads(dseg_threads_for(ex, (double)G * N * 8))
     for (int g = 0; g < G; g++) {
         int32_t n_sel = 0;
+        recheck_counts rc_g = {0, 0};
         unsigned char *m = mask + (size_t)g * N;
-        const float *x = X + (size_t)g * N, *c = cross + (size_t)g * N;
+        const float *x = X + (size_t)g * N, *lx = logX + (size_t)g * N;
+        const float *c = cross + (size_t)g * N;
         for (int p = 0; p < N; p++) {
             if (!m[p]) continue;
             candidates++;
-            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau, rel,
-                                        &rechecks);
+            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, lx, A + (size_t)p * N,
+                                        logA + (size_t)p * N, N, tau, rel, &rc_g);
             n_sel += m[p];
         }
         count[g] = n_sel;
+        refined += rc_g.refined, exact += rc_g.exact;
     }
     free(cross), cross = NULL;
+    free(logA), logA = NULL;
     free(X), free(logX), X = logX = NULL;
 
     acc = calloc((size_t)G * N, sizeof(double));
-    if (!acc || !selected_means(A, N, G, window, mask, count, acc, proposals)) goto oom;
+    if (!acc || !selected_means(ex, A, N, G, window, mask, count, acc, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
-        stats->exact_rechecks += rechecks;
+        stats->refined += refined;
+        stats->exact_rechecks += exact;
     }
     goto done;
 oom:
@@ -360,7 +423,7 @@ done:
 
 /* Iterations >= 1: greedy, non-exclusive merging of K proposals, in place.
  * Returns the new count in *K. */
-static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *stats) {
+static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, dseg_merge_stats *stats) {
     const int k = *K;
     float *logP = dseg_malloc(sizeof(float) * (size_t)k * N);
     float *cross = dseg_malloc(sizeof(float) * (size_t)k * k);
@@ -374,17 +437,26 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
         rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
         goto done;
     }
-    log_rows(P, k, N, logP, st);
-    cross_terms(P, logP, k, P, logP, k, N, cross, NULL);
-    const double rel = dseg_gemm_rel_error(N);
-    int64_t rechecks = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
-    num_threads(dseg_threads_for((double)k * k * 8))
+    log_rows(ex, P, k, N, logP, st);
+    cross_terms(ex, P, logP, k, P, logP, k, N, cross, NULL);
+    const double rel = dseg_gemm_rel_error(ex, N);
+    int64_t refined = 0, exact = 0;
+    /* D is symmetric (sym_kl_exact bit for bit too): decide each unordered
+     * pair once, from the estimate of (i, j), j > i. A proposal is always
+     * within tau of itself (D = 0 < tau). */
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : refined, exact) \
+    num_threads(dseg_threads_for(ex, (double)k * k * 4))
+    for (int i = 0; i < k; i++) {
+        recheck_counts rc_i = {0, 0};
+        close[(size_t)i * k + i] = 1;
+        for (int j = i + 1; j < k; j++)
+            close[(size_t)i * k + j] = (unsigned char)below(
+                cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N, logP + (size_t)i * N,
+                P + (size_t)j * N, logP + (size_t)j * N, N, tau, rel, &rc_i);
+        refined += rc_i.refined, exact += rc_i.exact;
+    }
     for (int i = 0; i < k; i++)
-        for (int j = 0; j < k; j++)
-            close[(size_t)i * k + j] =
-                (unsigned char)below(cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N,
-                                     P + (size_t)j * N, N, tau, rel, &rechecks);
+        for (int j = 0; j < i; j++) close[(size_t)i * k + j] = close[(size_t)j * k + i];
 
     /* As the official code: a seed selects every proposal close to it,
      * matched or not; matched proposals only stop being seeds. */
@@ -406,9 +478,10 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
     memcpy(P, out, sizeof(float) * (size_t)n_out * N);
     *K = n_out;
     if (stats) {
-        stats->pairs += (int64_t)k * k;
-        stats->full_distances += (int64_t)k * k;
-        stats->exact_rechecks += rechecks;
+        stats->pairs += (int64_t)k * (k - 1) / 2;
+        stats->full_distances += (int64_t)k * (k - 1) / 2;
+        stats->refined += refined;
+        stats->exact_rechecks += exact;
     }
 done:
     free(logP), free(cross), free(close), free(matched), free(out), free(acc), free(st);
@@ -432,7 +505,15 @@ int dseg_anchor_coords(int R, int grid, int *coords) {
 
 int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_iter,
                float *proposals, int *n_proposals, dseg_merge_stats *stats) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_merge_ex(A, R, grid, thresholds, n_iter, proposals, n_proposals, stats, &ex);
+}
+
+int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds, int n_iter,
+                  float *proposals, int *n_proposals, dseg_merge_stats *stats,
+                  const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (!A || !thresholds || !proposals || !n_proposals)
         return dseg_fail(DSEG_EINVAL, "merge: NULL pointer argument");
     if (R < 1 || R > 215) /* R^4 must fit an int index */
@@ -445,18 +526,18 @@ int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_
     int coords[256]; /* grid <= R <= 215 */
     int rc = dseg_anchor_coords(R, grid, coords);
     if (rc != DSEG_OK) return rc;
-    if (stats) stats->pairs = stats->full_distances = stats->exact_rechecks = 0;
+    if (stats) stats->pairs = stats->full_distances = stats->refined = stats->exact_rechecks = 0;
 
     const int N = R * R, G = grid * grid;
     int *anchor_rows = malloc(sizeof(int) * G);
     if (!anchor_rows) return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
     for (int a = 0; a < grid; a++) /* row-major, first coordinate slowest */
         for (int b = 0; b < grid; b++) anchor_rows[a * grid + b] = coords[a] * R + coords[b];
-    rc = anchor_step(A, R, anchor_rows, G, grid + 1, thresholds[0], proposals, stats);
+    rc = anchor_step(ex, A, R, anchor_rows, G, grid + 1, thresholds[0], proposals, stats);
     free(anchor_rows);
     int K = G;
     for (int it = 1; rc == DSEG_OK && it < n_iter; it++)
-        rc = merge_step(proposals, &K, N, thresholds[it], stats);
+        rc = merge_step(ex, proposals, &K, N, thresholds[it], stats);
     if (rc == DSEG_OK) *n_proposals = K;
     return rc;
 }

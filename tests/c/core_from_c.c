@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "diffseg_core.h"
 
@@ -51,6 +52,19 @@ int main(void) {
                 printf("FAIL label at (%d, %d)\n", y, x);
                 return 1;
             }
+    /* Per-call settings: explicit threads and the built-in GEMM give the
+     * same proposals; a thread count out of range is refused. */
+    static float again[16 * N];
+    int K2 = 0;
+    const dseg_exec one = {1, NULL}, none = {0, NULL};
+    if (dseg_merge_ex(A, R, 4, tau, 3, again, &K2, NULL, &one) != DSEG_OK) return fail("merge_ex");
+    if (K2 != K || memcmp(again, proposals, sizeof(float) * (size_t)K * N) != 0) {
+        printf("FAIL merge_ex differs from merge\n");
+        return 1;
+    }
+    if (dseg_merge_ex(A, R, 4, tau, 3, again, &K2, NULL, &none) != DSEG_EINVAL)
+        return fail("threads 0");
+    printf("error message: %s\n", dseg_last_error());
     /* Errors come back as codes with a message, never an exit. */
     if (dseg_merge(A, R, 0, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("grid 0");
     printf("error message: %s\n", dseg_last_error());
