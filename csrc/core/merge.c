@@ -31,6 +31,9 @@
 /* Columns per accumulation pass: a (N x COLS) slab of A stays in cache while
  * every anchor adds its selected rows. */
 #define COLS 256
+/* Rows per block of the selected-row sums: RBLOCK x COLS floats (256 KiB)
+ * stay in L2. */
+#define RBLOCK 256
 
 typedef struct {
     double h;      /* sum x log x */
@@ -230,66 +233,225 @@ static int has_extra_row(const unsigned char *a, const unsigned char *b, int N) 
 }
 
 /*
- * The rows to add for anchor g. Neighbouring anchors usually lie in one
- * segment and select nearly the same rows, so anchor g starts from the sum of
- * the earlier anchor (among the `window` before it: the left and upper grid
- * neighbours included) whose selection is the largest subset of g's, and adds
- * the rows it lacks. Only subsets: removing rows would cancel small entries
- * of the rows kept. Without one, g adds all its rows (*pred = -1).
+ * Per-anchor sums of the selected rows are built from additions only:
+ * removing rows would cancel the small entries of the rows kept. A sum starts
+ * from a "base" whose rows are a subset of its own and adds the rest:
+ *   - an earlier anchor (among the `window` before it: the left and upper
+ *     grid neighbours included) whose selection is a subset (neighbours in
+ *     one segment select nearly the same rows);
+ *   - a node of a quadtree over the anchor grid: the intersection of the
+ *     selections of an aligned 2^l x 2^l block of anchors, itself its
+ *     parent's sum plus the rows the parent lacks. When all maps are alike
+ *     (near-uniform attention, every anchor selecting nearly every row) the
+ *     root holds most rows and they are summed once, not once per anchor.
+ * Each anchor takes the base that leaves it fewest rows to add; the nodes
+ * on the way to a chosen one are summed. A job is one such sum.
  */
-static int32_t row_list(const unsigned char *mask, const int32_t *count, int N, int g,
-                        int window, int32_t *list, int *pred) {
-    const unsigned char *now = mask + (size_t)g * N;
-    int32_t best = 0;
-    *pred = -1;
-    for (int h = g - 1; h >= 0 && h >= g - window; h--)
-        if (count[h] > best && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
-            best = count[h], *pred = h;
-    const unsigned char *before = *pred >= 0 ? mask + (size_t)*pred * N : NULL;
+typedef struct {
+    int base; /* job whose sum this one starts from; -1: zero */
+    const unsigned char *now, *base_rows; /* selections of this job and its base */
+    int32_t n; /* rows to add */
+    int32_t *rows;
+    double *acc; /* N sums */
+} sum_job;
+
+/* Rows in `now` and not in `base` (NULL: none) into list; their count. */
+static int32_t rows_missing(const unsigned char *now, const unsigned char *base, int N,
+                            int32_t *list) {
     int32_t n = 0;
     for (int p = 0; p < N; p++)
-        if (now[p] && !(before && before[p])) list[n++] = p;
+        if (now[p] && !(base && base[p])) list[n++] = p;
     return n;
 }
 
-/* acc[c0:c1] += the listed rows of A over columns c0..c1, in order. */
+/* The largest selection among the `window` anchors before g that is a subset
+ * of g's: its index (-1: none) and size in *size. */
+static int subset_predecessor(const unsigned char *mask, const int32_t *count, int N, int g,
+                              int window, int32_t *size) {
+    const unsigned char *now = mask + (size_t)g * N;
+    int pred = -1;
+    *size = 0;
+    for (int h = g - 1; h >= 0 && h >= g - window; h--)
+        if (count[h] > *size && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
+            *size = count[h], pred = h;
+    return pred;
+}
+
+/* acc[c0:c1] += the listed rows of A over columns c0..c1. Rows are added
+ * four at a time, ((y0 + y1) + (y2 + y3)), in list order: a fixed order
+ * (the caller cuts lists only at fixed row-block boundaries). */
 DSEG_CLONES
 static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
                             int c0, int c1) {
-    for (int32_t i = 0; i < n; i++) {
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
+        const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
+#pragma omp simd
+        for (int c = c0; c < c1; c++)
+            acc[c] += ((double)y0[c] + (double)y1[c]) + ((double)y2[c] + (double)y3[c]);
+    }
+    for (; i < n; i++) {
         const float *y = A + (size_t)list[i] * N;
 #pragma omp simd
         for (int c = c0; c < c1; c++) acc[c] += y[c];
     }
 }
 
+/* Quadtree levels over a grid x grid anchor grid: level l (1..levels) has
+ * side(l)^2 nodes, each the anchors (a, b) with the same (a >> l, b >> l). */
+static int tree_levels(int grid) {
+    int l = 0;
+    while ((1 << l) < grid) l++;
+    return l;
+}
+
+static int level_side(int grid, int l) { return (grid + (1 << l) - 1) >> l; }
+
 /* Mean of the selected rows of A for each anchor, accumulated in float64.
  * Threads split the columns; every sum follows a fixed order, so the result
  * does not depend on the thread count. */
-static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int G, int window, const unsigned char *mask,
-                          const int32_t *count, double *acc, float *proposals) {
-    int32_t *lists = malloc(sizeof(int32_t) * (size_t)G * N), *lengths = malloc(sizeof(int32_t) * G);
-    int *pred = malloc(sizeof(int) * G);
-    const int ok = lists && lengths && pred;
-    if (ok) {
-#pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for(ex, (double)G * N * 4))
-        for (int g = 0; g < G; g++)
-            lengths[g] = row_list(mask, count, N, g, window, lists + (size_t)g * N, pred + g);
-        const int slabs = (N + COLS - 1) / COLS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)G * N * 4))
-        for (int sl = 0; sl < slabs; sl++) {
-            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
-            for (int g = 0; g < G; g++) {
-                double *a = acc + (size_t)g * N;
-                if (pred[g] >= 0)
-                    memcpy(a + c0, acc + (size_t)pred[g] * N + c0, sizeof(double) * (c1 - c0));
-                add_listed_rows(a, A, N, lists + (size_t)g * N, lengths[g], c0, c1);
-            }
+static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int grid,
+                          const unsigned char *mask, const int32_t *count, double *acc,
+                          float *proposals) {
+    const int G = grid * grid, levels = tree_levels(grid);
+    int first[32], n_nodes = 0; /* first node of each level (1-based levels) */
+    for (int l = 1; l <= levels; l++)
+        first[l] = n_nodes, n_nodes += level_side(grid, l) * level_side(grid, l);
+    const int J = n_nodes + G; /* jobs: nodes top-down, then the anchors */
+    sum_job *jobs = calloc((size_t)J, sizeof(sum_job));
+    int32_t *rows = malloc(sizeof(int32_t) * (size_t)J * N);
+    int32_t *isize = calloc(n_nodes + 1, sizeof(int32_t));
+    unsigned char *inter = malloc((size_t)n_nodes * N + 1), *used = calloc(n_nodes + 1, 1);
+    double *node_acc = dseg_malloc(sizeof(double) * ((size_t)n_nodes * N + 1));
+    int *anchor_pred = malloc(sizeof(int) * G), *job_of_node = malloc(sizeof(int) * (n_nodes + 1));
+    int ok = jobs && rows && isize && inter && used && node_acc && anchor_pred && job_of_node;
+    if (!ok) goto done;
+
+    /* Node intersections, bottom-up (level 1 from anchors, then children). */
+    for (int l = 1; l <= levels; l++) {
+        const int side = level_side(grid, l), child_side = level_side(grid, l - 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)side * side * N * 4))
+        for (int node = 0; node < side * side; node++) {
+            unsigned char *I = inter + (size_t)(first[l] + node) * N;
+            memset(I, 1, N);
+            const int a = node / side, b = node % side;
+            for (int ca = 2 * a; ca < 2 * a + 2 && ca < child_side; ca++)
+                for (int cb = 2 * b; cb < 2 * b + 2 && cb < child_side; cb++) {
+                    const unsigned char *c =
+                        l == 1 ? mask + (size_t)(ca * grid + cb) * N
+                               : inter + (size_t)(first[l - 1] + ca * child_side + cb) * N;
+#pragma omp simd
+                    for (int p = 0; p < N; p++) I[p] &= c[p];
+                }
+            int32_t n = 0;
+#pragma omp simd reduction(+ : n)
+            for (int p = 0; p < N; p++) n += I[p];
+            isize[first[l] + node] = n;
         }
-        for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
-            mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
     }
-    free(lists), free(lengths), free(pred);
+    /* Each anchor's base: the subset predecessor or its level-1 node. */
+    for (int g = 0; g < G; g++) {
+        int32_t pred_size;
+        const int pred = subset_predecessor(mask, count, N, g, grid + 1, &pred_size);
+        const int node = levels ? first[1] + (g / grid >> 1) * level_side(grid, 1) + (g % grid >> 1)
+                                : -1;
+        if (node >= 0 && isize[node] > pred_size) {
+            anchor_pred[g] = -2 - node; /* a node */
+            used[node] = 1;
+        } else {
+            anchor_pred[g] = pred;
+        }
+    }
+    /* A used node makes its non-empty parent worth summing: the parent's
+     * rows are then added once for all its children. */
+    for (int l = 1; l < levels; l++) {
+        const int side = level_side(grid, l), up = level_side(grid, l + 1);
+        for (int node = 0; node < side * side; node++)
+            if (used[first[l] + node]) {
+                const int parent = first[l + 1] + (node / side >> 1) * up + (node % side >> 1);
+                if (isize[parent] > 0) used[parent] = 1;
+            }
+    }
+    /* Jobs: nodes from the root down (a parent before its children), then
+     * the anchors in index order (a predecessor before its successor). */
+    int j = 0;
+    for (int l = levels; l >= 1; l--) {
+        const int side = level_side(grid, l), up = level_side(grid, l + 1);
+        for (int node = 0; node < side * side; node++) {
+            const int id = first[l] + node;
+            job_of_node[id] = -1;
+            if (!used[id]) continue;
+            const int parent = l < levels ? first[l + 1] + (node / side >> 1) * up + (node % side >> 1)
+                                          : -1;
+            const int from_parent = parent >= 0 && used[parent];
+            jobs[j].base = from_parent ? job_of_node[parent] : -1;
+            jobs[j].now = inter + (size_t)id * N;
+            jobs[j].base_rows = from_parent ? inter + (size_t)parent * N : NULL;
+            jobs[j].acc = node_acc + (size_t)id * N;
+            jobs[j].rows = rows + (size_t)j * N;
+            job_of_node[id] = j++;
+        }
+    }
+    const int anchor_job0 = j;
+    for (int g = 0; g < G; g++, j++) {
+        const int pred = anchor_pred[g], node = -2 - pred;
+        jobs[j].base = pred >= 0 ? anchor_job0 + pred : pred <= -2 ? job_of_node[node] : -1;
+        jobs[j].now = mask + (size_t)g * N;
+        jobs[j].base_rows = pred >= 0    ? mask + (size_t)pred * N
+                            : pred <= -2 ? inter + (size_t)node * N
+                                         : NULL;
+        jobs[j].acc = acc + (size_t)g * N;
+        jobs[j].rows = rows + (size_t)j * N;
+    }
+    const int n_jobs = j;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)n_jobs * N * 2))
+    for (int k = 0; k < n_jobs; k++)
+        jobs[k].n = rows_missing(jobs[k].now, jobs[k].base_rows, N, jobs[k].rows);
+
+    /* Rows are scattered over A: a thread takes a slab of columns and walks
+     * it in blocks of RBLOCK rows (kept in L2 while every job adds its rows
+     * of the block), then adds each job's base, whose sum is complete by
+     * then (bases come first in job order). */
+    const int slabs = (N + COLS - 1) / COLS;
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)n_jobs * N * 4))
+    {
+        int32_t *cursor = malloc(sizeof(int32_t) * n_jobs);
+#pragma omp for schedule(dynamic, 1)
+        for (int sl = 0; sl < slabs; sl++) {
+            if (!cursor) continue;
+            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
+            for (int k = 0; k < n_jobs; k++) {
+                memset(jobs[k].acc + c0, 0, sizeof(double) * (c1 - c0));
+                cursor[k] = 0;
+            }
+            for (int r1 = RBLOCK; r1 < N + RBLOCK; r1 += RBLOCK)
+                for (int k = 0; k < n_jobs; k++) {
+                    int32_t end = cursor[k];
+                    while (end < jobs[k].n && jobs[k].rows[end] < r1) end++;
+                    add_listed_rows(jobs[k].acc, A, N, jobs[k].rows + cursor[k], end - cursor[k],
+                                    c0, c1);
+                    cursor[k] = end;
+                }
+            for (int k = 0; k < n_jobs; k++)
+                if (jobs[k].base >= 0) {
+                    double *a = jobs[k].acc;
+                    const double *b = jobs[jobs[k].base].acc;
+                    for (int c = c0; c < c1; c++) a[c] += b[c];
+                }
+        }
+        if (!cursor) {
+#pragma omp atomic write
+            ok = 0;
+        }
+        free(cursor);
+    }
+    if (!ok) goto done;
+    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
+        mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
+done:
+    free(jobs), free(rows), free(isize), free(inter), free(used), free(node_acc), free(anchor_pred);
+    free(job_of_node);
     return ok;
 }
 
@@ -360,9 +522,9 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
 }
 
 /* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int G, int window,
+static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int grid,
                        double tau, float *proposals, dseg_merge_stats *stats) {
-    const int N = R * R;
+    const int N = R * R, G = grid * grid;
     unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
     float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
@@ -404,8 +566,8 @@ static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *an
     free(logA), logA = NULL;
     free(X), free(logX), X = logX = NULL;
 
-    acc = calloc((size_t)G * N, sizeof(double));
-    if (!acc || !selected_means(ex, A, N, G, window, mask, count, acc, proposals)) goto oom;
+    acc = malloc(sizeof(double) * (size_t)G * N);
+    if (!acc || !selected_means(ex, A, N, grid, mask, count, acc, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
@@ -533,7 +695,7 @@ int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds, int
     if (!anchor_rows) return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
     for (int a = 0; a < grid; a++) /* row-major, first coordinate slowest */
         for (int b = 0; b < grid; b++) anchor_rows[a * grid + b] = coords[a] * R + coords[b];
-    rc = anchor_step(ex, A, R, anchor_rows, G, grid + 1, thresholds[0], proposals, stats);
+    rc = anchor_step(ex, A, R, anchor_rows, grid, thresholds[0], proposals, stats);
     free(anchor_rows);
     int K = G;
     for (int it = 1; rc == DSEG_OK && it < n_iter; it++)
