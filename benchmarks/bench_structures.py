@@ -56,7 +56,7 @@ def planted(n, strength=6.0, seed=0):
     return make
 
 
-def blobs(n, sharpness=4.0, seed=0, large=False):
+def blobs(n, sharpness=8.0, seed=0, large=False):
     def make():
         labels = (synthetic.blob_partition(64, n, seed, min_axis=0.3, max_axis=0.6) if large
                   else synthetic.blob_partition(64, n, seed))
@@ -100,7 +100,9 @@ def structures(cache):
         "planted k=6 soft": planted(6, strength=2.0),
         "planted k=6 sharp": planted(6, strength=12.0),
         "blobs k=7": blobs(7),
-        "blobs k=7 soft": blobs(7, sharpness=1.5),
+        "blobs k=7 soft": blobs(7, sharpness=3.0),
+        "blobs k=7 noisy": lambda: synthetic.blob_attention(synthetic.blob_partition(64, 7, 0),
+                                                            noise=0.5, sharpness=4.0),
         "blobs k=2 large": blobs(2, large=True),
         "blobs k=3 large": blobs(3, large=True, seed=1),
         "smooth bw=0.15": lambda: synthetic.smooth_attention(bandwidth=0.15),

@@ -88,8 +88,8 @@ def blob_partition(R=64, n_segments=7, seed=0, min_axis=0.08, max_axis=0.35):
     return labels.reshape(R, R).astype(np.int32)
 
 
-def blob_attention(labels, resolutions=(64, 32, 16, 8), sharpness=4.0, features=8,
-                   noise=0.5, seed=0):
+def blob_attention(labels, resolutions=(64, 32, 16, 8), sharpness=8.0, features=8,
+                   noise=0.1, seed=0):
     """Self-attention ``{s: (s*s, s*s) float32}`` of a dot-product model.
 
     Unlike :func:`planted_attention` (a fixed bonus for same-segment pairs),
@@ -113,7 +113,7 @@ def blob_attention(labels, resolutions=(64, 32, 16, 8), sharpness=4.0, features=
     return attn
 
 
-def blob_example(R=64, n_segments=7, seed=0, sharpness=4.0, resolutions=(64, 32, 16, 8)):
+def blob_example(R=64, n_segments=7, seed=0, sharpness=8.0, resolutions=(64, 32, 16, 8)):
     """``(attn, labels)``: :func:`blob_attention` of :func:`blob_partition`."""
     labels = blob_partition(R, n_segments, seed)
     return blob_attention(labels, resolutions, sharpness=sharpness, seed=seed), labels

@@ -94,8 +94,11 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
     st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
 }
 
+/* Loops over rows use dynamic schedules: when another process holds a core,
+ * the thread that still runs takes the remaining rows instead of waiting at
+ * the barrier for a static share. */
 static void log_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int m, int n, float *logX, row_stats *st) {
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)m * n * 8))
+#pragma omp parallel for schedule(dynamic, 16) num_threads(dseg_threads_for(ex, (double)m * n * 8))
     for (int i = 0; i < m; i++) log_row(X + (size_t)i * n, n, logX + (size_t)i * n, st + i);
 }
 
@@ -119,7 +122,7 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
     dseg_clear_error();
     if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (m < 0 || k < 0 || n < 1) return dseg_fail(DSEG_EINVAL, "sym_kl: bad sizes");
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)m * k * n))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)m * k * n))
     for (int i = 0; i < m; i++)
         for (int j = 0; j < k; j++)
             D[(size_t)i * k + j] = sym_kl_exact(P + (size_t)i * n, Q + (size_t)j * n, n);
@@ -466,7 +469,7 @@ static int pool_factor(int R) {
 /* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
 static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f, float *out) {
     const int Rp = R / f, Np = Rp * Rp;
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)rows * R * R))
+#pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * R * R))
     for (int i = 0; i < rows; i++) {
         const float *x = X + (size_t)i * R * R;
         float *o = out + (size_t)i * Np;
@@ -511,7 +514,7 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
         log_rows(ex, pX, G, Np, logpX, sx);
         cross_terms(ex, pX, logpX, G, pA, logpA, N, Np, cross, NULL);
         const double rel = dseg_gemm_rel_error(ex, Np);
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)G * N))
+#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * N))
         for (int g = 0; g < G; g++)
             for (int p = 0; p < N; p++)
                 need[(size_t)g * N + p] =

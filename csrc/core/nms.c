@@ -61,7 +61,7 @@ int dseg_nms_ex(const float *proposals, int K, int h, int w, int H, int W, int32
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int Y = 0; Y < H; Y++)
             if (tmp)
                 label_row(proposals, K, h, w, iy0[Y], iy1[Y], fy[Y], ix0, ix1, fx, W, tmp,
