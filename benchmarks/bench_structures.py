@@ -8,7 +8,8 @@ For each structure (R = 64, grid 16) and threshold it prints
   - ratio:     merge / GEMM (target <= 1.5 on every structure),
   - pipeline:  diffseg.segment_attention vs the vectorised float32 NumPy
                pipeline (diffseg.reference, dtype=float32) (target >= 5x),
-  - pairs / full distances / exact rechecks of the merge,
+  - pairs / full distances / refined (float64 from float32 logs) / exact
+    rechecks of the merge,
 worst ratio first. --load also times merge and GEMM while a second CPU-bound
 process runs (target: merge slowdown <= BLAS slowdown); --memory measures the
 merge's extra peak RSS over the size of A (target <= 2).
@@ -213,7 +214,7 @@ def main():
           f"threads, {os.cpu_count()} CPUs, GEMM backend {diffseg.core.gemm_backend()}; "
           f"best of {args.repeat}; worst first")
     head = (f"{'structure':<18}{'tau':>5}{'merge s':>9}{'GEMM s':>8}{'ratio':>7}"
-            f"{'pipe x':>8}{'K':>5}{'pairs':>10}{'full':>10}{'rechecks':>9}")
+            f"{'pipe x':>8}{'K':>5}{'pairs':>10}{'full':>10}{'refined':>9}{'exact':>7}")
     if args.memory:
         head += f"{'mem/A':>7}"
     if args.load:
@@ -222,7 +223,7 @@ def main():
     for r in rows:
         line = (f"{r['structure']:<18}{r['tau']:>5}{r['merge_s']:>9.3f}{r['gemm_s']:>8.3f}"
                 f"{r['ratio']:>7.2f}{r.get('speedup', float('nan')):>8.1f}{r['segments']:>5}"
-                f"{r['pairs']:>10}{r['full_distances']:>10}{r['exact_rechecks']:>9}")
+                f"{r['pairs']:>10}{r['full_distances']:>10}{r['refined']:>9}{r['exact_rechecks']:>7}")
         if args.memory:
             line += f"{r['extra_memory_over_A']:>7.2f}"
         if args.load:

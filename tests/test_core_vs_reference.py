@@ -157,6 +157,8 @@ STRUCTURES = {
     "blobs-large": lambda: synthetic.blob_attention(
         synthetic.blob_partition(16, 2, 3, min_axis=0.3, max_axis=0.6), (16, 8, 4), seed=3),
     "smooth": lambda: synthetic.smooth_attention((16, 8, 4), bandwidth=0.15),
+    # exact zeros (the kernel underflows): zero sets differ between most rows
+    "smooth-narrow": lambda: synthetic.smooth_attention((16, 8, 4), bandwidth=0.03),
     "near-uniform": lambda: synthetic.uniform_attention((16, 8, 4), spread=0.05),
     "noise": lambda: synthetic.noise_attention((16, 8, 4), scale=1.0),
 }
@@ -174,6 +176,12 @@ def test_merge_matches_reference_on_other_structures(name, quantile):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     assert stats["full_distances"] > 0  # not all ruled out by the pooled bound
+    if name == "smooth-narrow":
+        assert (A == 0).any()
+        # pairs with different zero sets (D = +inf) are ruled out without a
+        # full distance, and none of them needs a float64 recheck
+        assert stats["full_distances"] < stats["pairs"] // 2
+        assert stats["refined"] < stats["full_distances"]
 
 
 def test_gemm_backends_give_identical_merges():

@@ -5,9 +5,11 @@
  *     D = 1/2 (h_p + h_q - p.log(q) - log(p).q),   h_x = sum x log x,
  * so all cross terms of a block are two float32 GEMMs. A float32 GEMM over
  * 2 * R^2 terms carries rounding error, so a pair whose fast estimate lies
- * within a bound of the threshold is recomputed exactly in float64. Every
- * merge decision is therefore that of the exact float64 distance, whatever
- * GEMM ran and however many threads it used.
+ * within a bound of the threshold is recomputed in float64 from the cached
+ * float32 logs (a few ulp from exact), and the rare pair still within that
+ * tier's bound exactly from scratch. Every merge decision is therefore that
+ * of the exact float64 distance, whatever GEMM ran and however many threads
+ * it used, and no structure of the attention makes the rechecks dominate.
  *
  * Before that, a pass on key maps pooled 4 x 4 (256 bins for R = 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
@@ -40,6 +42,8 @@ typedef struct {
     double mass;   /* sum x */
     double maxlog; /* max |log x| over x > 0 */
     int has_zero;
+    uint64_t zeros; /* hash of the set of zero positions (0 when none) */
+    int overflow;   /* a pooled bin beyond float range: no bound from this row */
 } row_stats;
 
 /* Natural log of a positive finite float (normal or subnormal), branch-free so
@@ -92,6 +96,18 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
         minx = x[j] < minx ? x[j] : minx;
     }
     st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
+    /* Two maps whose zero sets differ are at D = +inf (one has mass where
+     * the other has none). Different hashes prove that; equal hashes prove
+     * nothing (a collision only costs a recheck). */
+    uint64_t zeros = 0;
+    if (st->has_zero)
+        for (int j = 0; j < n; j++)
+            if (x[j] == 0.0f) {
+                const uint64_t k = (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ull;
+                zeros += k ^ (k >> 29);
+            }
+    st->zeros = zeros;
+    st->overflow = 0;
 }
 
 /* Loops over rows use dynamic schedules: when another process holds a core,
@@ -185,6 +201,7 @@ typedef struct {
 static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
                  const float *lp, const float *q, const float *lq, int n, double tau, double rel,
                  recheck_counts *counts) {
+    if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
@@ -210,9 +227,11 @@ static void cross_terms(const dseg_exec *ex, const float *X, const float *logX, 
     dseg_gemm_nt(ex, m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
 }
 
-/* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
+/* Is D(p, q) >= tau certain from its fast estimate or its zero sets? */
 static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double rel,
                             double tau) {
+    if (sp->overflow || sq->overflow) return 0;
+    if (sp->zeros != sq->zeros) return 1; /* D = +inf */
     if (sp->has_zero || sq->has_zero) return 0;
     const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
     return isfinite(d) && isfinite(bound) && d - bound >= tau;
@@ -467,19 +486,22 @@ static int pool_factor(int R) {
 }
 
 /* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
-static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f, float *out) {
+static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f,
+                      float *out, unsigned char *overflow) {
     const int Rp = R / f, Np = Rp * Rp;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * R * R))
     for (int i = 0; i < rows; i++) {
         const float *x = X + (size_t)i * R * R;
         float *o = out + (size_t)i * Np;
+        overflow[i] = 0;
         for (int by = 0; by < Rp; by++)
             for (int bx = 0; bx < Rp; bx++) {
                 double s = 0.0;
                 for (int y = by * f; y < by * f + f; y++)
                     for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * R + xx];
-                /* beyond float range: 0 marks the row as unusable for the bound */
+                /* beyond float range: the row gives no bound (its value is moot) */
                 o[by * Rp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
+                overflow[i] |= !(s <= FLT_MAX);
             }
     }
 }
@@ -505,13 +527,16 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
     float *logpX = dseg_malloc(sizeof(float) * (size_t)G * Np);
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
-    const int ok = pA && logpA && pX && logpX && cross && sa && sx;
+    unsigned char *overflow = malloc(N);
+    const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow;
     if (ok) {
-        pool_rows(ex, A, N, R, f, pA);
+        pool_rows(ex, A, N, R, f, pA, overflow);
         for (int g = 0; g < G; g++)
             memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
         log_rows(ex, pA, N, Np, logpA, sa);
         log_rows(ex, pX, G, Np, logpX, sx);
+        for (int p = 0; p < N; p++) sa[p].overflow = overflow[p];
+        for (int g = 0; g < G; g++) sx[g].overflow = overflow[anchor_rows[g]];
         cross_terms(ex, pX, logpX, G, pA, logpA, N, Np, cross, NULL);
         const double rel = dseg_gemm_rel_error(ex, Np);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * N))
@@ -520,7 +545,7 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
                 need[(size_t)g * N + p] =
                     !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, rel, tau);
     }
-    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx);
+    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx), free(overflow);
     return ok;
 }
 
