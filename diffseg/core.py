@@ -29,8 +29,52 @@ MAX_OUT_RES = 215
 """Largest resolution of A (215^4 entries still fit the core's int indexing)."""
 
 
+def _blas_sgemm():
+    """SciPy's BLAS ``sgemm`` as a capsule (scipy stays imported, so it lives)."""
+    from scipy.linalg import cython_blas
+
+    return cython_blas.__pyx_capi__["sgemm"]
+
+
+def _gemm_arg(gemm, name="gemm"):
+    """``gemm`` setting -> what ``_core.merge`` takes (None: process default)."""
+    if gemm is None or gemm == "builtin":
+        return gemm
+    if gemm == "blas":
+        return _blas_sgemm()
+    raise ValueError(f"{name} must be None, 'builtin' or 'blas', got {gemm!r}")
+
+
+MAX_WORKERS = 1024
+"""Upper limit of ``workers`` (also at most 4 x the CPU count): thousands of
+threads on a few cores turned a 0.3 s merge into 10 s."""
+
+
+def _max_workers():
+    return max(1, min(MAX_WORKERS, 4 * (os.cpu_count() or 1)))
+
+
+def _workers_arg(workers, name="workers"):
+    """``workers`` -> the core's thread count (0: the process default).
+
+    As in SciPy: None is the process default (:func:`set_num_threads`), a
+    positive count is used as given, -1 means all CPUs, -2 all but one, and
+    so on. 0 and counts above ``min(1024, 4 x CPUs)`` raise ``ValueError``.
+    """
+    if workers is None:
+        return 0
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer or None, got {type(workers).__name__}")
+    cpus, limit = os.cpu_count() or 1, _max_workers()
+    n = int(workers) if workers > 0 else cpus + 1 + int(workers)
+    if workers == 0 or not 1 <= n <= limit:
+        raise ValueError(f"{name} must be in [1, {limit}] or -1..-{cpus} (all CPUs, all but "
+                         f"one, ...), or None for the default; got {workers}")
+    return n
+
+
 def use_gemm(backend):
-    """Choose the GEMM behind the merge's distance estimates.
+    """Choose the process-default GEMM behind the merge's distance estimates.
 
     ``"builtin"`` (default): the core's blocked, OpenMP-parallel kernel.
     ``"blas"``: SciPy's BLAS ``sgemm`` (OpenBLAS). On a 2-core machine the
@@ -38,14 +82,12 @@ def use_gemm(backend):
     threads compete with the core's OpenMP threads (benchmarks/bench_core.py).
     Merge results do not depend on the choice: pairs close to a threshold are
     recomputed exactly. The environment variable ``DIFFSEG_GEMM`` sets the
-    default at import.
+    default at import; ``merge(..., gemm=...)`` chooses per call.
     """
     if backend == "builtin":
         _core.set_sgemm(None)
     elif backend == "blas":
-        from scipy.linalg import cython_blas
-
-        _core.set_sgemm(cython_blas.__pyx_capi__["sgemm"])
+        _core.set_sgemm(_blas_sgemm())
     else:
         raise ValueError(f"backend must be 'builtin' or 'blas', got {backend!r}")
 
@@ -69,12 +111,16 @@ def gemm_backend():
 
 
 def set_num_threads(n):
-    """Threads for the C core (and the libtorch shim when it is loaded).
+    """Process-default threads for the C core (and the libtorch shim when it
+    is loaded); the ``workers=`` argument of each call overrides it.
 
-    ``n < 1`` means OpenMP's default (``OMP_NUM_THREADS``, else all cores).
-    Results are bit-identical for any value.
+    ``n < 1`` means OpenMP's default (``OMP_NUM_THREADS``, else all cores);
+    ``n`` above ``min(1024, 4 x CPUs)`` raises ``ValueError``. Results are
+    bit-identical for any value.
     """
     n = int(n)
+    if n > _max_workers():
+        raise ValueError(f"n must be at most {_max_workers()} (4 x the CPU count), got {n}")
     _core.set_num_threads(n)
     shim = sys.modules.get("diffseg._torch")
     if shim is not None and hasattr(shim, "set_num_threads"):
@@ -175,7 +221,7 @@ def _resolution_weights(resolutions, weights):
     return w / w.sum()
 
 
-def aggregate(attn, weights=None, out_res=None):
+def aggregate(attn, weights=None, out_res=None, *, workers=None):
     """Aggregate self-attention of several resolutions (DiffSeg step 2).
 
     Parameters
@@ -188,12 +234,17 @@ def aggregate(attn, weights=None, out_res=None):
     out_res : int, optional
         Output resolution ``R`` (default: the highest input resolution); every
         input resolution must divide it.
+    workers : int, optional
+        Threads of this call: None (the :func:`set_num_threads` default), a
+        count, or -1 for all CPUs (SciPy style). The result does not depend
+        on it.
 
     Returns
     -------
     A : (R*R, R*R) float32
         ``A[i]`` is the attention map of query ``i``; rows sum to 1.
     """
+    threads = _workers_arg(workers)
     maps = _collect_attention(attn)
     resolutions = list(maps)
     w = _resolution_weights(resolutions, weights)
@@ -205,7 +256,8 @@ def aggregate(attn, weights=None, out_res=None):
     for s in resolutions:
         if out_res % s:
             raise ValueError(f"attn: resolution {s} does not divide out_res {out_res}")
-    return _core.aggregate([maps[s] for s in resolutions], [float(x) for x in w], int(out_res))
+    return _core.aggregate([maps[s] for s in resolutions], [float(x) for x in w], int(out_res),
+                           threads)
 
 
 def kl_thresholds(kl_threshold, name="kl_threshold"):
@@ -267,7 +319,8 @@ def anchor_coords(R, grid=16):
     return _core.anchor_coords(R, grid).astype(np.int64)
 
 
-def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_seeds=False, return_stats=False,
+          workers=None, gemm=None):
     """Iterative KL merging (DiffSeg step 3).
 
     Parameters
@@ -281,25 +334,41 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_stats=False):
         value for each of 3 iterations. Iteration 0 averages, per anchor, every
         row of ``A`` closer than the threshold; later iterations merge
         proposals greedily (non-exclusive, in index order).
+    return_seeds : bool
+        Also return ``seeds`` (K,) int64: for each proposal, the row of ``A``
+        of the anchor that seeded it (iteration 0: proposal ``a`` is anchor
+        ``a``'s; later, a merged group keeps its greedy seed's).
     return_stats : bool
-        Also return ``{"pairs", "full_distances", "exact_rechecks"}``: how
-        many distances were decided, how many needed the full-resolution
-        distance (the others were ruled out by a pooled lower bound), and how
-        many were recomputed in float64 because the fast estimate was close
-        to a threshold.
+        Also return ``{"pairs", "full_distances", "refined",
+        "exact_rechecks"}``: how many distances were decided (later
+        iterations count each unordered pair once), how many needed the
+        full-resolution distance (the others were ruled out by a pooled lower
+        bound), how many were too close to a threshold for the float32 GEMM
+        estimate and were recomputed in float64 from the float32 logs, and
+        how many of those were still too close and were recomputed exactly.
+    workers : int, optional
+        Threads of this call (see :func:`aggregate`).
+    gemm : None, ``"builtin"`` or ``"blas"``
+        GEMM of this call's distance estimates (None: the :func:`use_gemm`
+        default). Threads and GEMM are read once, when the call starts; the
+        result does not depend on either.
 
     Returns
     -------
     proposals : (K, R, R) float32, each summing to 1.
     """
+    threads, sgemm = _workers_arg(workers), _gemm_arg(gemm)
     A, _ = _as_matrix(A)
     thresholds = kl_thresholds(kl_threshold)
     R = _square_side(A.shape[0], "A")
     grid = _check_int(grid, "grid", 1, R)
-    proposals, pairs, full, rechecks = _core.merge(A, grid, thresholds)
+    proposals, seeds, pairs, full, refined, rechecks = _core.merge(A, grid, thresholds, threads, sgemm)
+    result = (proposals,)
+    if return_seeds:
+        result += (seeds,)
     if return_stats:
-        return proposals, {"pairs": pairs, "full_distances": full, "exact_rechecks": rechecks}
-    return proposals
+        result += ({"pairs": pairs, "full_distances": full, "refined": refined, "exact_rechecks": rechecks},)
+    return result[0] if len(result) == 1 else result
 
 
 def _size(size):
@@ -315,7 +384,7 @@ def _size(size):
     return h, w
 
 
-def nms(proposals, size=(512, 512), *, return_index=False):
+def nms(proposals, size=(512, 512), *, return_index=False, workers=None):
     """Label map from proposals (DiffSeg step 4).
 
     Each ``(h, w)`` proposal is bilinearly upsampled to ``size`` (half-pixel
@@ -329,18 +398,21 @@ def nms(proposals, size=(512, 512), *, return_index=False):
     return_index : bool
         Also return ``index`` (n_labels,) int32: ``index[l]`` is the proposal
         that label ``l`` came from.
+    workers : int, optional
+        Threads of this call (see :func:`aggregate`).
 
     Returns
     -------
     labels : (height, width) int32
     """
+    threads = _workers_arg(workers)
     P = _float32(proposals, "proposals")
     if P.ndim == 2:
         P = P[None]
     if P.ndim != 3:
         raise ValueError(f"proposals must be (K, h, w), got shape {P.shape}")
     height, width = _size(size)
-    labels, index = _core.nms(P, height, width)
+    labels, index = _core.nms(P, height, width, threads)
     return (labels, index) if return_index else labels
 
 
@@ -357,37 +429,44 @@ def sym_kl(p, q):
 
 
 def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-               weights=None, refine=False):
+               weights=None, refine=False, workers=None, gemm=None):
     """Aggregate (unless ``A`` is given), merge (then :func:`refine` when
     ``refine``) and label, keeping every stage.
 
+    ``workers`` and ``gemm`` (see :func:`merge`) are read once and used by
+    every stage.
+
     Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, R, R),
-    ``labels`` (height, width) int32 and ``proposal`` (label -> proposal
-    index). This is the one composition of the stages: :func:`segment_attention`,
+    ``labels`` (height, width) int32, ``proposal`` (label -> proposal
+    index) and ``seed`` (proposal -> row of ``A`` of its seeding anchor). This is the one composition of the stages: :func:`segment_attention`,
     :func:`diffseg.segment` and evaluation all go through it.
     """
     thresholds = kl_thresholds(kl_threshold)
     size = _size(size)
+    _gemm_arg(gemm)  # refuse a bad value before any work
+    threads = _workers_arg(workers) or get_num_threads()
     if A is None:
         if attn is None:
             raise ValueError("give attn (attention maps) or A (aggregated attention)")
-        A = aggregate(attn, weights=weights)
-    proposals = merge(A, grid=grid, kl_threshold=thresholds)
+        A = aggregate(attn, weights=weights, workers=threads)
+    proposals, seeds = merge(A, grid=grid, kl_threshold=thresholds, return_seeds=True, workers=threads,
+                             gemm=gemm)
     if refine:
-        proposals = _refine(A, proposals)
-    labels, index = nms(proposals, size, return_index=True)
-    return {"A": A, "proposals": proposals, "labels": labels, "proposal": index}
+        proposals, rows = _refine(A, proposals, workers=threads, gemm=gemm, return_labels=True)
+        seeds = seeds[np.unique(rows)]  # refine keeps the clusters that end non-empty, in order
+    labels, index = nms(proposals, size, return_index=True, workers=threads)
+    return {"A": A, "proposals": proposals, "labels": labels, "proposal": index, "seed": seeds}
 
 
 def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-                      weights=None, refine=False):
+                      weights=None, refine=False, workers=None, gemm=None):
     """Aggregate, merge and label: attention maps -> ``(height, width)`` int32 labels.
 
     See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments;
     ``refine=True`` adds the official k-means refinement (:func:`refine`).
     """
     return run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=size, weights=weights,
-                      refine=refine)["labels"]
+                      refine=refine, workers=workers, gemm=gemm)["labels"]
 
 
 def segment_scores(labels, proposals, A, *, index=None):
@@ -441,7 +520,7 @@ def segment_scores(labels, proposals, A, *, index=None):
     return score, mean_kl
 
 
-def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=False,
+def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, return_labels=False,
            return_stats=False):
     """k-means refinement of merged proposals (the official ``refine=True``).
 
@@ -465,6 +544,7 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=
     workers : int, optional
         Threads for this call (default: :func:`get_num_threads`). Results are
         bit-identical for any value.
+    gemm : GEMM of the distance estimates, as in :func:`merge`.
     return_labels : bool
         Also return ``labels`` (R*R,) int32: the cluster of each row of ``A``.
     return_stats : bool
@@ -491,9 +571,8 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, return_labels=
         raise TypeError(f"tol must be a number, got {type(tol).__name__}")
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be finite and >= 0, got {tol}")
-    threads = 0 if workers is None else _check_int(workers, "workers", 1, 4096)
     out, labels, iterations, strict, relocated, rechecks, kept = _core.refine(
-        A, P, max_iter, float(tol), threads)
+        A, P, max_iter, float(tol), _workers_arg(workers), _gemm_arg(gemm))
     result = (out.reshape(-1, R, R),)
     if return_labels:
         result += (labels,)

@@ -75,8 +75,9 @@ def _sym_kl_pair(p, q):
     return 0.5 * np.sum((p - q) * (np.log(p) - np.log(q)))
 
 
-def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64):
-    """Reference :func:`diffseg.merge` -> (K, R, R) float32."""
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64, return_seeds=False):
+    """Reference :func:`diffseg.merge` -> (K, R, R) float32 (and the seeds'
+    rows of ``A`` with ``return_seeds``)."""
     exact = dtype == np.float64
     A = np.asarray(A, dtype=np.float32)
     N = A.shape[0] if A.ndim == 2 else A.shape[0] * A.shape[1]
@@ -91,24 +92,38 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64):
     sums = close.astype(dtype) @ A.astype(dtype)
     proposals = (sums / close.sum(axis=1, keepdims=True)).astype(np.float32)
 
+    seeds = anchors
     for tau in thresholds[1:]:
-        proposals = greedy_step(proposals, sym_kl(proposals, proposals, exact) < tau)
-    return proposals.reshape(-1, R, R)
+        groups = greedy_groups(sym_kl(proposals, proposals, exact) < tau)
+        seeds = seeds[[i for i, _ in groups]]
+        proposals = _group_means(proposals, groups)
+    proposals = proposals.reshape(-1, R, R)
+    return (proposals, seeds) if return_seeds else proposals
 
 
-def greedy_step(proposals, close):
+def greedy_groups(close):
     """One later merge iteration: greedy, non-exclusive, in index order.
-    ``close[i, j]``: D(proposal i, proposal j) < tau."""
-    matched = np.zeros(len(proposals), dtype=bool)
-    merged = []
-    for i in range(len(proposals)):
+    ``close[i, j]``: D(proposal i, proposal j) < tau. Returns ``[(seed i,
+    boolean group mask), ...]``."""
+    matched = np.zeros(len(close), dtype=bool)
+    groups = []
+    for i in range(len(close)):
         if matched[i]:
             continue
         group = close[i].copy()
         group[i] = True
         matched |= group  # matched proposals stop being seeds but can join later groups
-        merged.append(proposals[group].astype(np.float64).mean(axis=0))
-    return np.array(merged, dtype=np.float32)
+        groups.append((i, group))
+    return groups
+
+
+def _group_means(proposals, groups):
+    return np.array([proposals[g].astype(np.float64).mean(axis=0) for _, g in groups], dtype=np.float32)
+
+
+def greedy_step(proposals, close):
+    """:func:`greedy_groups`, then each group's plain mean."""
+    return _group_means(proposals, greedy_groups(close))
 
 
 def nms(proposals, size=(512, 512)):

@@ -51,3 +51,92 @@ def planted_example(R=64, n_segments=6, seed=0, resolutions=None):
     if resolutions is None:
         resolutions = [R // f for f in (1, 2, 4, 8) if R % f == 0 and R // f >= 1]
     return planted_attention(labels, resolutions, seed=seed), labels
+
+
+# ---- structures without a planted Voronoi partition ---------------------------
+# The merge's cost must not depend on the attention looking like the planted
+# kind above; these generators cover other shapes (tests and benchmarks).
+
+def _softmax_rows(logits):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _positions(s):
+    """(s*s, 2) cell centres of an s x s grid in units of the grid side."""
+    yy, xx = np.divmod(np.arange(s * s), s)
+    return np.stack([(yy + 0.5) / s, (xx + 0.5) / s], axis=1)
+
+
+def blob_partition(R=64, n_segments=7, seed=0, min_axis=0.08, max_axis=0.35):
+    """Ground truth ``(R, R)`` int32: random rotated ellipses painted in turn
+    over a background (label 0); later ellipses cover earlier ones. Labels
+    that end up with no cell are dropped and the rest renumbered."""
+    rng = np.random.default_rng(seed)
+    pos = _positions(R)
+    labels = np.zeros(R * R, dtype=np.int64)
+    for k in range(1, n_segments):
+        c = rng.uniform(0.1, 0.9, size=2)
+        a, b = rng.uniform(min_axis, max_axis, size=2)
+        t = rng.uniform(0, np.pi)
+        d = pos - c
+        u = d[:, 0] * np.cos(t) + d[:, 1] * np.sin(t)
+        v = -d[:, 0] * np.sin(t) + d[:, 1] * np.cos(t)
+        labels[(u / a) ** 2 + (v / b) ** 2 <= 1.0] = k
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels.reshape(R, R).astype(np.int32)
+
+
+def blob_attention(labels, resolutions=(64, 32, 16, 8), sharpness=8.0, features=8,
+                   noise=0.1, seed=0):
+    """Self-attention ``{s: (s*s, s*s) float32}`` of a dot-product model.
+
+    Unlike :func:`planted_attention` (a fixed bonus for same-segment pairs),
+    each segment gets a random unit feature vector of ``features``
+    dimensions; a position's query and key are its segment's vector plus
+    Gaussian noise of std ``noise`` (fixed per position), and the logit is
+    ``sharpness`` x the dot product. Segments with similar vectors attend to
+    each other partly, so segments differ in how separable they are.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    n_seg = int(labels.max()) + 1
+    vec = rng.standard_normal((n_seg, features))
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    attn = {}
+    for s in resolutions:
+        seg = resize_nearest(labels, s, s).ravel()
+        q = vec[seg] + noise * rng.standard_normal((s * s, features))
+        k = vec[seg] + noise * rng.standard_normal((s * s, features))
+        attn[s] = _softmax_rows(sharpness * (q @ k.T))
+    return attn
+
+
+def blob_example(R=64, n_segments=7, seed=0, sharpness=8.0, resolutions=(64, 32, 16, 8)):
+    """``(attn, labels)``: :func:`blob_attention` of :func:`blob_partition`."""
+    labels = blob_partition(R, n_segments, seed)
+    return blob_attention(labels, resolutions, sharpness=sharpness, seed=seed), labels
+
+
+def smooth_attention(resolutions=(64, 32, 16, 8), bandwidth=0.15):
+    """Local attention with no segments: a Gaussian kernel of std
+    ``bandwidth`` (in units of the image side) around each query."""
+    attn = {}
+    for s in resolutions:
+        pos = _positions(s)
+        d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+        attn[s] = _softmax_rows(-d2 / (2 * bandwidth ** 2))
+    return attn
+
+
+def uniform_attention(resolutions=(64, 32, 16, 8), spread=0.05, seed=0):
+    """Near-uniform attention: softmax of i.i.d. logits of std ``spread``
+    (every map is within a small distance of every other)."""
+    return noise_attention(resolutions, scale=spread, seed=seed)
+
+
+def noise_attention(resolutions=(64, 32, 16, 8), scale=1.0, seed=0):
+    """Softmax of i.i.d. Gaussian logits of std ``scale``: no structure."""
+    rng = np.random.default_rng(seed)
+    return {s: _softmax_rows(scale * rng.standard_normal((s * s, s * s))) for s in resolutions}

@@ -167,3 +167,47 @@ def test_thread_and_backend_settings_bad_input():
     finally:
         diffseg.set_num_threads(0)
     assert diffseg.get_num_threads() == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda **kw: diffseg.aggregate(GOOD_ATTN, **kw),
+    lambda **kw: diffseg.merge(GOOD_A, grid=4, **kw),
+    lambda **kw: diffseg.nms(GOOD_P, size=(9, 9), **kw),
+    lambda **kw: diffseg.segment_attention(GOOD_ATTN, grid=4, size=(9, 9), **kw),
+    lambda **kw: diffseg.core.run_stages(GOOD_ATTN, grid=4, size=(9, 9), **kw),
+])
+def test_per_call_workers_bad_values(call):
+    import os
+
+    for bad in (0, 20000, -(os.cpu_count() + 1), 4 * os.cpu_count() + 1):
+        with pytest.raises(ValueError, match="workers"):
+            call(workers=bad)
+    for bad in (1.5, "2", True):
+        with pytest.raises(TypeError, match="workers"):
+            call(workers=bad)
+    call(workers=-1)  # all CPUs, as SciPy
+    call(workers=1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda **kw: diffseg.merge(GOOD_A, grid=4, **kw),
+    lambda **kw: diffseg.segment_attention(GOOD_ATTN, grid=4, size=(9, 9), **kw),
+])
+def test_per_call_gemm_bad_values(call):
+    with pytest.raises(ValueError, match="gemm must be None, 'builtin' or 'blas'"):
+        call(gemm="mkl")
+
+
+def test_absurd_thread_counts_are_refused():
+    before = diffseg.get_num_threads()
+    with pytest.raises(ValueError, match="n must be at most"):
+        diffseg.set_num_threads(20000)
+    with pytest.raises(ValueError, match="n must be at most"):
+        _core.set_num_threads(20000)
+    assert diffseg.get_num_threads() == before
+    with pytest.raises(ValueError, match="workers must be in"):
+        _core.merge(GOOD_A, 4, [1.1], 20000)
+    with pytest.raises(ValueError, match="workers must be in"):
+        _core.nms(GOOD_P, 9, 9, -3)
+    with pytest.raises(TypeError, match="gemm must be"):
+        _core.merge(GOOD_A, 4, [1.1], 1, 3)

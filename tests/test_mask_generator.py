@@ -105,3 +105,18 @@ def test_cli_records_use_the_same_keys():
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         diffseg.MaskGenerator(PlantedModel(), **kwargs)
+
+
+@pytest.mark.parametrize("n_segments, seed, tau", [(4, 0, 1.1), (7, 2, 0.9), (3, 5, (1.1, 0.5, 2.0))])
+def test_seeds_equal_the_reference(n_segments, seed, tau):
+    A = diffseg.aggregate(planted_example(R, n_segments, seed)[0])
+    got, seeds = diffseg.merge(A, grid=GRID, kl_threshold=tau, return_seeds=True)
+    want, want_seeds = diffseg.reference.merge(A, grid=GRID, kl_threshold=tau, return_seeds=True)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(seeds, want_seeds)
+
+
+def test_seeds_after_refine_follow_the_kept_clusters():
+    stages = diffseg.core.run_stages(PlantedModel(5, seed=1).attn, grid=GRID, size=32, refine=True)
+    assert len(stages["seed"]) == len(stages["proposals"])
+    assert set(stages["seed"]) <= set(anchor_rows())

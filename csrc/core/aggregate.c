@@ -100,7 +100,14 @@ static long aggregate_block(const level *levels, int n_levels, int R, int B, int
 
 int dseg_aggregate(int n_maps, const int *res, const float *const *maps, const float *weights,
                    int out_res, float *out) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_aggregate_ex(n_maps, res, maps, weights, out_res, out, &ex);
+}
+
+int dseg_aggregate_ex(int n_maps, const int *res, const float *const *maps,
+                      const float *weights, int out_res, float *out, const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (n_maps < 1 || n_maps > 64)
         return dseg_fail(DSEG_EINVAL, "attn: give 1 to 64 attention maps, got %d", n_maps);
     if (out_res < 1) return dseg_fail(DSEG_EINVAL, "out_res must be >= 1, got %d", out_res);
@@ -136,7 +143,7 @@ int dseg_aggregate(int n_maps, const int *res, const float *const *maps, const f
     long empty = -1;
     int oom = 0;
     const size_t n = (size_t)R * R;
-#pragma omp parallel num_threads(dseg_threads_for((double)n * n * n_maps))
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)n * n * n_maps))
     {
         float *buf = dseg_malloc(sizeof(float) * (maps_per_block * n + (size_t)R));
         if (!buf) {

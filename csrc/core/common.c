@@ -45,20 +45,41 @@ void dseg_free(void *p) { free(p); }
 
 static int requested_threads = 0; /* 0: all cores */
 
-void dseg_set_num_threads(int n) { requested_threads = n < 1 ? 0 : n; }
+void dseg_set_num_threads(int n) {
+    requested_threads = n < 1 ? 0 : n > DSEG_MAX_THREADS ? DSEG_MAX_THREADS : n;
+}
 
-int dseg_threads(void) {
+int dseg_get_num_threads(void) {
 #ifdef _OPENMP
     /* unset: OpenMP's default, which honours OMP_NUM_THREADS */
-    return requested_threads > 0 ? requested_threads : omp_get_max_threads();
+    const int n = requested_threads > 0 ? requested_threads : omp_get_max_threads();
+    return n > DSEG_MAX_THREADS ? DSEG_MAX_THREADS : n;
 #else
     return 1;
 #endif
 }
 
-int dseg_threads_for(double work) { return work < 262144.0 ? 1 : dseg_threads(); }
+dseg_exec dseg_default_exec(void) {
+    dseg_exec ex = {dseg_get_num_threads(), dseg_get_sgemm()};
+    return ex;
+}
 
-int dseg_get_num_threads(void) { return dseg_threads(); }
+int dseg_check_exec(const dseg_exec *ex) {
+    if (!ex) return dseg_fail(DSEG_EINVAL, "exec: NULL pointer");
+    if (ex->threads < 1 || ex->threads > DSEG_MAX_THREADS)
+        return dseg_fail(DSEG_EINVAL, "exec: threads must be in [1, %d], got %d",
+                         DSEG_MAX_THREADS, ex->threads);
+    return DSEG_OK;
+}
+
+int dseg_threads_for(const dseg_exec *ex, double work) {
+#ifdef _OPENMP
+    return work < 262144.0 ? 1 : ex->threads;
+#else
+    (void)ex, (void)work;
+    return 1;
+#endif
+}
 
 int dseg_has_openmp(void) {
 #ifdef _OPENMP

@@ -34,8 +34,10 @@ const char *dseg_last_error(void);
 void *dseg_alloc(size_t bytes);
 void dseg_free(void *p);
 
-/* Thread count used by the core's parallel loops (n < 1: OpenMP's default,
- * i.e. OMP_NUM_THREADS or all cores). */
+/* Process-default thread count of the core's parallel loops (n < 1:
+ * OpenMP's default, i.e. OMP_NUM_THREADS or all cores; n is clamped to
+ * DSEG_MAX_THREADS). */
+#define DSEG_MAX_THREADS 1024
 void dseg_set_num_threads(int n);
 int dseg_get_num_threads(void);
 /* 1 when the core was compiled with OpenMP. */
@@ -56,6 +58,18 @@ void dseg_set_sgemm(dseg_sgemm_fn fn);
 dseg_sgemm_fn dseg_get_sgemm(void);
 
 /*
+ * Settings of one call. The *_ex functions take them as arguments and never
+ * read the process defaults, so another thread changing those defaults while
+ * a call runs cannot affect it. The plain functions snapshot the defaults
+ * once at entry (dseg_default_exec).
+ */
+typedef struct {
+    int threads;         /* 1..DSEG_MAX_THREADS (ignored without OpenMP) */
+    dseg_sgemm_fn sgemm; /* NULL: the built-in kernel */
+} dseg_exec;
+dseg_exec dseg_default_exec(void);
+
+/*
  * Aggregate attention of several resolutions into one (R*R, R*R) matrix.
  *
  * maps[i] is a row-stochastic (res[i]^2, res[i]^2) matrix (query rows,
@@ -67,6 +81,8 @@ dseg_sgemm_fn dseg_get_sgemm(void);
  */
 int dseg_aggregate(int n_maps, const int *res, const float *const *maps,
                    const float *weights, int out_res, float *out);
+int dseg_aggregate_ex(int n_maps, const int *res, const float *const *maps,
+                      const float *weights, int out_res, float *out, const dseg_exec *exec);
 
 /* Anchor coordinates along one axis, as the official code: grid values. */
 int dseg_anchor_coords(int R, int grid, int *coords);
@@ -75,7 +91,9 @@ int dseg_anchor_coords(int R, int grid, int *coords);
 typedef struct {
     int64_t pairs;           /* distances decided */
     int64_t full_distances;  /* of those, not ruled out by the pooled lower bound */
-    int64_t exact_rechecks;  /* of those, recomputed exactly in float64 */
+    int64_t refined;         /* of those, too close to a threshold for the float32
+                                GEMM: recomputed in float64 from float32 logs */
+    int64_t exact_rechecks;  /* of those, still too close: recomputed exactly */
 } dseg_merge_stats;
 
 /*
@@ -86,11 +104,16 @@ typedef struct {
  * whose symmetric KL to the anchor is < thresholds[0]. Iterations
  * 1..n_iter-1 greedily merge the proposals (non-exclusive, in index order).
  * proposals: caller buffer of grid*grid*R*R floats; the first *n_proposals
- * rows hold the result. stats may be NULL.
+ * rows hold the result. stats may be NULL. dseg_merge_ex also gives, in
+ * seeds (NULL, or grid*grid ints), the row of A of the anchor that seeded
+ * each proposal (the greedy chain back to iteration 0).
  */
 int dseg_merge(const float *A, int R, int grid, const double *thresholds,
                int n_iter, float *proposals, int *n_proposals,
                dseg_merge_stats *stats);
+int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds,
+                  int n_iter, float *proposals, int *n_proposals, int *seeds,
+                  dseg_merge_stats *stats, const dseg_exec *exec);
 
 /*
  * Symmetric KL D(p, q) = 1/2 sum (p - q)(log p - log q) between every row of
@@ -99,6 +122,8 @@ int dseg_merge(const float *A, int R, int grid, const double *thresholds,
  * other has positive mass.
  */
 int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D);
+int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *D,
+                   const dseg_exec *exec);
 
 /*
  * Label map: bilinearly upsample each of the K (h, w) proposals to (H, W)
@@ -109,6 +134,8 @@ int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D);
  */
 int dseg_nms(const float *proposals, int K, int h, int w, int H, int W,
              int32_t *labels, int *n_labels, int32_t *winners);
+int dseg_nms_ex(const float *proposals, int K, int h, int w, int H, int W,
+                int32_t *labels, int *n_labels, int32_t *winners, const dseg_exec *exec);
 
 /* Optional statistics of one dseg_refine call. */
 typedef struct {
@@ -131,11 +158,13 @@ typedef struct {
  * variance of A. out: (K, d) buffer; its first *n_out rows are the means of
  * the rows of A in each cluster that the final labels leave non-empty, in
  * cluster order. labels (n entries, the final cluster of each row) and stats
- * may be NULL. threads < 1: dseg_get_num_threads().
+ * may be NULL.
  */
 int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_iter,
-                double tol, int threads, float *out, int *n_out, int32_t *labels,
-                dseg_refine_stats *stats);
+                double tol, float *out, int *n_out, int32_t *labels, dseg_refine_stats *stats);
+int dseg_refine_ex(const float *A, int n, int d, const float *init, int K, int max_iter,
+                   double tol, float *out, int *n_out, int32_t *labels, dseg_refine_stats *stats,
+                   const dseg_exec *exec);
 
 #ifdef __cplusplus
 }

@@ -26,25 +26,34 @@ int dseg_fail(int code, const char *fmt, ...)
     ;
 void dseg_clear_error(void);
 
-/* Threads for the next parallel region (never 0). */
-int dseg_threads(void);
+/* Marks a dseg_exec parameter that only num_threads clauses read (unused
+ * when built without OpenMP). */
+#ifdef _OPENMP
+#define DSEG_OMP_ONLY
+#else
+#define DSEG_OMP_ONLY __attribute__((unused))
+#endif
+
 /* Threads for a region of about `work` element operations: one when that is
- * too little to repay waking a team. */
-int dseg_threads_for(double work);
+ * too little to repay waking a team, else ex->threads. */
+int dseg_threads_for(const dseg_exec *ex, double work);
+/* Is *ex usable? (else fails with EINVAL naming `exec`) */
+int dseg_check_exec(const dseg_exec *ex);
 
 /*
  * C (m, n) = X (m, k) * Y (n, k)^T (+ C when accumulate), row-major with
- * leading dimensions ldx, ldy, ldc. Uses the external sgemm when set, else a
+ * leading dimensions ldx, ldy, ldc. Uses ex->sgemm when set, else a
  * blocked, OpenMP-parallel kernel. need (m, n, leading dimension ldc) may mark
  * the entries wanted: the built-in kernel then skips 4 x 4 tiles with none
  * (their entries are left undefined). NULL: all.
  */
-void dseg_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y,
-                  int ldy, float *C, int ldc, int accumulate, const unsigned char *need);
+void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                  const float *Y, int ldy, float *C, int ldc, int accumulate,
+                  const unsigned char *need);
 
 /* Relative error bound of a cross term computed by dseg_gemm_nt with k-term
- * GEMMs (see gemm.c). */
-double dseg_gemm_rel_error(int k);
+ * GEMMs of ex's backend (see gemm.c). */
+double dseg_gemm_rel_error(const dseg_exec *ex, int k);
 
 /* Bilinear source index pair and weight of each destination pixel
  * (half-pixel centres, edge clamp: torch align_corners=False). */

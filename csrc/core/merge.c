@@ -5,9 +5,11 @@
  *     D = 1/2 (h_p + h_q - p.log(q) - log(p).q),   h_x = sum x log x,
  * so all cross terms of a block are two float32 GEMMs. A float32 GEMM over
  * 2 * R^2 terms carries rounding error, so a pair whose fast estimate lies
- * within a bound of the threshold is recomputed exactly in float64. Every
- * merge decision is therefore that of the exact float64 distance, whatever
- * GEMM ran and however many threads it used.
+ * within a bound of the threshold is recomputed in float64 from the cached
+ * float32 logs (a few ulp from exact), and the rare pair still within that
+ * tier's bound exactly from scratch. Every merge decision is therefore that
+ * of the exact float64 distance, whatever GEMM ran and however many threads
+ * it used, and no structure of the attention makes the rechecks dominate.
  *
  * Before that, a pass on key maps pooled 4 x 4 (256 bins for R = 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
@@ -31,12 +33,17 @@
 /* Columns per accumulation pass: a (N x COLS) slab of A stays in cache while
  * every anchor adds its selected rows. */
 #define COLS 256
+/* Rows per block of the selected-row sums: RBLOCK x COLS floats (256 KiB)
+ * stay in L2. */
+#define RBLOCK 256
 
 typedef struct {
     double h;      /* sum x log x */
     double mass;   /* sum x */
     double maxlog; /* max |log x| over x > 0 */
     int has_zero;
+    uint64_t zeros; /* hash of the set of zero positions (0 when none) */
+    int overflow;   /* a pooled bin beyond float range: no bound from this row */
 } row_stats;
 
 /* Natural log of a positive finite float (normal or subnormal), branch-free so
@@ -89,10 +96,25 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
         minx = x[j] < minx ? x[j] : minx;
     }
     st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
+    /* Two maps whose zero sets differ are at D = +inf (one has mass where
+     * the other has none). Different hashes prove that; equal hashes prove
+     * nothing (a collision only costs a recheck). */
+    uint64_t zeros = 0;
+    if (st->has_zero)
+        for (int j = 0; j < n; j++)
+            if (x[j] == 0.0f) {
+                const uint64_t k = (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ull;
+                zeros += k ^ (k >> 29);
+            }
+    st->zeros = zeros;
+    st->overflow = 0;
 }
 
-static void log_rows(const float *X, int m, int n, float *logX, row_stats *st) {
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * n * 8))
+/* Loops over rows use dynamic schedules: when another process holds a core,
+ * the thread that still runs takes the remaining rows instead of waiting at
+ * the barrier for a static share. */
+static void log_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int m, int n, float *logX, row_stats *st) {
+#pragma omp parallel for schedule(dynamic, 16) num_threads(dseg_threads_for(ex, (double)m * n * 8))
     for (int i = 0; i < m; i++) log_row(X + (size_t)i * n, n, logX + (size_t)i * n, st + i);
 }
 
@@ -107,47 +129,109 @@ static double sym_kl_exact(const float *p, const float *q, int n) {
 }
 
 int dseg_sym_kl(const float *P, int m, const float *Q, int k, int n, double *D) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_sym_kl_ex(P, m, Q, k, n, D, &ex);
+}
+
+int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *D,
+                   const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (m < 0 || k < 0 || n < 1) return dseg_fail(DSEG_EINVAL, "sym_kl: bad sizes");
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)m * k * n))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)m * k * n))
     for (int i = 0; i < m; i++)
         for (int j = 0; j < k; j++)
             D[(size_t)i * k + j] = sym_kl_exact(P + (size_t)i * n, Q + (size_t)j * n, n);
     return DSEG_OK;
 }
 
-/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms. */
-/* rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
+/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms.
+ * rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
  * mass_q max|log p|; |h| covers the final rounding of the cross term. */
 static double error_bound(const row_stats *sp, const row_stats *sq, double rel) {
     return rel * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) + fabs(sq->h)) +
            1e-12;
 }
 
-/* Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM. */
-static int below(float cross, const row_stats *sp, const row_stats *sq,
-                 const float *p, const float *q, int n, double tau, double rel,
-                 int64_t *rechecks) {
+/* Relative error of log_positive against the float64 log, measured over
+ * every positive finite float: at most 8.2e-8 (1.4 x 2^-24; exact at x = 1).
+ * Bounded here with a margin of 3.7x. */
+#define LOG_REL_ERROR 3e-7
+
+/*
+ * D(p, q) from the float32 logs, summed in float64 (same zero conventions as
+ * sym_kl_exact). *bound receives a bound on its distance from sym_kl_exact's
+ * value: the log error (LOG_REL_ERROR per log) plus the rounding of both
+ * float64 sums (n terms, 2^-53 each, doubled for safety), all relative to
+ * S = sum |p - q| (|log p| + |log q|).
+ */
+DSEG_CLONES
+static double sym_kl_from_logs(const float *p, const float *lp, const float *q, const float *lq,
+                               int n, double *bound) {
+    double s = 0.0, a = 0.0;
+    int mismatch = 0;
+#pragma omp simd reduction(+ : s, a) reduction(| : mismatch)
+    for (int j = 0; j < n; j++) {
+        const double d = (double)p[j] - (double)q[j];
+        s += d * ((double)lp[j] - (double)lq[j]);
+        a += fabs(d) * ((double)fabsf(lp[j]) + (double)fabsf(lq[j]));
+        mismatch |= (p[j] == 0.0f) != (q[j] == 0.0f);
+    }
+    if (mismatch) {
+        *bound = 0.0;
+        return INFINITY;
+    }
+    *bound = 0.5 * a * (LOG_REL_ERROR * 1.01 + 4.0 * (n + 4) * DBL_EPSILON) + 1e-300;
+    return 0.5 * s;
+}
+
+/* How one pair was decided (for the statistics). */
+typedef struct {
+    int64_t refined; /* recomputed from float32 logs in float64 */
+    int64_t exact;   /* recomputed from scratch in float64 */
+} recheck_counts;
+
+/*
+ * Is D(p, q) < tau? cross = p.log(q) + log(p).q from the float32 GEMM.
+ * Three tiers, each used only when the one before cannot decide: the GEMM
+ * estimate, the float64 sum over the cached float32 logs (a few ulp from the
+ * exact value, so it decides all but pairs within ~1e-6 of tau), and the
+ * exact float64 distance.
+ */
+static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
+                 const float *lp, const float *q, const float *lq, int n, double tau, double rel,
+                 recheck_counts *counts) {
+    if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
-    ++*rechecks;
+    counts->refined++;
+    double bound;
+    const double d = sym_kl_from_logs(p, lp, q, lq, n, &bound);
+    if (!isfinite(d)) {
+        if (d == INFINITY && bound == 0.0) return 0; /* zero-mass mismatch: exactly +inf */
+    } else if (isfinite(bound) && fabs(d - tau) > bound) {
+        return d < tau;
+    }
+    counts->exact++;
     return sym_kl_exact(p, q, n) < tau;
 }
 
 /* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T, where need says (NULL: all) */
-static void cross_terms(const float *X, const float *logX, int m, const float *Y,
+static void cross_terms(const dseg_exec *ex, const float *X, const float *logX, int m, const float *Y,
                         const float *logY, int n_rows, int n, float *cross,
                         const unsigned char *need) {
-    dseg_gemm_nt(m, n_rows, n, X, n, logY, n, cross, n_rows, 0, need);
-    dseg_gemm_nt(m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
+    dseg_gemm_nt(ex, m, n_rows, n, X, n, logY, n, cross, n_rows, 0, need);
+    dseg_gemm_nt(ex, m, n_rows, n, logX, n, Y, n, cross, n_rows, 1, need);
 }
 
-/* Is D(p, q) >= tau certain from its fast estimate? (no zeros allowed) */
+/* Is D(p, q) >= tau certain from its fast estimate or its zero sets? */
 static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double rel,
                             double tau) {
+    if (sp->overflow || sq->overflow) return 0;
+    if (sp->zeros != sq->zeros) return 1; /* D = +inf */
     if (sp->has_zero || sq->has_zero) return 0;
     const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
     return isfinite(d) && isfinite(bound) && d - bound >= tau;
@@ -171,66 +255,225 @@ static int has_extra_row(const unsigned char *a, const unsigned char *b, int N) 
 }
 
 /*
- * The rows to add for anchor g. Neighbouring anchors usually lie in one
- * segment and select nearly the same rows, so anchor g starts from the sum of
- * the earlier anchor (among the `window` before it: the left and upper grid
- * neighbours included) whose selection is the largest subset of g's, and adds
- * the rows it lacks. Only subsets: removing rows would cancel small entries
- * of the rows kept. Without one, g adds all its rows (*pred = -1).
+ * Per-anchor sums of the selected rows are built from additions only:
+ * removing rows would cancel the small entries of the rows kept. A sum starts
+ * from a "base" whose rows are a subset of its own and adds the rest:
+ *   - an earlier anchor (among the `window` before it: the left and upper
+ *     grid neighbours included) whose selection is a subset (neighbours in
+ *     one segment select nearly the same rows);
+ *   - a node of a quadtree over the anchor grid: the intersection of the
+ *     selections of an aligned 2^l x 2^l block of anchors, itself its
+ *     parent's sum plus the rows the parent lacks. When all maps are alike
+ *     (near-uniform attention, every anchor selecting nearly every row) the
+ *     root holds most rows and they are summed once, not once per anchor.
+ * Each anchor takes the base that leaves it fewest rows to add; the nodes
+ * on the way to a chosen one are summed. A job is one such sum.
  */
-static int32_t row_list(const unsigned char *mask, const int32_t *count, int N, int g,
-                        int window, int32_t *list, int *pred) {
-    const unsigned char *now = mask + (size_t)g * N;
-    int32_t best = 0;
-    *pred = -1;
-    for (int h = g - 1; h >= 0 && h >= g - window; h--)
-        if (count[h] > best && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
-            best = count[h], *pred = h;
-    const unsigned char *before = *pred >= 0 ? mask + (size_t)*pred * N : NULL;
+typedef struct {
+    int base; /* job whose sum this one starts from; -1: zero */
+    const unsigned char *now, *base_rows; /* selections of this job and its base */
+    int32_t n; /* rows to add */
+    int32_t *rows;
+    double *acc; /* N sums */
+} sum_job;
+
+/* Rows in `now` and not in `base` (NULL: none) into list; their count. */
+static int32_t rows_missing(const unsigned char *now, const unsigned char *base, int N,
+                            int32_t *list) {
     int32_t n = 0;
     for (int p = 0; p < N; p++)
-        if (now[p] && !(before && before[p])) list[n++] = p;
+        if (now[p] && !(base && base[p])) list[n++] = p;
     return n;
 }
 
-/* acc[c0:c1] += the listed rows of A over columns c0..c1, in order. */
+/* The largest selection among the `window` anchors before g that is a subset
+ * of g's: its index (-1: none) and size in *size. */
+static int subset_predecessor(const unsigned char *mask, const int32_t *count, int N, int g,
+                              int window, int32_t *size) {
+    const unsigned char *now = mask + (size_t)g * N;
+    int pred = -1;
+    *size = 0;
+    for (int h = g - 1; h >= 0 && h >= g - window; h--)
+        if (count[h] > *size && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
+            *size = count[h], pred = h;
+    return pred;
+}
+
+/* acc[c0:c1] += the listed rows of A over columns c0..c1. Rows are added
+ * four at a time, ((y0 + y1) + (y2 + y3)), in list order: a fixed order
+ * (the caller cuts lists only at fixed row-block boundaries). */
 DSEG_CLONES
 static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
                             int c0, int c1) {
-    for (int32_t i = 0; i < n; i++) {
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
+        const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
+#pragma omp simd
+        for (int c = c0; c < c1; c++)
+            acc[c] += ((double)y0[c] + (double)y1[c]) + ((double)y2[c] + (double)y3[c]);
+    }
+    for (; i < n; i++) {
         const float *y = A + (size_t)list[i] * N;
 #pragma omp simd
         for (int c = c0; c < c1; c++) acc[c] += y[c];
     }
 }
 
+/* Quadtree levels over a grid x grid anchor grid: level l (1..levels) has
+ * side(l)^2 nodes, each the anchors (a, b) with the same (a >> l, b >> l). */
+static int tree_levels(int grid) {
+    int l = 0;
+    while ((1 << l) < grid) l++;
+    return l;
+}
+
+static int level_side(int grid, int l) { return (grid + (1 << l) - 1) >> l; }
+
 /* Mean of the selected rows of A for each anchor, accumulated in float64.
  * Threads split the columns; every sum follows a fixed order, so the result
  * does not depend on the thread count. */
-static int selected_means(const float *A, int N, int G, int window, const unsigned char *mask,
-                          const int32_t *count, double *acc, float *proposals) {
-    int32_t *lists = malloc(sizeof(int32_t) * (size_t)G * N), *lengths = malloc(sizeof(int32_t) * G);
-    int *pred = malloc(sizeof(int) * G);
-    const int ok = lists && lengths && pred;
-    if (ok) {
-#pragma omp parallel for schedule(dynamic, 8) num_threads(dseg_threads_for((double)G * N * 4))
-        for (int g = 0; g < G; g++)
-            lengths[g] = row_list(mask, count, N, g, window, lists + (size_t)g * N, pred + g);
-        const int slabs = (N + COLS - 1) / COLS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for((double)G * N * 4))
-        for (int sl = 0; sl < slabs; sl++) {
-            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
-            for (int g = 0; g < G; g++) {
-                double *a = acc + (size_t)g * N;
-                if (pred[g] >= 0)
-                    memcpy(a + c0, acc + (size_t)pred[g] * N + c0, sizeof(double) * (c1 - c0));
-                add_listed_rows(a, A, N, lists + (size_t)g * N, lengths[g], c0, c1);
-            }
+static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int grid,
+                          const unsigned char *mask, const int32_t *count, double *acc,
+                          float *proposals) {
+    const int G = grid * grid, levels = tree_levels(grid);
+    int first[32], n_nodes = 0; /* first node of each level (1-based levels) */
+    for (int l = 1; l <= levels; l++)
+        first[l] = n_nodes, n_nodes += level_side(grid, l) * level_side(grid, l);
+    const int J = n_nodes + G; /* jobs: nodes top-down, then the anchors */
+    sum_job *jobs = calloc((size_t)J, sizeof(sum_job));
+    int32_t *rows = malloc(sizeof(int32_t) * (size_t)J * N);
+    int32_t *isize = calloc(n_nodes + 1, sizeof(int32_t));
+    unsigned char *inter = malloc((size_t)n_nodes * N + 1), *used = calloc(n_nodes + 1, 1);
+    double *node_acc = dseg_malloc(sizeof(double) * ((size_t)n_nodes * N + 1));
+    int *anchor_pred = malloc(sizeof(int) * G), *job_of_node = malloc(sizeof(int) * (n_nodes + 1));
+    int ok = jobs && rows && isize && inter && used && node_acc && anchor_pred && job_of_node;
+    if (!ok) goto done;
+
+    /* Node intersections, bottom-up (level 1 from anchors, then children). */
+    for (int l = 1; l <= levels; l++) {
+        const int side = level_side(grid, l), child_side = level_side(grid, l - 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)side * side * N * 4))
+        for (int node = 0; node < side * side; node++) {
+            unsigned char *I = inter + (size_t)(first[l] + node) * N;
+            memset(I, 1, N);
+            const int a = node / side, b = node % side;
+            for (int ca = 2 * a; ca < 2 * a + 2 && ca < child_side; ca++)
+                for (int cb = 2 * b; cb < 2 * b + 2 && cb < child_side; cb++) {
+                    const unsigned char *c =
+                        l == 1 ? mask + (size_t)(ca * grid + cb) * N
+                               : inter + (size_t)(first[l - 1] + ca * child_side + cb) * N;
+#pragma omp simd
+                    for (int p = 0; p < N; p++) I[p] &= c[p];
+                }
+            int32_t n = 0;
+#pragma omp simd reduction(+ : n)
+            for (int p = 0; p < N; p++) n += I[p];
+            isize[first[l] + node] = n;
         }
-        for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
-            mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
     }
-    free(lists), free(lengths), free(pred);
+    /* Each anchor's base: the subset predecessor or its level-1 node. */
+    for (int g = 0; g < G; g++) {
+        int32_t pred_size;
+        const int pred = subset_predecessor(mask, count, N, g, grid + 1, &pred_size);
+        const int node = levels ? first[1] + (g / grid >> 1) * level_side(grid, 1) + (g % grid >> 1)
+                                : -1;
+        if (node >= 0 && isize[node] > pred_size) {
+            anchor_pred[g] = -2 - node; /* a node */
+            used[node] = 1;
+        } else {
+            anchor_pred[g] = pred;
+        }
+    }
+    /* A used node makes its non-empty parent worth summing: the parent's
+     * rows are then added once for all its children. */
+    for (int l = 1; l < levels; l++) {
+        const int side = level_side(grid, l), up = level_side(grid, l + 1);
+        for (int node = 0; node < side * side; node++)
+            if (used[first[l] + node]) {
+                const int parent = first[l + 1] + (node / side >> 1) * up + (node % side >> 1);
+                if (isize[parent] > 0) used[parent] = 1;
+            }
+    }
+    /* Jobs: nodes from the root down (a parent before its children), then
+     * the anchors in index order (a predecessor before its successor). */
+    int j = 0;
+    for (int l = levels; l >= 1; l--) {
+        const int side = level_side(grid, l), up = level_side(grid, l + 1);
+        for (int node = 0; node < side * side; node++) {
+            const int id = first[l] + node;
+            job_of_node[id] = -1;
+            if (!used[id]) continue;
+            const int parent = l < levels ? first[l + 1] + (node / side >> 1) * up + (node % side >> 1)
+                                          : -1;
+            const int from_parent = parent >= 0 && used[parent];
+            jobs[j].base = from_parent ? job_of_node[parent] : -1;
+            jobs[j].now = inter + (size_t)id * N;
+            jobs[j].base_rows = from_parent ? inter + (size_t)parent * N : NULL;
+            jobs[j].acc = node_acc + (size_t)id * N;
+            jobs[j].rows = rows + (size_t)j * N;
+            job_of_node[id] = j++;
+        }
+    }
+    const int anchor_job0 = j;
+    for (int g = 0; g < G; g++, j++) {
+        const int pred = anchor_pred[g], node = -2 - pred;
+        jobs[j].base = pred >= 0 ? anchor_job0 + pred : pred <= -2 ? job_of_node[node] : -1;
+        jobs[j].now = mask + (size_t)g * N;
+        jobs[j].base_rows = pred >= 0    ? mask + (size_t)pred * N
+                            : pred <= -2 ? inter + (size_t)node * N
+                                         : NULL;
+        jobs[j].acc = acc + (size_t)g * N;
+        jobs[j].rows = rows + (size_t)j * N;
+    }
+    const int n_jobs = j;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)n_jobs * N * 2))
+    for (int k = 0; k < n_jobs; k++)
+        jobs[k].n = rows_missing(jobs[k].now, jobs[k].base_rows, N, jobs[k].rows);
+
+    /* Rows are scattered over A: a thread takes a slab of columns and walks
+     * it in blocks of RBLOCK rows (kept in L2 while every job adds its rows
+     * of the block), then adds each job's base, whose sum is complete by
+     * then (bases come first in job order). */
+    const int slabs = (N + COLS - 1) / COLS;
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)n_jobs * N * 4))
+    {
+        int32_t *cursor = malloc(sizeof(int32_t) * n_jobs);
+#pragma omp for schedule(dynamic, 1)
+        for (int sl = 0; sl < slabs; sl++) {
+            if (!cursor) continue;
+            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
+            for (int k = 0; k < n_jobs; k++) {
+                memset(jobs[k].acc + c0, 0, sizeof(double) * (c1 - c0));
+                cursor[k] = 0;
+            }
+            for (int r1 = RBLOCK; r1 < N + RBLOCK; r1 += RBLOCK)
+                for (int k = 0; k < n_jobs; k++) {
+                    int32_t end = cursor[k];
+                    while (end < jobs[k].n && jobs[k].rows[end] < r1) end++;
+                    add_listed_rows(jobs[k].acc, A, N, jobs[k].rows + cursor[k], end - cursor[k],
+                                    c0, c1);
+                    cursor[k] = end;
+                }
+            for (int k = 0; k < n_jobs; k++)
+                if (jobs[k].base >= 0) {
+                    double *a = jobs[k].acc;
+                    const double *b = jobs[jobs[k].base].acc;
+                    for (int c = c0; c < c1; c++) a[c] += b[c];
+                }
+        }
+        if (!cursor) {
+#pragma omp atomic write
+            ok = 0;
+        }
+        free(cursor);
+    }
+    if (!ok) goto done;
+    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
+        mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
+done:
+    free(jobs), free(rows), free(isize), free(inter), free(used), free(node_acc), free(anchor_pred);
+    free(job_of_node);
     return ok;
 }
 
@@ -243,19 +486,22 @@ static int pool_factor(int R) {
 }
 
 /* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
-static void pool_rows(const float *X, int rows, int R, int f, float *out) {
+static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f,
+                      float *out, unsigned char *overflow) {
     const int Rp = R / f, Np = Rp * Rp;
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)rows * R * R))
+#pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * R * R))
     for (int i = 0; i < rows; i++) {
         const float *x = X + (size_t)i * R * R;
         float *o = out + (size_t)i * Np;
+        overflow[i] = 0;
         for (int by = 0; by < Rp; by++)
             for (int bx = 0; bx < Rp; bx++) {
                 double s = 0.0;
                 for (int y = by * f; y < by * f + f; y++)
                     for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * R + xx];
-                /* beyond float range: 0 marks the row as unusable for the bound */
+                /* beyond float range: the row gives no bound (its value is moot) */
                 o[by * Rp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
+                overflow[i] |= !(s <= FLT_MAX);
             }
     }
 }
@@ -267,7 +513,7 @@ static void pool_rows(const float *X, int rows, int R, int f, float *out) {
  * full resolution. The pooled GEMMs are (R/f)^2 deep instead of R^2.
  * need: (G, N). Returns 0 on allocation failure.
  */
-static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G, double tau,
+static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int G, double tau,
                            unsigned char *need) {
     const int N = R * R, f = pool_factor(R);
     if (f == 1) {
@@ -281,29 +527,32 @@ static int candidate_pairs(const float *A, int R, const int *anchor_rows, int G,
     float *logpX = dseg_malloc(sizeof(float) * (size_t)G * Np);
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
-    const int ok = pA && logpA && pX && logpX && cross && sa && sx;
+    unsigned char *overflow = malloc(N);
+    const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow;
     if (ok) {
-        pool_rows(A, N, R, f, pA);
+        pool_rows(ex, A, N, R, f, pA, overflow);
         for (int g = 0; g < G; g++)
             memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
-        log_rows(pA, N, Np, logpA, sa);
-        log_rows(pX, G, Np, logpX, sx);
-        cross_terms(pX, logpX, G, pA, logpA, N, Np, cross, NULL);
-        const double rel = dseg_gemm_rel_error(Np);
-#pragma omp parallel for schedule(static) num_threads(dseg_threads_for((double)G * N))
+        log_rows(ex, pA, N, Np, logpA, sa);
+        log_rows(ex, pX, G, Np, logpX, sx);
+        for (int p = 0; p < N; p++) sa[p].overflow = overflow[p];
+        for (int g = 0; g < G; g++) sx[g].overflow = overflow[anchor_rows[g]];
+        cross_terms(ex, pX, logpX, G, pA, logpA, N, Np, cross, NULL);
+        const double rel = dseg_gemm_rel_error(ex, Np);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * N))
         for (int g = 0; g < G; g++)
             for (int p = 0; p < N; p++)
                 need[(size_t)g * N + p] =
                     !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, rel, tau);
     }
-    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx);
+    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx), free(overflow);
     return ok;
 }
 
 /* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int window,
+static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int grid,
                        double tau, float *proposals, dseg_merge_stats *stats) {
-    const int N = R * R;
+    const int N = R * R, G = grid * grid;
     unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
     float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
@@ -314,40 +563,44 @@ static int anchor_step(const float *A, int R, const int *anchor_rows, int G, int
     double *acc = NULL;
     int rc = DSEG_OK;
     if (!mask || !X || !logX || !logA || !cross || !sx || !sa || !count) goto oom;
-    if (!candidate_pairs(A, R, anchor_rows, G, tau, mask)) goto oom;
+    if (!candidate_pairs(ex, A, R, anchor_rows, G, tau, mask)) goto oom;
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
-    log_rows(X, G, N, logX, sx);
-    log_rows(A, N, N, logA, sa);
-    cross_terms(X, logX, G, A, logA, N, N, cross, mask);
-    free(logA), logA = NULL;
+    log_rows(ex, X, G, N, logX, sx);
+    log_rows(ex, A, N, N, logA, sa);
+    cross_terms(ex, X, logX, G, A, logA, N, N, cross, mask);
 
-    const double rel = dseg_gemm_rel_error(N);
-    int64_t rechecks = 0, candidates = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : rechecks, candidates) \
-    num_threads(dseg_threads_for((double)G * N * 8))
+    const double rel = dseg_gemm_rel_error(ex, N);
+    int64_t refined = 0, exact = 0, candidates = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : refined, exact, candidates) \
+    num_threads(dseg_threads_for(ex, (double)G * N * 8))
     for (int g = 0; g < G; g++) {
         int32_t n_sel = 0;
+        recheck_counts rc_g = {0, 0};
         unsigned char *m = mask + (size_t)g * N;
-        const float *x = X + (size_t)g * N, *c = cross + (size_t)g * N;
+        const float *x = X + (size_t)g * N, *lx = logX + (size_t)g * N;
+        const float *c = cross + (size_t)g * N;
         for (int p = 0; p < N; p++) {
             if (!m[p]) continue;
             candidates++;
-            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, A + (size_t)p * N, N, tau, rel,
-                                        &rechecks);
+            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, lx, A + (size_t)p * N,
+                                        logA + (size_t)p * N, N, tau, rel, &rc_g);
             n_sel += m[p];
         }
         count[g] = n_sel;
+        refined += rc_g.refined, exact += rc_g.exact;
     }
     free(cross), cross = NULL;
+    free(logA), logA = NULL;
     free(X), free(logX), X = logX = NULL;
 
-    acc = calloc((size_t)G * N, sizeof(double));
-    if (!acc || !selected_means(A, N, G, window, mask, count, acc, proposals)) goto oom;
+    acc = malloc(sizeof(double) * (size_t)G * N);
+    if (!acc || !selected_means(ex, A, N, grid, mask, count, acc, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
-        stats->exact_rechecks += rechecks;
+        stats->refined += refined;
+        stats->exact_rechecks += exact;
     }
     goto done;
 oom:
@@ -360,7 +613,8 @@ done:
 
 /* Iterations >= 1: greedy, non-exclusive merging of K proposals, in place.
  * Returns the new count in *K. */
-static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *stats) {
+static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, int *seeds,
+                      dseg_merge_stats *stats) {
     const int k = *K;
     float *logP = dseg_malloc(sizeof(float) * (size_t)k * N);
     float *cross = dseg_malloc(sizeof(float) * (size_t)k * k);
@@ -374,17 +628,26 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
         rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
         goto done;
     }
-    log_rows(P, k, N, logP, st);
-    cross_terms(P, logP, k, P, logP, k, N, cross, NULL);
-    const double rel = dseg_gemm_rel_error(N);
-    int64_t rechecks = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : rechecks) \
-    num_threads(dseg_threads_for((double)k * k * 8))
+    log_rows(ex, P, k, N, logP, st);
+    cross_terms(ex, P, logP, k, P, logP, k, N, cross, NULL);
+    const double rel = dseg_gemm_rel_error(ex, N);
+    int64_t refined = 0, exact = 0;
+    /* D is symmetric (sym_kl_exact bit for bit too): decide each unordered
+     * pair once, from the estimate of (i, j), j > i. A proposal is always
+     * within tau of itself (D = 0 < tau). */
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : refined, exact) \
+    num_threads(dseg_threads_for(ex, (double)k * k * 4))
+    for (int i = 0; i < k; i++) {
+        recheck_counts rc_i = {0, 0};
+        close[(size_t)i * k + i] = 1;
+        for (int j = i + 1; j < k; j++)
+            close[(size_t)i * k + j] = (unsigned char)below(
+                cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N, logP + (size_t)i * N,
+                P + (size_t)j * N, logP + (size_t)j * N, N, tau, rel, &rc_i);
+        refined += rc_i.refined, exact += rc_i.exact;
+    }
     for (int i = 0; i < k; i++)
-        for (int j = 0; j < k; j++)
-            close[(size_t)i * k + j] =
-                (unsigned char)below(cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N,
-                                     P + (size_t)j * N, N, tau, rel, &rechecks);
+        for (int j = 0; j < i; j++) close[(size_t)i * k + j] = close[(size_t)j * k + i];
 
     /* As the official code: a seed selects every proposal close to it,
      * matched or not; matched proposals only stop being seeds. */
@@ -401,14 +664,16 @@ static int merge_step(float *P, int *K, int N, double tau, dseg_merge_stats *sta
             count++;
         }
         mean_into(acc, count, N, out + (size_t)n_out * N);
+        if (seeds) seeds[n_out] = seeds[i]; /* n_out <= i: in place */
         n_out++;
     }
     memcpy(P, out, sizeof(float) * (size_t)n_out * N);
     *K = n_out;
     if (stats) {
-        stats->pairs += (int64_t)k * k;
-        stats->full_distances += (int64_t)k * k;
-        stats->exact_rechecks += rechecks;
+        stats->pairs += (int64_t)k * (k - 1) / 2;
+        stats->full_distances += (int64_t)k * (k - 1) / 2;
+        stats->refined += refined;
+        stats->exact_rechecks += exact;
     }
 done:
     free(logP), free(cross), free(close), free(matched), free(out), free(acc), free(st);
@@ -432,7 +697,15 @@ int dseg_anchor_coords(int R, int grid, int *coords) {
 
 int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_iter,
                float *proposals, int *n_proposals, dseg_merge_stats *stats) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_merge_ex(A, R, grid, thresholds, n_iter, proposals, n_proposals, NULL, stats, &ex);
+}
+
+int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds, int n_iter,
+                  float *proposals, int *n_proposals, int *seeds, dseg_merge_stats *stats,
+                  const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (!A || !thresholds || !proposals || !n_proposals)
         return dseg_fail(DSEG_EINVAL, "merge: NULL pointer argument");
     if (R < 1 || R > 215) /* R^4 must fit an int index */
@@ -445,18 +718,19 @@ int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_
     int coords[256]; /* grid <= R <= 215 */
     int rc = dseg_anchor_coords(R, grid, coords);
     if (rc != DSEG_OK) return rc;
-    if (stats) stats->pairs = stats->full_distances = stats->exact_rechecks = 0;
+    if (stats) stats->pairs = stats->full_distances = stats->refined = stats->exact_rechecks = 0;
 
     const int N = R * R, G = grid * grid;
     int *anchor_rows = malloc(sizeof(int) * G);
     if (!anchor_rows) return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
     for (int a = 0; a < grid; a++) /* row-major, first coordinate slowest */
         for (int b = 0; b < grid; b++) anchor_rows[a * grid + b] = coords[a] * R + coords[b];
-    rc = anchor_step(A, R, anchor_rows, G, grid + 1, thresholds[0], proposals, stats);
+    rc = anchor_step(ex, A, R, anchor_rows, grid, thresholds[0], proposals, stats);
+    if (seeds) memcpy(seeds, anchor_rows, sizeof(int) * G); /* proposal a: anchor a's */
     free(anchor_rows);
     int K = G;
     for (int it = 1; rc == DSEG_OK && it < n_iter; it++)
-        rc = merge_step(proposals, &K, N, thresholds[it], stats);
+        rc = merge_step(ex, proposals, &K, N, thresholds[it], seeds, stats);
     if (rc == DSEG_OK) *n_proposals = K;
     return rc;
 }

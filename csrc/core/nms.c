@@ -29,7 +29,14 @@ static void label_row(const float *P, int K, int h, int w, int y0, int y1, float
 
 int dseg_nms(const float *proposals, int K, int h, int w, int H, int W, int32_t *labels,
              int *n_labels, int32_t *winners) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_nms_ex(proposals, K, h, w, H, W, labels, n_labels, winners, &ex);
+}
+
+int dseg_nms_ex(const float *proposals, int K, int h, int w, int H, int W, int32_t *labels,
+                int *n_labels, int32_t *winners, const dseg_exec *ex) {
     dseg_clear_error();
+    if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (!proposals || !labels) return dseg_fail(DSEG_EINVAL, "nms: NULL pointer argument");
     if (K < 1) return dseg_fail(DSEG_EINVAL, "proposals: need at least one proposal");
     if (h < 1 || w < 1) return dseg_fail(DSEG_EINVAL, "proposals: empty maps (%d x %d)", h, w);
@@ -47,14 +54,14 @@ int dseg_nms(const float *proposals, int K, int h, int w, int H, int W, int32_t 
     dseg_bilinear_table(h, H, iy0, iy1, fy);
     dseg_bilinear_table(w, W, ix0, ix1, fx);
 
-#pragma omp parallel num_threads(dseg_threads_for((double)H * W * K))
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)H * W * K))
     {
         float *tmp = malloc(sizeof(float) * (size_t)K * w);
         if (!tmp) {
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int Y = 0; Y < H; Y++)
             if (tmp)
                 label_row(proposals, K, h, w, iy0[Y], iy1[Y], fy[Y], ix0, ix1, fx, W, tmp,

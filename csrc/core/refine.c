@@ -39,6 +39,7 @@ static int team(int threads, double work) { return work < 262144.0 ? 1 : threads
 typedef struct {
     const float *A;
     int n, d, K, threads;
+    dseg_exec gemm_ex; /* this call's GEMM backend on the calling thread */
     double rel;        /* relative error bound of a float32 GEMM dot product */
     const double *c;   /* (K, d) centres */
     const float *c32;  /* (K, d) centres rounded for the GEMM */
@@ -180,7 +181,7 @@ static void assign(estep *e) {
             X = buf;
         }
         float *G = e->G + (size_t)t0 * K;
-        dseg_gemm_nt(rows, K, d, X, d, e->c32, d, G, K, 0, NULL);
+        dseg_gemm_nt(&e->gemm_ex, rows, K, d, X, d, e->c32, d, G, K, 0, NULL);
         rechecks += label_rows(e, idx, rows, X, G);
     }
     e->rechecks += rechecks;
@@ -335,16 +336,23 @@ static double mean_column_variance(const double *sums, int K, int n, int d,
 }
 
 int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_iter,
-                double tol, int threads, float *out, int *n_out, int32_t *labels,
-                dseg_refine_stats *stats) {
+                double tol, float *out, int *n_out, int32_t *labels, dseg_refine_stats *stats) {
+    const dseg_exec ex = dseg_default_exec();
+    return dseg_refine_ex(A, n, d, init, K, max_iter, tol, out, n_out, labels, stats, &ex);
+}
+
+int dseg_refine_ex(const float *A, int n, int d, const float *init, int K, int max_iter,
+                   double tol, float *out, int *n_out, int32_t *labels, dseg_refine_stats *stats,
+                   const dseg_exec *exec) {
     dseg_clear_error();
+    if (dseg_check_exec(exec) != DSEG_OK) return DSEG_EINVAL;
+    const int threads = exec->threads;
     if (!A || !init || !out || !n_out) return dseg_fail(DSEG_EINVAL, "refine: NULL buffer");
     if (n < 1 || d < 1) return dseg_fail(DSEG_EINVAL, "A must have at least one row and column");
     if (K < 1 || K > n)
         return dseg_fail(DSEG_EINVAL, "proposals: need 1 to %d (rows of A) proposals, got %d", n, K);
     if (max_iter < 1) return dseg_fail(DSEG_EINVAL, "max_iter must be >= 1, got %d", max_iter);
     if (!(tol >= 0.0 && tol <= 1e300)) return dseg_fail(DSEG_EINVAL, "tol must be finite and >= 0");
-    if (threads < 1) threads = dseg_threads();
 
     const size_t kd = (size_t)K * d;
     double *c = malloc(sizeof(double) * kd), *c_new = malloc(sizeof(double) * kd);
@@ -368,7 +376,7 @@ int dseg_refine(const float *A, int n, int d, const float *init, int K, int max_
     }
 
     for (size_t t = 0; t < kd; t++) c[t] = init[t];
-    estep e = {A, n, d, K, slots, dseg_gemm_rel_error(d), c, c32, cnorm, G, lab, row_sq,
+    estep e = {A, n, d, K, slots, {1, exec->sgemm}, dseg_gemm_rel_error(exec, d), c, c32, cnorm, G, lab, row_sq,
                upper, lower, delta, 0, todo, 0, gather, 0};
     double tol_abs = 0.0;
     for (int i = 0; i < n; i++) lab_old[i] = owner[i] = -1;

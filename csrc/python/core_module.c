@@ -11,6 +11,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,9 +92,13 @@ static PyObject *new_array(int ndim, npy_intp *dims, int typenum, size_t itemsiz
         return NULL;
     }
     PyObject *arr = PyArray_SimpleNewFromData(ndim, dims, typenum, data);
-    if (!arr || PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {
-        Py_XDECREF(arr);
+    if (!arr) {
         Py_DECREF(owner);
+        return NULL;
+    }
+    /* SetBaseObject steals owner even when it fails */
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {
+        Py_DECREF(arr);
         return NULL;
     }
     return arr;
@@ -110,34 +115,87 @@ static int positive_int(PyObject *obj, const char *name, int *out) {
     return 1;
 }
 
-static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_res);
+/* The process default GEMM backend, or the one named by `gemm`: None
+ * (process default), "builtin", or an sgemm capsule. *hold gets a new
+ * reference that keeps the function's module alive during the call. */
+static PyObject *sgemm_capsule = NULL; /* owner of the process default */
 
-/* aggregate(maps: list[ndarray], weights: list[float], out_res: int) */
+static int gemm_setting(PyObject *gemm, dseg_sgemm_fn *fn, PyObject **hold) {
+    *hold = NULL;
+    if (gemm == Py_None) {
+        *fn = dseg_get_sgemm();
+        *hold = sgemm_capsule;
+        Py_XINCREF(*hold);
+        return 1;
+    }
+    if (PyUnicode_Check(gemm) && PyUnicode_CompareWithASCIIString(gemm, "builtin") == 0) {
+        *fn = NULL;
+        return 1;
+    }
+    if (!PyCapsule_CheckExact(gemm)) {
+        PyErr_SetString(PyExc_TypeError, "gemm must be None, 'builtin' or an sgemm capsule");
+        return 0;
+    }
+    void *p = PyCapsule_GetPointer(gemm, PyCapsule_GetName(gemm));
+    if (!p) return 0;
+    *fn = (dseg_sgemm_fn)p;
+    Py_INCREF(gemm);
+    *hold = gemm;
+    return 1;
+}
+
+/* Thread count of one call: 0 means the process default (read now). */
+static int threads_setting(int threads, int *out) {
+    if (threads < 0 || threads > DSEG_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "workers must be in [1, %d], got %d", DSEG_MAX_THREADS,
+                     threads);
+        return 0;
+    }
+    *out = threads ? threads : dseg_get_num_threads();
+    return 1;
+}
+
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights, int out_res,
+                                const dseg_exec *ex);
+
+/* aggregate(maps: list[ndarray], weights: list[float], out_res: int, threads: int = 0) */
 static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *maps_obj, *weights_obj, *out_res_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &maps_obj, &weights_obj, &out_res_obj)) return NULL;
+    int threads = 0;
+    if (!PyArg_ParseTuple(args, "OOO|i", &maps_obj, &weights_obj, &out_res_obj, &threads))
+        return NULL;
     int out_res;
+    dseg_exec ex = {1, NULL};
     if (!positive_int(out_res_obj, "out_res", &out_res)) return NULL;
+    if (!threads_setting(threads, &ex.threads)) return NULL;
     if (!PyList_Check(maps_obj) || !PyList_Check(weights_obj)) {
         PyErr_SetString(PyExc_TypeError, "attn and weights must be lists");
         return NULL;
     }
-    /* A tuple holds its own references: another thread emptying the list
-     * while the GIL is released cannot free the arrays C is reading. */
+    /* Tuples hold their own references: neither another thread emptying a
+     * list while the GIL is released, nor a weight's __float__ mutating
+     * one, can free an object C is reading. */
     PyObject *maps_tuple = PyList_AsTuple(maps_obj);
     if (!maps_tuple) return NULL;
-    PyObject *out = aggregate_maps(maps_tuple, weights_obj, out_res);
+    PyObject *weights_tuple = PyList_AsTuple(weights_obj);
+    if (!weights_tuple) {
+        Py_DECREF(maps_tuple);
+        return NULL;
+    }
+    PyObject *out = aggregate_maps(maps_tuple, weights_tuple, out_res, &ex);
     Py_DECREF(maps_tuple);
+    Py_DECREF(weights_tuple);
     return out;
 }
 
-static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_res) {
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out_res,
+                                const dseg_exec *ex) {
     const Py_ssize_t n = PyTuple_GET_SIZE(maps);
     if (n < 1 || n > 64) {
         PyErr_SetString(PyExc_ValueError, "attn must hold 1 to 64 maps");
         return NULL;
     }
-    if (PyList_GET_SIZE(weights_obj) != n) {
+    if (PyTuple_GET_SIZE(weights_tuple) != n) {
         PyErr_SetString(PyExc_ValueError, "weights must have one entry per attention map");
         return NULL;
     }
@@ -145,6 +203,17 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_r
     float weights[64];
     const float *ptrs[64];
     char name[48];
+    /* Weights first: their __float__ runs Python code, which must not run
+     * between checking an array's values and handing it to C. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double w = PyFloat_AsDouble(PyTuple_GET_ITEM(weights_tuple, i));
+        if (w == -1.0 && PyErr_Occurred()) return NULL;
+        if (!(w >= 0.0 && w < 1e30)) {
+            PyErr_Format(PyExc_ValueError, "weights[%zd] must be finite and >= 0, got %g", i, w);
+            return NULL;
+        }
+        weights[i] = (float)w;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         snprintf(name, sizeof name, "attn[%zd]", i);
         PyArrayObject *a = checked_array(PyTuple_GET_ITEM(maps, i), 2, name);
@@ -158,13 +227,6 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_r
         }
         res[i] = (int)s;
         ptrs[i] = (const float *)PyArray_DATA(a);
-        const double w = PyFloat_AsDouble(PyList_GET_ITEM(weights_obj, i));
-        if (w == -1.0 && PyErr_Occurred()) return NULL;
-        if (!(w >= 0.0 && w < 1e30)) {
-            PyErr_Format(PyExc_ValueError, "weights[%zd] must be finite and >= 0, got %g", i, w);
-            return NULL;
-        }
-        weights[i] = (float)w;
     }
     const npy_intp N = (npy_intp)out_res * out_res;
     if (N > 46225) { /* 215^2: keeps every index in range */
@@ -176,8 +238,8 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_r
     if (!out) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_aggregate((int)n, res, ptrs, weights, out_res,
-                        (float *)PyArray_DATA((PyArrayObject *)out));
+    rc = dseg_aggregate_ex((int)n, res, ptrs, weights, out_res,
+                           (float *)PyArray_DATA((PyArrayObject *)out), ex);
     Py_END_ALLOW_THREADS
     if (rc != DSEG_OK) {
         Py_DECREF(out);
@@ -186,34 +248,33 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_obj, int out_r
     return out;
 }
 
-/* merge(A: (N, N) ndarray, grid: int, thresholds: sequence of float)
- *   -> (proposals (K, R, R), pairs, full_distances, exact_rechecks) */
+/* merge(A: (N, N) ndarray, grid: int, thresholds: sequence of float,
+ *       threads: int = 0, gemm = None)
+ *   -> (proposals (K, R, R), pairs, full_distances, refined, exact_rechecks) */
+static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj,
+                               const dseg_exec *ex);
+
 static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *A_obj, *grid_obj, *thr_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &A_obj, &grid_obj, &thr_obj)) return NULL;
-    PyArrayObject *A = checked_array(A_obj, 2, "A");
-    if (!A) return NULL;
-    const npy_intp N = PyArray_DIM(A, 0);
-    const long R = lround(sqrt((double)N));
-    if (PyArray_DIM(A, 1) != N || (npy_intp)R * R != N) {
-        PyErr_Format(PyExc_ValueError, "A must be (R*R, R*R) for an integer R, got (%zd, %zd)",
-                     (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
+    PyObject *A_obj, *grid_obj, *thr_obj, *gemm = Py_None, *hold;
+    int threads = 0;
+    if (!PyArg_ParseTuple(args, "OOO|iO", &A_obj, &grid_obj, &thr_obj, &threads, &gemm))
         return NULL;
-    }
-    if (R > 215) {
-        PyErr_Format(PyExc_ValueError, "A: resolution %ld is too large (at most 215)", R);
+    /* Settings are read once, here: the whole merge runs with them. */
+    dseg_exec ex = {1, NULL};
+    if (!threads_setting(threads, &ex.threads) || !gemm_setting(gemm, &ex.sgemm, &hold))
         return NULL;
-    }
-    int grid;
-    if (!positive_int(grid_obj, "grid", &grid)) return NULL;
-    if (grid > R) {
-        PyErr_Format(PyExc_ValueError, "grid must be in [1, %ld] for A of resolution %ld, got %d",
-                     R, R, grid);
-        return NULL;
-    }
-    PyObject *seq = PySequence_Fast(thr_obj, "kl_threshold must be a sequence of floats");
+    PyObject *out = merge_checked(A_obj, grid_obj, thr_obj, &ex);
+    Py_XDECREF(hold);
+    return out;
+}
+
+static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj,
+                               const dseg_exec *ex) {
+    /* A tuple owns its items: a threshold's __float__ mutating the caller's
+     * list cannot free the item being converted. */
+    PyObject *seq = PySequence_Tuple(thr_obj);
     if (!seq) return NULL;
-    const Py_ssize_t n_iter = PySequence_Fast_GET_SIZE(seq);
+    const Py_ssize_t n_iter = PyTuple_GET_SIZE(seq);
     if (n_iter < 1 || n_iter > 1000) {
         Py_DECREF(seq);
         PyErr_SetString(PyExc_ValueError, "kl_threshold must hold 1 to 1000 values");
@@ -225,7 +286,7 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < n_iter; i++) {
-        thr[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        thr[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(seq, i));
         if ((thr[i] == -1.0 && PyErr_Occurred()) || !(thr[i] > 0.0 && thr[i] < 1e300)) {
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_ValueError, "kl_threshold[%zd] must be finite and > 0, got %g",
@@ -236,33 +297,59 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
         }
     }
     Py_DECREF(seq);
+    int grid;
+    if (!positive_int(grid_obj, "grid", &grid)) {
+        free(thr);
+        return NULL;
+    }
+    /* A last: no Python code runs between checking its values and the call */
+    PyArrayObject *A = checked_array(A_obj, 2, "A");
+    const npy_intp N = A ? PyArray_DIM(A, 0) : 0;
+    const long R = lround(sqrt((double)N));
+    if (A && (PyArray_DIM(A, 1) != N || (npy_intp)R * R != N))
+        PyErr_Format(PyExc_ValueError, "A must be (R*R, R*R) for an integer R, got (%zd, %zd)",
+                     (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
+    else if (A && R > 215)
+        PyErr_Format(PyExc_ValueError, "A: resolution %ld is too large (at most 215)", R);
+    else if (A && grid > R)
+        PyErr_Format(PyExc_ValueError, "grid must be in [1, %ld] for A of resolution %ld, got %d",
+                     R, R, grid);
+    if (PyErr_Occurred()) {
+        free(thr);
+        return NULL;
+    }
 
     const npy_intp G = (npy_intp)grid * grid;
     float *buf = malloc(sizeof(float) * (size_t)G * N);
-    if (!buf) {
-        free(thr);
+    int *seeds = malloc(sizeof(int) * (size_t)G);
+    if (!buf || !seeds) {
+        free(thr), free(buf), free(seeds);
         return PyErr_NoMemory();
     }
     int K = 0, rc;
-    dseg_merge_stats stats = {0, 0, 0};
+    dseg_merge_stats stats = {0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_merge((const float *)PyArray_DATA(A), (int)R, grid, thr, (int)n_iter, buf, &K,
-                    &stats);
+    rc = dseg_merge_ex((const float *)PyArray_DATA(A), (int)R, grid, thr, (int)n_iter, buf, &K,
+                       seeds, &stats, ex);
     Py_END_ALLOW_THREADS
     free(thr);
     if (rc != DSEG_OK) {
-        free(buf);
+        free(buf), free(seeds);
         return core_error(rc);
     }
-    npy_intp dims[3] = {K, R, R};
+    npy_intp dims[3] = {K, R, R}, sdims[1] = {K};
     PyObject *out = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
-    if (!out) {
-        free(buf);
+    PyObject *seed_rows = out ? PyArray_SimpleNew(1, sdims, NPY_INT64) : NULL;
+    if (!seed_rows) {
+        Py_XDECREF(out);
+        free(buf), free(seeds);
         return NULL;
     }
     memcpy(PyArray_DATA((PyArrayObject *)out), buf, sizeof(float) * (size_t)K * N);
-    free(buf);
-    return Py_BuildValue("NLLL", out, (long long)stats.pairs, (long long)stats.full_distances,
+    for (int k = 0; k < K; k++) ((npy_int64 *)PyArray_DATA((PyArrayObject *)seed_rows))[k] = seeds[k];
+    free(buf), free(seeds);
+    return Py_BuildValue("NNLLLL", out, seed_rows, (long long)stats.pairs,
+                         (long long)stats.full_distances, (long long)stats.refined,
                          (long long)stats.exact_rechecks);
 }
 
@@ -270,11 +357,13 @@ static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
  *   -> (labels (H, W) int32, winners (n_labels,) int32: proposal of each label) */
 static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *P_obj, *H_obj, *W_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &P_obj, &H_obj, &W_obj)) return NULL;
+    int threads = 0, H, W;
+    dseg_exec ex = {1, NULL};
+    if (!PyArg_ParseTuple(args, "OOO|i", &P_obj, &H_obj, &W_obj, &threads)) return NULL;
+    if (!threads_setting(threads, &ex.threads)) return NULL;
+    if (!positive_int(H_obj, "size[0]", &H) || !positive_int(W_obj, "size[1]", &W)) return NULL;
     PyArrayObject *P = checked_array(P_obj, 3, "proposals");
     if (!P) return NULL;
-    int H, W;
-    if (!positive_int(H_obj, "size[0]", &H) || !positive_int(W_obj, "size[1]", &W)) return NULL;
     const npy_intp K = PyArray_DIM(P, 0), h = PyArray_DIM(P, 1), w = PyArray_DIM(P, 2);
     if (K > 1000000 || h > 1000000 || w > 1000000) {
         PyErr_SetString(PyExc_ValueError, "proposals is too large");
@@ -289,9 +378,9 @@ static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     int rc, n_labels = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_nms((const float *)PyArray_DATA(P), (int)K, (int)h, (int)w, H, W,
-                  (int32_t *)PyArray_DATA((PyArrayObject *)out), &n_labels,
-                  (int32_t *)PyArray_DATA((PyArrayObject *)winners));
+    rc = dseg_nms_ex((const float *)PyArray_DATA(P), (int)K, (int)h, (int)w, H, W,
+                     (int32_t *)PyArray_DATA((PyArrayObject *)out), &n_labels,
+                     (int32_t *)PyArray_DATA((PyArrayObject *)winners), &ex);
     Py_END_ALLOW_THREADS
     if (rc != DSEG_OK) {
         Py_DECREF(out);
@@ -311,9 +400,22 @@ static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyObject *py_sym_kl(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *P_obj, *Q_obj;
     if (!PyArg_ParseTuple(args, "OO", &P_obj, &Q_obj)) return NULL;
+    /* The core indexes rows and columns with int: refuse larger arrays
+     * before scanning their values. */
+    PyObject *objs[2] = {P_obj, Q_obj};
+    for (int i = 0; i < 2; i++) {
+        if (!PyArray_Check(objs[i]) || PyArray_NDIM((PyArrayObject *)objs[i]) != 2) continue;
+        for (int d = 0; d < 2; d++)
+            if (PyArray_DIM((PyArrayObject *)objs[i], d) > INT_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s has too many %s (%zd; at most %d)",
+                             i ? "q" : "p", d ? "columns" : "rows",
+                             (Py_ssize_t)PyArray_DIM((PyArrayObject *)objs[i], d), INT_MAX);
+                return NULL;
+            }
+    }
     PyArrayObject *P = checked_array(P_obj, 2, "p"), *Q = P ? checked_array(Q_obj, 2, "q") : NULL;
     if (!Q) return NULL;
-    if (PyArray_DIM(P, 1) != PyArray_DIM(Q, 1) || PyArray_DIM(P, 1) > 2000000000) {
+    if (PyArray_DIM(P, 1) != PyArray_DIM(Q, 1)) {
         PyErr_SetString(PyExc_ValueError, "p and q must have the same number of columns");
         return NULL;
     }
@@ -358,7 +460,11 @@ static PyObject *py_anchor_coords(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    dseg_set_num_threads(n > 100000 ? 100000 : (int)n);
+    if (n > DSEG_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "n must be at most %d, got %ld", DSEG_MAX_THREADS, n);
+        return NULL;
+    }
+    dseg_set_num_threads(n < 0 ? 0 : (int)n);
     Py_RETURN_NONE;
 }
 
@@ -373,8 +479,6 @@ static PyObject *py_has_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(un
 /* set_sgemm(capsule or None): a Fortran-ABI sgemm, e.g. from
  * scipy.linalg.cython_blas.__pyx_capi__["sgemm"]. The caller keeps the
  * module that owns it alive (scipy stays imported). */
-static PyObject *sgemm_capsule = NULL; /* keeps the function's module alive */
-
 static PyObject *py_set_sgemm(PyObject *Py_UNUSED(self), PyObject *arg) {
     if (arg == Py_None) {
         dseg_set_sgemm(NULL);
@@ -397,13 +501,14 @@ static PyObject *py_sgemm_backend(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED
     return PyUnicode_FromString(dseg_get_sgemm() ? "external" : "builtin");
 }
 
-/* refine(A: (n, d), init: (K, d), max_iter: int, tol: float, threads: int)
+/* refine(A: (n, d), init: (K, d), max_iter: int, tol: float, threads: int, gemm)
  *   -> (proposals (K', d), labels (n,) int32, iterations, strict, relocated, rechecks, kept) */
 static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *A_obj, *P_obj;
+    PyObject *A_obj, *P_obj, *gemm = Py_None;
     int max_iter, threads;
     double tol;
-    if (!PyArg_ParseTuple(args, "OOidi", &A_obj, &P_obj, &max_iter, &tol, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOidi|O", &A_obj, &P_obj, &max_iter, &tol, &threads, &gemm))
+        return NULL;
     PyArrayObject *A = checked_array(A_obj, 2, "A");
     PyArrayObject *P = A ? checked_array(P_obj, 2, "proposals") : NULL;
     if (!P) return NULL;
@@ -437,13 +542,22 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_XDECREF(out);
         return NULL;
     }
+    dseg_exec ex = {1, NULL};
+    PyObject *hold;
+    if (!threads_setting(threads, &ex.threads) || !gemm_setting(gemm, &ex.sgemm, &hold)) {
+        Py_DECREF(out);
+        Py_DECREF(labels);
+        return NULL;
+    }
     int rc, kept = 0;
     dseg_refine_stats stats = {0, 0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_refine((const float *)PyArray_DATA(A), (int)n, (int)d, (const float *)PyArray_DATA(P),
-                     (int)K, max_iter, tol, threads, (float *)PyArray_DATA((PyArrayObject *)out),
-                     &kept, (int32_t *)PyArray_DATA((PyArrayObject *)labels), &stats);
+    rc = dseg_refine_ex((const float *)PyArray_DATA(A), (int)n, (int)d,
+                        (const float *)PyArray_DATA(P), (int)K, max_iter, tol,
+                        (float *)PyArray_DATA((PyArrayObject *)out), &kept,
+                        (int32_t *)PyArray_DATA((PyArrayObject *)labels), &stats, &ex);
     Py_END_ALLOW_THREADS
+    Py_XDECREF(hold);
     if (rc != DSEG_OK) {
         Py_DECREF(out);
         Py_DECREF(labels);
@@ -460,10 +574,13 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"aggregate", py_aggregate, METH_VARARGS, "aggregate(maps, weights, out_res) -> (N, N) float32"},
+    {"aggregate", py_aggregate, METH_VARARGS,
+     "aggregate(maps, weights, out_res, threads=0) -> (N, N) float32 (threads 0: default)"},
     {"merge", py_merge, METH_VARARGS,
-     "merge(A, grid, thresholds) -> (proposals, pairs, full_distances, exact_rechecks)"},
-    {"nms", py_nms, METH_VARARGS, "nms(proposals, H, W) -> (labels, proposal of each label)"},
+     "merge(A, grid, thresholds, threads=0, gemm=None) -> (proposals, pairs, full_distances, "
+     "refined, exact_rechecks); gemm: None (process default), 'builtin' or an sgemm capsule"},
+    {"nms", py_nms, METH_VARARGS,
+     "nms(proposals, H, W, threads=0) -> (labels, proposal of each label)"},
     {"sym_kl", py_sym_kl, METH_VARARGS, "sym_kl(p, q) -> (m, k) float64 symmetric KL"},
     {"anchor_coords", py_anchor_coords, METH_VARARGS, "anchor_coords(R, grid) -> int32 coords"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n); n < 1 means all cores"},

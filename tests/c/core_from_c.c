@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "diffseg_core.h"
 
@@ -56,7 +57,7 @@ int main(void) {
     int32_t rows[8 * 8];
     int kept = 0;
     dseg_refine_stats rstats;
-    if (dseg_refine(A, R * R, R * R, proposals, K, 300, 1e-4, 0, refined, &kept, rows, &rstats) !=
+    if (dseg_refine(A, R * R, R * R, proposals, K, 300, 1e-4, refined, &kept, rows, &rstats) !=
         DSEG_OK)
         return fail("refine");
     for (int i = 0; i < R * R; i++)
@@ -66,9 +67,22 @@ int main(void) {
         }
     /* the proposals already are the means: the first shift is within tol */
     if (kept != 2 || rstats.iterations != 1 || rstats.strict_convergence) return fail("refine result");
-    if (dseg_refine(A, R * R, R * R, proposals, K, 0, 1e-4, 0, refined, &kept, NULL, NULL) !=
+    if (dseg_refine(A, R * R, R * R, proposals, K, 0, 1e-4, refined, &kept, NULL, NULL) !=
         DSEG_EINVAL)
         return fail("max_iter 0");
+    /* Per-call settings: explicit threads and the built-in GEMM give the
+     * same proposals; a thread count out of range is refused. */
+    static float again[16 * N];
+    int K2 = 0;
+    const dseg_exec one = {1, NULL}, none = {0, NULL};
+    if (dseg_merge_ex(A, R, 4, tau, 3, again, &K2, NULL, NULL, &one) != DSEG_OK) return fail("merge_ex");
+    if (K2 != K || memcmp(again, proposals, sizeof(float) * (size_t)K * N) != 0) {
+        printf("FAIL merge_ex differs from merge\n");
+        return 1;
+    }
+    if (dseg_merge_ex(A, R, 4, tau, 3, again, &K2, NULL, NULL, &none) != DSEG_EINVAL)
+        return fail("threads 0");
+    printf("error message: %s\n", dseg_last_error());
     /* Errors come back as codes with a message, never an exit. */
     if (dseg_merge(A, R, 0, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("grid 0");
     printf("error message: %s\n", dseg_last_error());
