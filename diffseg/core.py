@@ -122,9 +122,16 @@ def set_num_threads(n):
     if n > _max_workers():
         raise ValueError(f"n must be at most {_max_workers()} (4 x the CPU count), got {n}")
     _core.set_num_threads(n)
+    global _requested_threads
+    _requested_threads = n
     shim = sys.modules.get("diffseg._torch")
-    if shim is not None and hasattr(shim, "set_num_threads"):
+    if shim is not None:
         shim.set_num_threads(n)
+
+
+_requested_threads = None
+"""The last :func:`set_num_threads` value, applied to the libtorch shim when it
+is loaded later (:func:`diffseg.sd.model.Model`)."""
 
 
 def get_num_threads():

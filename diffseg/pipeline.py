@@ -57,7 +57,7 @@ def paste_labels(labels, height, width, border="nearest"):
 
 def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
                      timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", scores=True,
-                     refine=False):
+                     refine=False, workers=None, gemm=None):
     """Segment one image and keep the intermediate results.
 
     Arguments as :func:`segment` (``model`` may also be any object with
@@ -77,7 +77,7 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
     stages = run_stages(model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,
-                        size=(side, side), weights=weights, refine=refine)
+                        size=(side, side), weights=weights, refine=refine, workers=workers, gemm=gemm)
     crop_labels = stages["labels"]
     result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border),
               "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}
@@ -88,7 +88,7 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
 
 
 def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP, weights=None,
-            border="nearest", refine=False):
+            border="nearest", refine=False, workers=None, gemm=None):
     """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
 
     Parameters
@@ -103,9 +103,14 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
         Label of pixels outside the centre crop (see the module docstring).
     refine : bool
         The official k-means refinement after the merge (:func:`diffseg.refine`).
+    workers, gemm : threads and GEMM backend of this call's post-processing
+        (see :func:`diffseg.merge`; default: :func:`diffseg.set_num_threads`
+        and :func:`diffseg.core.use_gemm`). The UNet pass uses libtorch's
+        threads (``load_model(..., threads=)`` or :func:`diffseg.set_num_threads`).
     """
     return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                            weights=weights, border=border, scores=False, refine=refine)["labels"]
+                            weights=weights, border=border, scores=False, refine=refine, workers=workers,
+                            gemm=gemm)["labels"]
 
 
 def result_records(result, output_mode="coco_rle"):

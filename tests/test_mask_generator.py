@@ -120,3 +120,40 @@ def test_seeds_after_refine_follow_the_kept_clusters():
     stages = diffseg.core.run_stages(PlantedModel(5, seed=1).attn, grid=GRID, size=32, refine=True)
     assert len(stages["seed"]) == len(stages["proposals"])
     assert set(stages["seed"]) <= set(anchor_rows())
+
+
+@pytest.mark.parametrize("workers, gemm", [(1, "builtin"), (2, "blas"), (None, None)])
+def test_segment_per_call_settings(workers, gemm):
+    """segment()/segment_detailed() take workers= and gemm= for their
+    post-processing; the labels do not depend on them."""
+    from diffseg.pipeline import segment_detailed
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    base = diffseg.segment(image, PlantedModel(), grid=GRID)
+    got = diffseg.segment(image, PlantedModel(), grid=GRID, workers=workers, gemm=gemm)
+    np.testing.assert_array_equal(got, base)
+    detailed = segment_detailed(image, PlantedModel(), grid=GRID, workers=workers, gemm=gemm)
+    np.testing.assert_array_equal(detailed["labels"], base)
+
+
+def test_segment_bad_settings_name_the_argument():
+    image = np.zeros((40, 40, 3), np.uint8)
+    with pytest.raises(ValueError, match="workers"):
+        diffseg.segment(image, PlantedModel(), grid=GRID, workers=0)
+    with pytest.raises(ValueError, match="gemm"):
+        diffseg.segment(image, PlantedModel(), grid=GRID, gemm="cublas")
+
+
+def test_set_num_threads_reaches_a_shim_loaded_later():
+    """set_num_threads before the libtorch shim is imported applies to it
+    when a model is opened (fresh process: the shim is not loaded yet)."""
+    pytest.importorskip("diffseg._torch")
+    from run_in_subprocess import run_python
+
+    out = run_python(
+        "import sys, diffseg\n"
+        "diffseg.set_num_threads(1)\n"
+        "assert 'diffseg._torch' not in sys.modules\n"
+        "from diffseg.sd.model import _shim\n"
+        "print(_shim().get_num_threads())\n")
+    assert out.strip().splitlines()[-1] == "1"

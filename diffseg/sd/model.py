@@ -58,6 +58,10 @@ def _shim():
             "rebuild diffseg with `pip install --no-build-isolation .` (or -e .) so that the build sees torch "
             f"({e})"
         ) from None
+    from .. import core
+
+    if core._requested_threads is not None:  # set_num_threads before the shim was loaded
+        _torch.set_num_threads(core._requested_threads)
     return _torch
 
 
