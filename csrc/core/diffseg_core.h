@@ -89,7 +89,8 @@ int dseg_anchor_coords(int R, int grid, int *coords);
 
 /* Optional statistics of one dseg_merge call. */
 typedef struct {
-    int64_t pairs;           /* distances decided */
+    int64_t pairs;           /* distances decided (later iterations: each
+                                unordered pair once) */
     int64_t full_distances;  /* of those, not ruled out by the pooled lower bound */
     int64_t refined;         /* of those, too close to a threshold for the float32
                                 GEMM: recomputed in float64 from float32 logs */
