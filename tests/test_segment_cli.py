@@ -82,7 +82,8 @@ def test_folder(fake_model, photos, tmp_path, capsys):
     assert doc["n_segments"] == len(doc["annotations"]) == labels.max() + 1
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)
     for r in doc["annotations"]:
-        assert set(r) == {"id", "area", "bbox", "segmentation", "score", "mean_kl", "proposal"}
+        assert set(r) == {"id", "area", "bbox", "segmentation", "point_coords", "crop_box", "score", "mean_kl",
+                          "proposal"}
         assert 0 < r["score"] <= 1 and r["score"] == pytest.approx(np.exp(-r["mean_kl"]))
         assert isinstance(r["segmentation"]["counts"], str)
     overlay = np.asarray(Image.open(out / "wide.overlay.png"))
