@@ -287,9 +287,9 @@ def test_cuda_without_cuda(tiny_bundle, tmp_path, capfd):
         diffseg.Model(tiny_bundle, device="cuda")
     with pytest.raises(ValueError, match=message):
         diffseg.load_model(tiny_bundle, device="cuda")
-    # A checkpoint (not a bundle): refused before the (slow) export.
+    # A hub id (not a bundle): refused before the (slow) export.
     with pytest.raises(ValueError, match=message.replace("'cuda'", "'cuda:1'")):
-        diffseg.load_model(tmp_path / "no-such-checkpoint", device="cuda:1")
+        diffseg.load_model("CompVis/stable-diffusion-v1-4", device="cuda:1")
     with pytest.raises(ValueError, match="CUDA is not available"):
         _torch.Model(tiny_bundle, "cuda")  # the shim checks too (C callers)
     capfd.readouterr()
