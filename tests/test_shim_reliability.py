@@ -549,7 +549,8 @@ def test_rss_flat_over_open_close_and_runs(bundle):
     warm-up) stays within a few MiB; reference counts of the image and the
     model are unchanged. (Measured: +0.1 MiB and +0 MiB; one open of this
     bundle maps ~5 MiB of weights, so a leaked model would show as +100 MiB.)"""
-    out = run_python(LEAK_SNIPPET.format(path=bundle), timeout=600)
+    # ~80 opens and runs: minutes on a loaded 2-core machine; the timeout only catches a hang.
+    out = run_python(LEAK_SNIPPET.format(path=bundle), timeout=900)
     opened, ran = map(float, out.split())
     assert opened < 10, f"open/close x20 grew RSS by {opened} MiB"
     assert ran < 10, f"run x50 grew RSS by {ran} MiB"

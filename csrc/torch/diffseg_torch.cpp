@@ -11,7 +11,6 @@
 #include <torch/version.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>

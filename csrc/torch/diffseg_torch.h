@@ -34,7 +34,7 @@ enum {
     DSEG_TORCH_EINVAL = 1,   /* invalid argument (message names it) */
     DSEG_TORCH_ENOMEM = 2,   /* allocation failed */
     DSEG_TORCH_EIO = 3,      /* bundle missing, unreadable or not a bundle */
-    DSEG_TORCH_EFORMAT = 4,  /* bundle layout invalid or of another format version */
+    DSEG_TORCH_EFORMAT = 4,  /* layout attributes missing or invalid, or another format version */
     DSEG_TORCH_ERUNTIME = 5, /* the model failed while running */
     DSEG_TORCH_EDEVICE = 6,  /* device unavailable or not the bundle's device */
 };

@@ -208,7 +208,9 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
     text = json.dumps(metadata, indent=1, sort_keys=True)
     # A unique temporary name: concurrent exports to one folder never share a half-written file.
     with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream; still loads
+        # TorchScript is deprecated upstream (a DeprecationWarning in torch 2.13, a
+        # FutureWarning in 2.14) but still loads.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
         torch.jit.save(bundle, str(tmp), _extra_files={METADATA_NAME: text})
     with atomic_write(out_dir / "metadata.json") as f:
         f.write(text + "\n")
