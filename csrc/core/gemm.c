@@ -1,13 +1,22 @@
 /*
  * C = X Y^T for the merge's cross terms. Built with FMA contraction allowed
  * (setup.py): its results only feed distance estimates that merge.c re-checks
- * near a threshold, so neither contraction nor the ISA clone chosen at run
- * time changes any output.
+ * near a threshold, so neither contraction nor the kernel chosen at run time
+ * (AVX2+FMA or portable) changes any output.
  */
 #include <float.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DSEG_NO_CLONES)
+#define DSEG_GEMM_AVX2 1
+#include <immintrin.h>
+#else
+#define DSEG_GEMM_AVX2 0
+#endif
 
 static dseg_sgemm_fn default_sgemm = NULL; /* process default; calls get theirs in dseg_exec */
 
@@ -15,101 +24,231 @@ void dseg_set_sgemm(dseg_sgemm_fn fn) { default_sgemm = fn; }
 
 dseg_sgemm_fn dseg_get_sgemm(void) { return default_sgemm; }
 
+/*
+ * Built-in kernel: packed, register-blocked outer products.
+ *
+ * An MR x NR tile of C (MR rows of X, NR rows of Y) is summed in registers
+ * over one KC-long slice of k: per k step, NR values of Y (a packed panel,
+ * k-major) times each of MR broadcast values of X (a packed panel, k-major).
+ * AVX2: 4 x 24 = 12 ymm accumulators, 3 loads of Y and 4 broadcasts per step.
+ * Loop nest: MC rows of X at a time; k slices in order; per slice all threads
+ * pack the X block (MC x KC, L2) and then take Y panels (NR x KC, L1) and
+ * sweep the X block's panels. Each entry of C thus gets, slice after slice,
+ * C = acc (first slice, no accumulate) or C = C + acc, acc being one
+ * sequential chain over the slice: the same operations in the same order
+ * whichever thread does a tile, so the result does not depend on the thread
+ * count. need is honoured per MR x NR tile (a tile with no needed entry is
+ * skipped: coarser than the 4 x 4 the interface promises, never finer).
+ */
 enum {
-    TILE = 4,    /* 4 x 4 dot products per micro-kernel call */
-    KBLOCK = 1024, /* reduction slice */
-    JBLOCK = 64,   /* rows of Y per thread task: a JBLOCK x KBLOCK slab stays in L2 */
+    MR = 4,
+    NR = 24,
+    KC = 256, /* Y panel NR x KC floats: 24 KiB, stays in L1 */
+    MC = 256, /* X block MC x KC floats: 256 KiB, stays in L2 */
 };
 
-/* acc[a][b] = sum over k in [0, len) of x[a][k] * y[b][k], b = 0, 1. Eight
- * vector accumulators and six loads per k step: no register spills with 16
- * vector registers (AVX2), where a 4 x 4 tile spilled. */
-DSEG_CLONES
-static void dot_tile_4x2(const float *const x[TILE], const float *y0, const float *y1, int len,
-                         float acc[TILE][2]) {
-    float c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;
-    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-#pragma omp simd reduction(+ : c00, c01, c10, c11, c20, c21, c30, c31)
-    for (int k = 0; k < len; k++) {
-        c00 += x0[k] * y0[k]; c01 += x0[k] * y1[k];
-        c10 += x1[k] * y0[k]; c11 += x1[k] * y1[k];
-        c20 += x2[k] * y0[k]; c21 += x2[k] * y1[k];
-        c30 += x3[k] * y0[k]; c31 += x3[k] * y1[k];
-    }
-    acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
-    acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
-}
-
-/* acc[a][b] = sum over k in [0, len) of x[a][k] * y[b][k]. */
-static void dot_tile(const float *const x[TILE], const float *const y[TILE], int len,
-                     float acc[TILE][TILE]) {
-    float half[TILE][2];
-    for (int b = 0; b < TILE; b += 2) {
-        dot_tile_4x2(x, y[b], y[b + 1], len, half);
-        for (int a = 0; a < TILE; a++) acc[a][b] = half[a][0], acc[a][b + 1] = half[a][1];
-    }
-}
-
-/* Rows r..r+TILE-1 of M (clamped to the last row: results past the edge are
- * computed and dropped), starting at column k0. */
-static void tile_rows(const float *M, int rows, int ld, int r, int k0, const float *out[TILE]) {
-    for (int a = 0; a < TILE; a++)
-        out[a] = M + (size_t)(r + a < rows ? r + a : rows - 1) * ld + k0;
-}
-
-/* Does the tile at (i, j) hold an entry marked in need? */
-static int tile_needed(const unsigned char *need, int m, int n, int ld, int i, int j) {
+/* Does the tile at (i, j), rows x cols, hold an entry marked in need? */
+static int tile_needed(const unsigned char *need, int ld, int i, int j, int rows, int cols) {
     if (!need) return 1;
-    for (int a = i; a < i + TILE && a < m; a++)
-        for (int b = j; b < j + TILE && b < n; b++)
-            if (need[(size_t)a * ld + b]) return 1;
+    for (int a = 0; a < rows; a++) {
+        const unsigned char *r = need + (size_t)(i + a) * ld + j;
+        for (int b = 0; b < cols; b++)
+            if (r[b]) return 1;
+    }
     return 0;
 }
 
-static void builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X, int ldx, const float *Y,
-                            int ldy, float *C, int ldc, int accumulate,
-                            const unsigned char *need) {
-    const int jblocks = (n + JBLOCK - 1) / JBLOCK;
-    /* A thread owns whole column blocks of C, and each entry sums its k
-     * slices in order: the result does not depend on the thread count. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)m * n * k))
-    for (int jb = 0; jb < jblocks; jb++) {
-        const int j_end = (jb + 1) * JBLOCK < n ? (jb + 1) * JBLOCK : n;
-        for (int k0 = 0; k0 < k; k0 += KBLOCK) {
-            const int len = k - k0 < KBLOCK ? k - k0 : KBLOCK;
-            const int add = accumulate || k0 > 0;
-            for (int i = 0; i < m; i += TILE) {
-                const float *xr[TILE];
-                tile_rows(X, m, ldx, i, k0, xr);
-                for (int j = jb * JBLOCK; j < j_end; j += TILE) {
-                    if (!tile_needed(need, m, n, ldc, i, j)) continue;
-                    const float *yr[TILE];
-                    float acc[TILE][TILE];
-                    tile_rows(Y, n, ldy, j, k0, yr);
-                    dot_tile(xr, yr, len, acc);
-                    for (int a = 0; a < TILE && i + a < m; a++)
-                        for (int b = 0; b < TILE && j + b < j_end; b++) {
-                            float *c = C + (size_t)(i + a) * ldc + (j + b);
-                            *c = add ? *c + acc[a][b] : acc[a][b];
-                        }
-                }
+/* Store an MR x NR tile: C = acc or C += acc on the rows x cols in range. */
+static void store_tile(const float acc[MR][NR], float *C, int ldc, int rows, int cols, int add) {
+    for (int a = 0; a < rows; a++) {
+        float *c = C + (size_t)a * ldc;
+        if (add)
+            for (int b = 0; b < cols; b++) c[b] += acc[a][b];
+        else
+            for (int b = 0; b < cols; b++) c[b] = acc[a][b];
+    }
+}
+
+/* Portable micro-kernel: same order of operations as the AVX2 one. */
+static void kernel_generic(int len, const float *xp, const float *yp, float *C, int ldc,
+                           int rows, int cols, int add) {
+    float acc[MR][NR];
+    memset(acc, 0, sizeof acc);
+    for (int k = 0; k < len; k++) {
+        const float *x = xp + (size_t)k * MR, *y = yp + (size_t)k * NR;
+        for (int a = 0; a < MR; a++)
+            for (int b = 0; b < NR; b++) acc[a][b] += x[a] * y[b];
+    }
+    store_tile((const float(*)[NR])acc, C, ldc, rows, cols, add);
+}
+
+#if DSEG_GEMM_AVX2
+__attribute__((target("avx2,fma")))
+static void kernel_avx2(int len, const float *xp, const float *yp, float *C, int ldc,
+                        int rows, int cols, int add) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+    for (int k = 0; k < len; k++) {
+        const float *x = xp + (size_t)k * MR, *y = yp + (size_t)k * NR;
+        const __m256 y0 = _mm256_loadu_ps(y), y1 = _mm256_loadu_ps(y + 8),
+                     y2 = _mm256_loadu_ps(y + 16);
+        __m256 b = _mm256_broadcast_ss(x);
+        c00 = _mm256_fmadd_ps(b, y0, c00); c01 = _mm256_fmadd_ps(b, y1, c01);
+        c02 = _mm256_fmadd_ps(b, y2, c02);
+        b = _mm256_broadcast_ss(x + 1);
+        c10 = _mm256_fmadd_ps(b, y0, c10); c11 = _mm256_fmadd_ps(b, y1, c11);
+        c12 = _mm256_fmadd_ps(b, y2, c12);
+        b = _mm256_broadcast_ss(x + 2);
+        c20 = _mm256_fmadd_ps(b, y0, c20); c21 = _mm256_fmadd_ps(b, y1, c21);
+        c22 = _mm256_fmadd_ps(b, y2, c22);
+        b = _mm256_broadcast_ss(x + 3);
+        c30 = _mm256_fmadd_ps(b, y0, c30); c31 = _mm256_fmadd_ps(b, y1, c31);
+        c32 = _mm256_fmadd_ps(b, y2, c32);
+    }
+    if (rows == MR && cols == NR) {
+        const __m256 acc[MR][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22},
+                                   {c30, c31, c32}};
+        for (int a = 0; a < MR; a++) {
+            float *c = C + (size_t)a * ldc;
+            for (int v = 0; v < 3; v++) {
+                __m256 r = acc[a][v];
+                if (add) r = _mm256_add_ps(_mm256_loadu_ps(c + 8 * v), r);
+                _mm256_storeu_ps(c + 8 * v, r);
             }
+        }
+        return;
+    }
+    float acc[MR][NR];
+    _mm256_storeu_ps(acc[0], c00); _mm256_storeu_ps(acc[0] + 8, c01); _mm256_storeu_ps(acc[0] + 16, c02);
+    _mm256_storeu_ps(acc[1], c10); _mm256_storeu_ps(acc[1] + 8, c11); _mm256_storeu_ps(acc[1] + 16, c12);
+    _mm256_storeu_ps(acc[2], c20); _mm256_storeu_ps(acc[2] + 8, c21); _mm256_storeu_ps(acc[2] + 16, c22);
+    _mm256_storeu_ps(acc[3], c30); _mm256_storeu_ps(acc[3] + 8, c31); _mm256_storeu_ps(acc[3] + 16, c32);
+    store_tile((const float(*)[NR])acc, C, ldc, rows, cols, add);
+}
+#endif
+
+typedef void (*kernel_fn)(int, const float *, const float *, float *, int, int, int, int);
+
+static kernel_fn pick_kernel(void) {
+#if DSEG_GEMM_AVX2
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kernel_avx2;
+#endif
+    return kernel_generic;
+}
+
+/* Pack rows [r0, r0 + rows) of M, columns [k0, k0 + len), into MR- or
+ * NR-wide k-major panels (width w); rows past the end are zero. */
+static void pack_panel(const float *M, int ld, int r0, int rows, int k0, int len, int w,
+                       float *out) {
+    for (int a = 0; a < w; a++) {
+        if (a < rows) {
+            const float *src = M + (size_t)(r0 + a) * ld + k0;
+            for (int k = 0; k < len; k++) out[(size_t)k * w + a] = src[k];
+        } else {
+            for (int k = 0; k < len; k++) out[(size_t)k * w + a] = 0.0f;
         }
     }
 }
 
+/* 0 when the packing buffer cannot be had (the caller falls back). */
+static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X,
+                           int ldx, const float *Y, int ldy, float *C, int ldc, int accumulate,
+                           const unsigned char *need) {
+    const kernel_fn kernel = pick_kernel();
+    const int kk = k > 0 ? k : 1, slices = (kk + KC - 1) / KC;
+    /* X is packed up front, slice-major ([slice][panel][k][MR]), a chunk of
+     * rows at a time: one parallel loop per chunk and no barrier inside. */
+    const int chunk_max = (int)(((size_t)1 << 21) / kk) / MC * MC > MC
+                              ? (int)(((size_t)1 << 21) / kk) / MC * MC : MC;
+    const int chunk = m < chunk_max ? m : chunk_max;
+    const size_t chunk_panels = (size_t)(chunk + MR - 1) / MR;
+    float *xpack = dseg_malloc(sizeof(float) * chunk_panels * MR * (size_t)slices * KC);
+    if (!xpack) return 0;
+    const int npanels = (n + NR - 1) / NR;
+    for (int c0 = 0; c0 < m; c0 += chunk) {
+        const int crows = m - c0 < chunk ? m - c0 : chunk;
+        const int cpanels = (crows + MR - 1) / MR;
+        for (int s = 0; s < slices; s++) {
+            const int k0 = s * KC, len = k - k0 < KC ? k - k0 : KC;
+            for (int p = 0; p < cpanels; p++) {
+                const int rows = crows - p * MR < MR ? crows - p * MR : MR;
+                pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR,
+                           xpack + ((size_t)s * cpanels + p) * MR * KC);
+            }
+        }
+        /* A task is one NR-wide panel of Y against a block of X panels (at
+         * most MC rows; fewer when n has too few panels to share out): each
+         * entry of C is summed by one thread, slice after slice. */
+        const int per_block = MC / MR, want = 16;
+        int blocks = (cpanels + per_block - 1) / per_block;
+        if (npanels * blocks < want) {
+            const int more = (want + npanels - 1) / npanels;
+            blocks = more < cpanels ? more : cpanels;
+        }
+        const int bpanels = (cpanels + blocks - 1) / blocks;
+        blocks = (cpanels + bpanels - 1) / bpanels;
+        const int tasks = npanels * blocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)crows * n * k))
+        for (int t = 0; t < tasks; t++) {
+            float ypack[KC * NR];
+            const int q = t / blocks, p0 = t % blocks * bpanels;
+            const int p1 = p0 + bpanels < cpanels ? p0 + bpanels : cpanels;
+            const int j = q * NR, cols = n - j < NR ? n - j : NR;
+            for (int s = 0; s < slices; s++) {
+                const int k0 = s * KC, len = k - k0 < KC ? k - k0 : KC;
+                const int add = accumulate || k0 > 0;
+                int packed = 0;
+                for (int p = p0; p < p1; p++) {
+                    const int i = c0 + p * MR, rows = m - i < MR ? m - i : MR;
+                    if (!tile_needed(need, ldc, i, j, rows, cols)) continue;
+                    if (!packed) pack_panel(Y, ldy, j, cols, k0, len, NR, ypack), packed = 1;
+                    kernel(len, xpack + ((size_t)s * cpanels + p) * MR * KC, ypack,
+                           C + (size_t)i * ldc + j, ldc, rows, cols, add);
+                }
+            }
+        }
+    }
+    free(xpack);
+    return 1;
+}
+
+/* Without the packing buffer: the same sums, serial and unblocked by tiles. */
+static void plain_gemm_nt(int m, int n, int k, const float *X, int ldx, const float *Y, int ldy,
+                          float *C, int ldc, int accumulate, const unsigned char *need) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            if (need && !need[(size_t)i * ldc + j]) continue;
+            const float *x = X + (size_t)i * ldx, *y = Y + (size_t)j * ldy;
+            float *c = C + (size_t)i * ldc + j;
+            for (int k0 = 0; k0 < k || (k0 == 0 && k == 0); k0 += KC) {
+                const int len = k - k0 < KC ? k - k0 : KC;
+                float acc = 0;
+                for (int t = k0; t < k0 + len; t++) acc += x[t] * y[t];
+                *c = accumulate || k0 > 0 ? *c + acc : acc;
+            }
+        }
+}
+
 /*
- * Bound on |error| / sum |x_i y_i| of a cross term (two k-term GEMMs summed).
- * Built-in kernel: each entry is a sum of KBLOCK-term slices added in order,
- * so no chain of float additions is longer than KBLOCK + 2k / KBLOCK (fewer
- * with SIMD lanes); gamma_n = n u / (1 - n u) is about 6.2e-5 for R = 64.
- * 1e-4 covers that with room for the log approximation (~2 ulp of each log)
- * and the rounding of the double sums. An external sgemm may sum all 2k
- * terms in one chain: gamma_2k, with the same 1e-4 floor.
+ * Bound on |error| / sum |x_i y_i| of a cross term (two k-term GEMMs, the
+ * second accumulated onto the first). Built-in kernel (both micro-kernels and
+ * the fallback): an entry is C = s_1, C += s_2, ..., over the B = ceil(k / KC)
+ * slices of each GEMM, each s a sequential chain acc = fma(x, y, acc) (or a
+ * rounded product then a rounded add) from acc = 0. A term x_i y_i thus goes
+ * through at most KC roundings in its slice (its own product or FMA, then at
+ * most KC - 1 later steps; an unfused product adds at most one more, taken by
+ * the + 2 below) and at most 2B - 1 slice additions: a chain of
+ * KC + 2 ceil(k / KC) + 2 roundings, and |error| <= gamma_chain sum |x_i y_i|
+ * with gamma_n = n u / (1 - n u) (chain 290, gamma about 1.7e-5, for
+ * k = 4096; the chain grows by 2 per KC of k). 1e-4 covers that with room for the log
+ * approximation (~2 ulp of each log) and the rounding of the double sums. An
+ * external sgemm may sum all 2k terms in one chain: gamma_2k, with the same
+ * 1e-4 floor.
  */
 double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
     const double u = FLT_EPSILON / 2;
-    const double chain = ex->sgemm ? 2.0 * k + 2 : KBLOCK + 2.0 * k / KBLOCK + 2;
+    const double slices = k > 0 ? (double)((k + KC - 1) / KC) : 1.0;
+    const double chain = ex->sgemm ? 2.0 * k + 2 : KC + 2.0 * slices + 2;
     const double gamma = chain * u / (1 - chain * u);
     return gamma * 1.6 > 1e-4 ? gamma * 1.6 : 1e-4;
 }
@@ -124,5 +263,6 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
         ex->sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
         return;
     }
-    builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
+    if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need))
+        plain_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }
