@@ -41,7 +41,7 @@ dseg_sgemm_fn dseg_get_sgemm(void) { return default_sgemm; }
  * skipped: coarser than the 4 x 4 the interface promises, never finer).
  */
 enum {
-    MR = 4,
+    MR = 4, /* pack_x4 assumes 4 */
     NR = 24,
     KC = 256, /* Y panel NR x KC floats: 24 KiB, stays in L1 */
     MC = 256, /* X block MC x KC floats: 256 KiB, stays in L2 */
@@ -81,6 +81,8 @@ static void kernel_generic(int len, const float *xp, const float *yp, float *C, 
     }
     store_tile((const float(*)[NR])acc, C, ldc, rows, cols, add);
 }
+
+static void pack_panel(const float *M, int ld, int r0, int rows, int k0, int len, int w, float *out);
 
 #if DSEG_GEMM_AVX2
 __attribute__((target("avx2,fma")))
@@ -125,7 +127,60 @@ static void kernel_avx2(int len, const float *xp, const float *yp, float *C, int
     _mm256_storeu_ps(acc[3], c30); _mm256_storeu_ps(acc[3] + 8, c31); _mm256_storeu_ps(acc[3] + 16, c32);
     store_tile((const float(*)[NR])acc, C, ldc, rows, cols, add);
 }
+/* pack_panel for a full NR-wide panel of Y: 8 x 8 transposes. */
+__attribute__((target("avx2,fma")))
+static void pack_y_avx2(const float *M, int ld, int r0, int rows, int k0, int len, float *out) {
+    if (rows < NR) {
+        pack_panel(M, ld, r0, rows, k0, len, NR, out);
+        return;
+    }
+    const int len8 = len / 8 * 8;
+    for (int g = 0; g < NR; g += 8) {
+        const float *src = M + (size_t)(r0 + g) * ld + k0;
+        for (int k = 0; k < len8; k += 8) {
+            __m256 r0v = _mm256_loadu_ps(src + k), r1 = _mm256_loadu_ps(src + (size_t)ld + k),
+                   r2 = _mm256_loadu_ps(src + 2 * (size_t)ld + k),
+                   r3 = _mm256_loadu_ps(src + 3 * (size_t)ld + k),
+                   r4 = _mm256_loadu_ps(src + 4 * (size_t)ld + k),
+                   r5 = _mm256_loadu_ps(src + 5 * (size_t)ld + k),
+                   r6 = _mm256_loadu_ps(src + 6 * (size_t)ld + k),
+                   r7 = _mm256_loadu_ps(src + 7 * (size_t)ld + k);
+            const __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1),
+                         t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                         t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                         u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                         u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = out + (size_t)k * NR + g;
+            _mm256_storeu_ps(o + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(o + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(o + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(o + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(o + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(o + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(o + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+        for (int a = 0; a < 8; a++)
+            for (int k = len8; k < len; k++) out[(size_t)k * NR + g + a] = src[(size_t)a * ld + k];
+    }
+}
 #endif
+
+typedef void (*pack_fn)(const float *, int, int, int, int, int, float *);
+
+static void pack_y_generic(const float *M, int ld, int r0, int rows, int k0, int len, float *out) {
+    pack_panel(M, ld, r0, rows, k0, len, NR, out);
+}
+
+static pack_fn pick_pack(void) {
+#if DSEG_GEMM_AVX2
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return pack_y_avx2;
+#endif
+    return pack_y_generic;
+}
 
 typedef void (*kernel_fn)(int, const float *, const float *, float *, int, int, int, int);
 
@@ -135,6 +190,33 @@ static kernel_fn pick_kernel(void) {
 #endif
     return kernel_generic;
 }
+
+#if DSEG_GEMM_AVX2
+/* An MR-wide panel of X (MR = 4): 4 x 4 transposes (SSE, baseline x86-64). */
+static void pack_x4(const float *M, int ld, int r0, int rows, int k0, int len, float *out) {
+    const float *s0 = M + (size_t)r0 * ld + k0, *s1 = s0 + (size_t)(rows > 1) * ld,
+                *s2 = s0 + (size_t)(rows > 2 ? 2 : 0) * ld, *s3 = s0 + (size_t)(rows > 3 ? 3 : 0) * ld;
+    const int len4 = len / 4 * 4;
+    for (int k = 0; k < len4; k += 4) {
+        __m128 a = _mm_loadu_ps(s0 + k), b = _mm_loadu_ps(s1 + k), c = _mm_loadu_ps(s2 + k),
+               d = _mm_loadu_ps(s3 + k);
+        if (rows < 4) {
+            const __m128 z = _mm_setzero_ps();
+            if (rows < 2) b = z;
+            if (rows < 3) c = z;
+            d = z;
+        }
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        _mm_storeu_ps(out + (size_t)k * 4, a);
+        _mm_storeu_ps(out + (size_t)k * 4 + 4, b);
+        _mm_storeu_ps(out + (size_t)k * 4 + 8, c);
+        _mm_storeu_ps(out + (size_t)k * 4 + 12, d);
+    }
+    const float *src[4] = {s0, s1, s2, s3};
+    for (int k = len4; k < len; k++)
+        for (int a = 0; a < 4; a++) out[(size_t)k * 4 + a] = a < rows ? src[a][k] : 0.0f;
+}
+#endif
 
 /* Pack rows [r0, r0 + rows) of M, columns [k0, k0 + len), into MR- or
  * NR-wide k-major panels (width w); rows past the end are zero. */
@@ -155,6 +237,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                            int ldx, const float *Y, int ldy, float *C, int ldc, int accumulate,
                            const unsigned char *need) {
     const kernel_fn kernel = pick_kernel();
+    const pack_fn pack_y = pick_pack();
     const int kk = k > 0 ? k : 1, slices = (kk + KC - 1) / KC;
     /* X is packed up front, slice-major ([slice][panel][k][MR]), a chunk of
      * rows at a time: one parallel loop per chunk and no barrier inside. */
@@ -172,8 +255,12 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
             const int k0 = s * KC, len = k - k0 < KC ? k - k0 : KC;
             for (int p = 0; p < cpanels; p++) {
                 const int rows = crows - p * MR < MR ? crows - p * MR : MR;
-                pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR,
-                           xpack + ((size_t)s * cpanels + p) * MR * KC);
+                float *out = xpack + ((size_t)s * cpanels + p) * MR * KC;
+#if DSEG_GEMM_AVX2
+                pack_x4(X, ldx, c0 + p * MR, rows, k0, len, out);
+#else
+                pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR, out);
+#endif
             }
         }
         /* A task is one NR-wide panel of Y against a block of X panels (at
@@ -201,7 +288,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                 for (int p = p0; p < p1; p++) {
                     const int i = c0 + p * MR, rows = m - i < MR ? m - i : MR;
                     if (!tile_needed(need, ldc, i, j, rows, cols)) continue;
-                    if (!packed) pack_panel(Y, ldy, j, cols, k0, len, NR, ypack), packed = 1;
+                    if (!packed) pack_y(Y, ldy, j, cols, k0, len, ypack), packed = 1;
                     kernel(len, xpack + ((size_t)s * cpanels + p) * MR * KC, ypack,
                            C + (size_t)i * ldc + j, ldc, rows, cols, add);
                 }
