@@ -232,6 +232,91 @@ static void pack_panel(const float *M, int ld, int r0, int rows, int k0, int len
     }
 }
 
+/*
+ * Dot-product kernel, for a C with few columns (n < DOT_MAX_N): no packing
+ * (packing X would cost more than it saves when each row of X meets few rows
+ * of Y). 4 x 4 tiles of dot products over KC-long slices, the slices added in
+ * order; a thread owns whole DJ-wide column blocks of C.
+ */
+enum { DT = 4, DJ = 64, DOT_MAX_N = 48 };
+
+/* acc[a][b] = sum over k in [0, len) of x[a][k] * y[b][k], b = 0, 1. Eight
+ * vector accumulators and six loads per k step: no register spills with 16
+ * vector registers (AVX2), where a 4 x 4 tile spilled. */
+DSEG_CLONES
+static void dot_tile_4x2(const float *const x[DT], const float *y0, const float *y1, int len,
+                         float acc[DT][2]) {
+    float c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+#pragma omp simd reduction(+ : c00, c01, c10, c11, c20, c21, c30, c31)
+    for (int k = 0; k < len; k++) {
+        c00 += x0[k] * y0[k]; c01 += x0[k] * y1[k];
+        c10 += x1[k] * y0[k]; c11 += x1[k] * y1[k];
+        c20 += x2[k] * y0[k]; c21 += x2[k] * y1[k];
+        c30 += x3[k] * y0[k]; c31 += x3[k] * y1[k];
+    }
+    acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
+    acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
+}
+
+/* acc[a][b] = sum over k in [0, len) of x[a][k] * y[b][k]. */
+static void dot_tile(const float *const x[DT], const float *const y[DT], int len,
+                     float acc[DT][DT]) {
+    float half[DT][2];
+    for (int b = 0; b < DT; b += 2) {
+        dot_tile_4x2(x, y[b], y[b + 1], len, half);
+        for (int a = 0; a < DT; a++) acc[a][b] = half[a][0], acc[a][b + 1] = half[a][1];
+    }
+}
+
+/* Rows r..r+DT-1 of M (clamped to the last row: results past the edge are
+ * computed and dropped), starting at column k0. */
+static void tile_rows(const float *M, int rows, int ld, int r, int k0, const float *out[DT]) {
+    for (int a = 0; a < DT; a++)
+        out[a] = M + (size_t)(r + a < rows ? r + a : rows - 1) * ld + k0;
+}
+
+/* Does the tile at (i, j) hold an entry marked in need? */
+static int dot_tile_needed(const unsigned char *need, int m, int n, int ld, int i, int j) {
+    if (!need) return 1;
+    for (int a = i; a < i + DT && a < m; a++)
+        for (int b = j; b < j + DT && b < n; b++)
+            if (need[(size_t)a * ld + b]) return 1;
+    return 0;
+}
+
+static void dot_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X, int ldx, const float *Y,
+                            int ldy, float *C, int ldc, int accumulate,
+                            const unsigned char *need) {
+    const int jblocks = (n + DJ - 1) / DJ;
+    /* A thread owns whole column blocks of C, and each entry sums its k
+     * slices in order: the result does not depend on the thread count. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)m * n * k))
+    for (int jb = 0; jb < jblocks; jb++) {
+        const int j_end = (jb + 1) * DJ < n ? (jb + 1) * DJ : n;
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            const int len = k - k0 < KC ? k - k0 : KC;
+            const int add = accumulate || k0 > 0;
+            for (int i = 0; i < m; i += DT) {
+                const float *xr[DT];
+                tile_rows(X, m, ldx, i, k0, xr);
+                for (int j = jb * DJ; j < j_end; j += DT) {
+                    if (!dot_tile_needed(need, m, n, ldc, i, j)) continue;
+                    const float *yr[DT];
+                    float acc[DT][DT];
+                    tile_rows(Y, n, ldy, j, k0, yr);
+                    dot_tile(xr, yr, len, acc);
+                    for (int a = 0; a < DT && i + a < m; a++)
+                        for (int b = 0; b < DT && j + b < j_end; b++) {
+                            float *c = C + (size_t)(i + a) * ldc + (j + b);
+                            *c = add ? *c + acc[a][b] : acc[a][b];
+                        }
+                }
+            }
+        }
+    }
+}
+
 /* 0 when the packing buffer cannot be had (the caller falls back). */
 static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X,
                            int ldx, const float *Y, int ldy, float *C, int ldc, int accumulate,
@@ -245,7 +330,8 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                               ? (int)(((size_t)1 << 21) / kk) / MC * MC : MC;
     const int chunk = m < chunk_max ? m : chunk_max;
     const size_t chunk_panels = (size_t)(chunk + MR - 1) / MR;
-    float *xpack = dseg_malloc(sizeof(float) * chunk_panels * MR * (size_t)slices * KC);
+    const int kc = kk < KC ? kk : KC; /* the longest slice */
+    float *xpack = dseg_malloc(sizeof(float) * chunk_panels * MR * (size_t)slices * kc);
     if (!xpack) return 0;
     const int npanels = (n + NR - 1) / NR;
     for (int c0 = 0; c0 < m; c0 += chunk) {
@@ -255,7 +341,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
             const int k0 = s * KC, len = k - k0 < KC ? k - k0 : KC;
             for (int p = 0; p < cpanels; p++) {
                 const int rows = crows - p * MR < MR ? crows - p * MR : MR;
-                float *out = xpack + ((size_t)s * cpanels + p) * MR * KC;
+                float *out = xpack + ((size_t)s * cpanels + p) * MR * kc;
 #if DSEG_GEMM_AVX2
                 pack_x4(X, ldx, c0 + p * MR, rows, k0, len, out);
 #else
@@ -289,7 +375,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                     const int i = c0 + p * MR, rows = m - i < MR ? m - i : MR;
                     if (!tile_needed(need, ldc, i, j, rows, cols)) continue;
                     if (!packed) pack_y(Y, ldy, j, cols, k0, len, ypack), packed = 1;
-                    kernel(len, xpack + ((size_t)s * cpanels + p) * MR * KC, ypack,
+                    kernel(len, xpack + ((size_t)s * cpanels + p) * MR * kc, ypack,
                            C + (size_t)i * ldc + j, ldc, rows, cols, add);
                 }
             }
@@ -318,19 +404,21 @@ static void plain_gemm_nt(int m, int n, int k, const float *X, int ldx, const fl
 
 /*
  * Bound on |error| / sum |x_i y_i| of a cross term (two k-term GEMMs, the
- * second accumulated onto the first). Built-in kernel (both micro-kernels and
- * the fallback): an entry is C = s_1, C += s_2, ..., over the B = ceil(k / KC)
- * slices of each GEMM, each s a sequential chain acc = fma(x, y, acc) (or a
- * rounded product then a rounded add) from acc = 0. A term x_i y_i thus goes
- * through at most KC roundings in its slice (its own product or FMA, then at
- * most KC - 1 later steps; an unfused product adds at most one more, taken by
- * the + 2 below) and at most 2B - 1 slice additions: a chain of
- * KC + 2 ceil(k / KC) + 2 roundings, and |error| <= gamma_chain sum |x_i y_i|
- * with gamma_n = n u / (1 - n u) (chain 290, gamma about 1.7e-5, for
- * k = 4096; the chain grows by 2 per KC of k). 1e-4 covers that with room for the log
- * approximation (~2 ulp of each log) and the rounding of the double sums. An
- * external sgemm may sum all 2k terms in one chain: gamma_2k, with the same
- * 1e-4 floor.
+ * second accumulated onto the first). Built-in kernels (packed, dot-product
+ * and the fallback alike): an entry is C = s_1, C += s_2, ..., over the
+ * B = ceil(k / KC) slices of each GEMM, each s_b a sum of at most KC products
+ * from zero. The packed kernel sums a slice as one chain acc = fma(x, y, acc)
+ * (or a rounded product then a rounded add); the dot-product kernel splits it
+ * over SIMD lanes and adds the lanes: either way a binary tree of additions,
+ * so a product goes through at most KC - 1 additions of its slice and one
+ * rounding of its own (an FMA rounds product and sum together). Then at most
+ * 2B - 1 slice additions: no term goes through more than
+ * KC + 2 ceil(k / KC) roundings, and |error| <= gamma_chain sum |x_i y_i| with
+ * gamma_n = n u / (1 - n u) (Higham, Lemma 3.1 and section 3.1). With the + 2
+ * of slack kept: chain 290, gamma about 1.7e-5, for k = 4096; the chain grows by
+ * 2 per KC of k. 1e-4 covers that with room for the log approximation (~2 ulp
+ * of each log) and the rounding of the double sums. An external sgemm may sum
+ * all 2k terms in one chain: gamma_2k, with the same 1e-4 floor.
  */
 double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
     const double u = FLT_EPSILON / 2;
@@ -350,6 +438,8 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
         ex->sgemm("T", "N", &n, &m, &k, &one, Y, &ldy, X, &ldx, &beta, C, &ldc);
         return;
     }
-    if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need))
+    if (n < DOT_MAX_N)
+        dot_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
+    else if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need))
         plain_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }
