@@ -45,7 +45,8 @@ int dseg_check_exec(const dseg_exec *ex);
  * leading dimensions ldx, ldy, ldc. Uses ex->sgemm when set, else a
  * packed, register-blocked, OpenMP-parallel kernel (AVX2+FMA when the CPU
  * has it). need (m, n, leading dimension ldc) may mark
- * the entries wanted: the built-in kernel then skips tiles (4 x 24) with none
+ * the entries wanted: the built-in kernel then skips tiles (4 x 24; 4 x 4 for
+ * n < 48) with none
  * (entries outside needed tiles are left undefined). NULL: all.
  */
 void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
