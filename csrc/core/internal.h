@@ -43,9 +43,11 @@ int dseg_check_exec(const dseg_exec *ex);
 /*
  * C (m, n) = X (m, k) * Y (n, k)^T (+ C when accumulate), row-major with
  * leading dimensions ldx, ldy, ldc. Uses ex->sgemm when set, else a
- * blocked, OpenMP-parallel kernel. need (m, n, leading dimension ldc) may mark
- * the entries wanted: the built-in kernel then skips 4 x 4 tiles with none
- * (their entries are left undefined). NULL: all.
+ * packed, register-blocked, OpenMP-parallel kernel (AVX2+FMA when the CPU
+ * has it). need (m, n, leading dimension ldc) may mark
+ * the entries wanted: the built-in kernel then skips tiles (4 x 24; 4 x 4 for
+ * n < 48) with none
+ * (entries outside needed tiles are left undefined). NULL: all.
  */
 void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
                   const float *Y, int ldy, float *C, int ldc, int accumulate,
