@@ -113,8 +113,10 @@ def isolated(test=None, *, timeout=None):
         env.pop("PYTEST_ADDOPTS", None)
         # --capture=sys: C-level writes to fd 2 (sanitizer reports) reach our
         # pipe even when the child aborts before pytest could replay them.
+        # Own --basetemp: a child that made a numbered temp folder beside the
+        # parent's could have pytest prune the parent's (its session bundle).
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               "--no-header", "-rs", "--capture=sys", node]
+               "--no-header", "-rs", "--capture=sys", "--basetemp", os.path.join(crash_dir, "tmp"), node]
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, errors="replace", timeout=timeout or DEFAULT_TIMEOUT)
