@@ -96,21 +96,22 @@ def _run(iterator, produce, finish, workers, max_pending, ordered, return_except
                     item = next(iterator)
                 except StopIteration:
                     break
-                index, count = count, count + 1
                 future = Future()
                 try:
                     value = produce(item)
                 except Exception as e:  # noqa: BLE001 -- this item's error, reported with it
                     future.set_exception(e)
-                    done.put((index, future))
+                    done.put((count, future))
+                    count += 1
                     continue
                 if stop.is_set():  # the consumer left during produce: nothing will read the result
                     break
                 if pool is None:
                     future.set_result(value)
-                    done.put((index, future))
+                    done.put((count, future))
                 else:
-                    pool.submit(finish, value).add_done_callback(lambda f, i=index: done.put((i, f)))
+                    pool.submit(finish, value).add_done_callback(lambda f, i=count: done.put((i, f)))
+                count += 1  # only items reported above: a fatal error in produce is not one
         except BaseException as e:  # noqa: BLE001 -- KeyboardInterrupt, a failing iterable: ends the run
             fatal = e
         done.put((_END, (count, fatal)))

@@ -159,3 +159,59 @@ def test_tiny_model_equals_one_at_a_time(tiny_model):
     assert [i for i, _ in got] == list(range(4))
     for (_, labels), w in zip(got, want):
         np.testing.assert_array_equal(labels, w)
+
+
+def test_evaluate_overlaps_attention_with_scoring_and_matches_serial(tmp_path, monkeypatch):
+    """evaluate(): the attention of image i+1 is computed while image i is
+    scored (scoring of i waits for it), and the numbers equal the stages run
+    one image at a time."""
+    from diffseg.evaluation import runner
+    from diffseg.evaluation.metrics import HungarianMetrics
+
+    n = 4
+    started = [threading.Event() for _ in range(n)]
+
+    class Model:
+        name = "planted"
+
+        def attention(self, image):
+            k = int(image[0, 0, 0])
+            started[k].set()
+            return planted_example(R=16, n_segments=3 + k, seed=k)[0]
+
+    truth = [np.kron(planted_example(R=16, n_segments=3 + k, seed=k)[1], np.ones((2, 2), int)) for k in range(n)]
+    dataset = [(f"im{k}", images(n, (32, 32, 3))[k], truth[k]) for k in range(n)]
+    scored = []
+    real_run_stages = runner.run_stages
+
+    def run_stages(**kw):
+        k = len(scored)
+        if k + 1 < n:  # serial code would never start image k+1 here: this would time out
+            assert started[k + 1].wait(timeout=120), "attention of the next image did not overlap"
+        scored.append(k)
+        return real_run_stages(**kw)
+
+    monkeypatch.setattr(runner, "run_stages", run_stages)
+    got = runner.evaluate(dataset, Model(), grid=4, n_classes=6, progress=False, output_dir=tmp_path)
+    want = HungarianMetrics(6)
+    for k in range(n):
+        attn = planted_example(R=16, n_segments=3 + k, seed=k)[0]
+        want.update(diffseg.segment_attention(attn, grid=4, size=(32, 32)), truth[k])
+    want = want.compute()
+    assert scored == list(range(n))
+    for key in ("tp", "fp", "fn", "pixel_accuracy", "miou"):
+        assert got["settings"][0][key] == want[key], key
+    assert want["pixel_accuracy"] > 0.5
+
+
+def test_interrupt_in_produce_ends_after_earlier_items():
+    def produce(x):
+        if x == 2:
+            raise KeyboardInterrupt
+        return x
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for i, value in pipelined(range(5), produce):
+            seen.append(value)
+    assert seen == [0, 1]
