@@ -70,6 +70,8 @@ def _run_ray(args, dataset):
 
     if args.model is None or _resolve_bundle(args.model) is None:
         raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
+    if args.attention_dir is not None:
+        raise UserError("--ray computes attention in its actors: leave out --attention-dir")
     init_ray(args.ray)
     output_dir = Path(args.output_dir)
     results = evaluate_dataset(

@@ -204,6 +204,9 @@ def _run_ray(args, todo):
 
     if args.model is None or _resolve_bundle(args.model) is None:
         raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
+    if Path(args.ray).exists():  # `--ray photos/`: argparse took the input for the address
+        raise UserError(f"--ray took {args.ray!r} as the Ray address; put --ray after the inputs, or write "
+                        "--ray=local / --ray=ADDRESS")
     init_ray(args.ray)
     bundle = _resolve_bundle(args.model)
     # what a serial run records from the opened model, read without opening it here
@@ -211,7 +214,7 @@ def _run_ray(args, todo):
     rows = [{"index": i, "path": str(path), "outputs": json.dumps({f: str(p) for f, p in paths.items()})}
             for i, (path, _, paths) in enumerate(todo)]
     records = segment_dataset(rows, args.model, concurrency=args.actors, num_gpus=args.gpus_per_actor or None,
-                              workers=args.workers, kl_threshold=args.kl_threshold, grid=args.grid,
+                              threads=args.threads, workers=args.workers, kl_threshold=args.kl_threshold, grid=args.grid,
                               timestep=args.timestep, detailed=True, postprocess=_RayWriter(args.rle, settings),
                               as_list=True)
     errors = [r["output"] for r in records if r["output"]]
