@@ -214,9 +214,9 @@ def _run_ray(args, todo):
     rows = [{"index": i, "path": str(path), "outputs": json.dumps({f: str(p) for f, p in paths.items()})}
             for i, (path, _, paths) in enumerate(todo)]
     records = segment_dataset(rows, args.model, concurrency=args.actors, num_gpus=args.gpus_per_actor or None,
-                              threads=args.threads, workers=args.workers, kl_threshold=args.kl_threshold, grid=args.grid,
-                              timestep=args.timestep, detailed=True, postprocess=_RayWriter(args.rle, settings),
-                              as_list=True)
+                              threads=args.threads, workers=args.workers, kl_threshold=args.kl_threshold,
+                              grid=args.grid, timestep=args.timestep, detailed=True,
+                              postprocess=_RayWriter(args.rle, settings), as_list=True)
     errors = [r["output"] for r in records if r["output"]]
     return len(records) - len(errors), errors
 
