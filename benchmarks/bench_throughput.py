@@ -35,7 +35,18 @@ SIZE = 512
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident memory: VmHWM (ru_maxrss survives exec, so a
+    worker would report its parent's peak from building the model)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def omp_threads():
+    """What the actor's environment sets (Ray sets OMP_NUM_THREADS from num_cpus)."""
+    return os.environ.get("OMP_NUM_THREADS")
 
 
 def write_images(folder, n):
@@ -85,12 +96,14 @@ def worker(mode, bundle, paths, workers):
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         t_init = time.perf_counter() - t0
         segment_dataset(paths[:1], bundle, as_list=True)  # warm-up: Ray Data's first job starts its machinery
+        actor_omp = ray.get(ray.remote(num_cpus=0.5)(omp_threads).remote())
         # a job starts its actor, which opens the model: compared with open_s + seconds of segment_many
         t0 = time.perf_counter()
         records = segment_dataset(paths, bundle, batch_size=len(paths), workers=workers, as_list=True)
         seconds = time.perf_counter() - t0
         ray.shutdown()
-        return {"seconds": seconds, "ray_init_s": t_init, "images": len(records), "peak_mb": peak_rss_mb()}
+        return {"seconds": seconds, "ray_init_s": t_init, "images": len(records), "peak_mb": peak_rss_mb(),
+                "worker_OMP_NUM_THREADS": actor_omp}
     t0 = time.perf_counter()
     model = diffseg.load_model(bundle)
     diffseg.segment(paths[0], model)  # warm-up (first pass is slower)
