@@ -14,6 +14,8 @@ The package, by concern:
 * ``diffseg.core`` -- the stages on attention (C core), ``diffseg.reference``
   (their NumPy oracle), ``diffseg.synthetic`` (planted attention);
 * ``diffseg.pipeline`` -- image -> labels (``segment``, ``MaskGenerator``);
+* ``diffseg.batch`` -- many images, UNet and post-processing overlapped
+  (``segment_many``); ``diffseg.distributed`` -- the same on Ray Data;
 * ``diffseg.sd`` -- Stable Diffusion: checkpoints, capture, bundle export, ``Model``;
 * ``diffseg.evaluation`` -- metrics, datasets, the benchmark runner;
 * ``diffseg.io`` -- images, mask records (RLE), attention files;
@@ -43,6 +45,7 @@ _LAZY = {
     "segment": "diffseg.pipeline",
     "segment_detailed": "diffseg.pipeline",
     "MaskGenerator": "diffseg.pipeline",
+    "segment_many": "diffseg.batch",
     "export_bundle": "diffseg.sd.export",
     "HungarianMetrics": "diffseg.evaluation.metrics",
     "evaluate": "diffseg.evaluation.runner",
@@ -53,7 +56,8 @@ _LAZY = {
     "records_to_labels": "diffseg.io.records",
 }
 # Submodules reachable as attributes after a bare ``import diffseg``.
-_SUBMODULES = ("cli", "core", "evaluation", "info", "io", "pipeline", "reference", "sd", "synthetic", "viz")
+_SUBMODULES = ("batch", "cli", "core", "distributed", "evaluation", "info", "io", "pipeline", "reference", "sd",
+               "synthetic", "viz")
 
 
 def __getattr__(name):

@@ -67,17 +67,34 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
     ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
     per-label ``score`` and ``mean_kl`` (:func:`diffseg.core.segment_scores`).
     """
+    rgb = load_image(image)  # a bad image fails before any model is opened or exported
+    model = resolve_model(model)
+    return finish_detailed(rgb, model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,
+                           weights=weights, border=border, scores=scores, refine=refine, workers=workers,
+                           gemm=gemm)
+
+
+def resolve_model(model):
+    """``model`` as an object with ``.attention``: None is the default model,
+    a path or model id is opened with :func:`load_model`."""
+    if model is None:
+        return _get_default_model()
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    return model
+
+
+def finish_detailed(rgb, attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, weights=None, border="nearest",
+                    scores=True, refine=False, workers=None, gemm=None):
+    """The part of :func:`segment_detailed` after the UNet pass: ``rgb`` the
+    loaded image, ``attn`` its attention. :func:`diffseg.batch.segment_many`
+    runs it in worker threads."""
     if kl_threshold is None:
         kl_threshold = DEFAULT_KL_THRESHOLD
-    rgb = load_image(image)  # a bad image fails before any model is opened or exported
-    if model is None:
-        model = _get_default_model()
-    elif isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
-    stages = run_stages(model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,
-                        size=(side, side), weights=weights, refine=refine, workers=workers, gemm=gemm)
+    stages = run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=(side, side), weights=weights,
+                        refine=refine, workers=workers, gemm=gemm)
     crop_labels = stages["labels"]
     result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border),
               "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..evaluation.runner import RESULTS_JSON, RESULTS_MD, STATE_FILE, evaluate, markdown_table
 from . import _common
+from .segment import add_throughput_arguments
 from ._common import KL_HELP, UserError, add_model_arguments, apply_threads, kl_setting, positive_int, report
 
 
@@ -39,6 +40,8 @@ def _run(args):
         raise UserError("give --attention-dir (precomputed attention) or --model (a bundle)")
     apply_threads(args)
     dataset = _open_dataset(args, need_images=args.model is not None)
+    if args.ray is not None:
+        return _run_ray(args, dataset)
     model = _common.open_model(args) if args.model is not None else None
     output_dir = Path(args.output_dir)
     try:
@@ -55,6 +58,26 @@ def _run(args):
     finally:
         if hasattr(model, "close"):
             model.close()
+    print(markdown_table(results))
+    print(f"wrote {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}")
+    return 0
+
+
+def _run_ray(args, dataset):
+    """``diffseg eval --ray``: actors score images, the driver sums their counts (no resume)."""
+    from ..distributed import evaluate_dataset, init_ray
+    from ..sd.model import _resolve_bundle
+
+    if args.model is None or _resolve_bundle(args.model) is None:
+        raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
+    if args.attention_dir is not None:
+        raise UserError("--ray computes attention in its actors: leave out --attention-dir")
+    init_ray(args.ray)
+    output_dir = Path(args.output_dir)
+    results = evaluate_dataset(
+        dataset, args.model, kl_threshold=args.kl_threshold, limit=args.limit, protocol=args.protocol,
+        grid=args.grid, n_classes=args.n_classes if args.dataset == "folder" else None, output_dir=output_dir,
+        concurrency=args.actors, num_gpus=args.gpus_per_actor or None, threads=args.threads, refine=args.refine)
     print(markdown_table(results))
     print(f"wrote {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}")
     return 0
@@ -119,5 +142,6 @@ def register_cli(subparsers):
                    help="results.json, results.md and the resume state (default: diffseg-eval)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a saved state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_throughput_arguments(p, workers=False)
     p.set_defaults(func=_run)
     return p

@@ -30,6 +30,7 @@ is 0 when every input was segmented, 1 when some failed, 2 for a usage error
 DiffSeg segments the centred square crop of an image; pixels outside it take
 the label of the nearest crop pixel (see :mod:`diffseg.pipeline`).
 """
+import contextlib
 import json
 import sys
 import time
@@ -95,7 +96,7 @@ def _parse_formats(text):
 def _run(args):
     from tqdm import tqdm
 
-    from ..pipeline import segment_detailed
+    from ..batch import segment_many
 
     formats = _parse_formats(args.format)
     apply_threads(args)
@@ -118,36 +119,43 @@ def _run(args):
 
     ok, failed = 0, len(problems)
     interrupted = False
-    if todo:
+    if todo and args.ray is not None:
+        ok, errors = _run_ray(args, todo)
+        for message in errors:
+            report("segment", message)
+        failed += len(errors)
+    elif todo:
         model = _common.open_model(args)
         settings = {**_requested(args),
                     "model": getattr(model, "metadata", {}).get("model_id"),
                     "bundle": getattr(model, "path", None)}
+        bar = tqdm(total=len(todo), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+                   desc="segment")
+        # The UNet pass of the next image overlaps the post-processing and writing of earlier ones.
+        results = segment_many([path for path, _, _ in todo], model, workers=args.workers,
+                               kl_threshold=args.kl_threshold, grid=args.grid, timestep=args.timestep,
+                               refine=args.refine, detailed=True, return_exceptions=True)
         try:
-            bar = tqdm(todo, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-                       desc="segment")
-            for path, name, paths in bar:
+            with contextlib.closing(results):
                 t0 = time.perf_counter()
-                try:
-                    result = segment_detailed(path, model, kl_threshold=args.kl_threshold, grid=args.grid,
-                                              timestep=args.timestep, refine=args.refine)
-                    _write(result, path, paths, args.rle, settings)
-                except (ValueError, OSError) as e:  # unreadable image, unwritable output
-                    failed += 1
-                    tqdm.write(f"diffseg segment: skipped {path}: {e}", file=sys.stderr)
-                    continue
-                except Exception as e:  # noqa: BLE001 -- keep going; the exit status says so
-                    failed += 1
-                    tqdm.write(f"diffseg segment: failed on {path}: {type(e).__name__}: {e}",
-                               file=sys.stderr)
-                    continue
-                ok += 1
-                if args.verbose:
-                    tqdm.write(f"{path} -> {out_dir / name}.* ({int(result['labels'].max()) + 1} "
-                               f"segments, {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+                for index, result in results:
+                    path, name, paths = todo[index]
+                    bar.update(1)
+                    message = _write_or_message(result, path, paths, args.rle, settings)
+                    if message:
+                        failed += 1
+                        tqdm.write(message, file=sys.stderr)
+                        continue
+                    ok += 1
+                    if args.verbose:
+                        now = time.perf_counter()
+                        tqdm.write(f"{path} -> {out_dir / name}.* ({int(result['labels'].max()) + 1} "
+                                   f"segments, {now - t0:.2f} s)", file=sys.stderr)
+                        t0 = now
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            bar.close()
             if hasattr(model, "close"):
                 model.close()
     summary = f"{ok} image(s) segmented into {out_dir}"
@@ -162,6 +170,55 @@ def _run(args):
     if not args.quiet or failed:
         report("segment", summary)
     return 1 if failed else 0
+
+
+def _write_or_message(result, path, paths, rle, settings):
+    """Write one image's outputs; None, or the line reporting why it failed."""
+    try:
+        if isinstance(result, BaseException):
+            raise result
+        _write(result, path, paths, rle, settings)
+    except (ValueError, OSError) as e:  # unreadable image, unwritable output
+        return f"diffseg segment: skipped {path}: {e}"
+    except Exception as e:  # noqa: BLE001 -- keep going; the exit status says so
+        return f"diffseg segment: failed on {path}: {type(e).__name__}: {e}"
+    return None
+
+
+class _RayWriter:
+    """Run in each Ray actor: writes one image's outputs, as a serial run does."""
+
+    def __init__(self, rle, settings):
+        self.rle, self.settings = rle, settings
+
+    def __call__(self, row, result):
+        paths = {f: Path(p) for f, p in json.loads(str(row["outputs"])).items()}
+        return _write_or_message(result, row["path"], paths, self.rle, self.settings) or ""
+
+
+def _run_ray(args, todo):
+    """``diffseg segment --ray``: actors segment and write; ``(ok, error lines)``."""
+    from ..distributed import init_ray, segment_dataset
+    from ..sd.bundle import read_metadata
+    from ..sd.model import _resolve_bundle
+
+    if args.model is None or _resolve_bundle(args.model) is None:
+        raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
+    if Path(args.ray).exists():  # `--ray photos/`: argparse took the input for the address
+        raise UserError(f"--ray took {args.ray!r} as the Ray address; put --ray after the inputs, or write "
+                        "--ray=local / --ray=ADDRESS")
+    init_ray(args.ray)
+    bundle = _resolve_bundle(args.model)
+    # what a serial run records from the opened model, read without opening it here
+    settings = {**_requested(args), "model": read_metadata(bundle).get("model_id"), "bundle": str(bundle)}
+    rows = [{"index": i, "path": str(path), "outputs": json.dumps({f: str(p) for f, p in paths.items()})}
+            for i, (path, _, paths) in enumerate(todo)]
+    records = segment_dataset(rows, args.model, concurrency=args.actors, num_gpus=args.gpus_per_actor or None,
+                              threads=args.threads, workers=args.workers, kl_threshold=args.kl_threshold,
+                              grid=args.grid, timestep=args.timestep, refine=args.refine, detailed=True,
+                              postprocess=_RayWriter(args.rle, settings), as_list=True)
+    errors = [r["output"] for r in records if r["output"]]
+    return len(records) - len(errors), errors
 
 
 def _requested(args):
@@ -210,6 +267,20 @@ def _write(result, path, paths, rle, settings):
             json.dump(doc, f, separators=(",", ":") if rle == "binary_mask" else (", ", ": "))
 
 
+def add_throughput_arguments(p, workers=True):
+    """--workers and the Ray options (the Ray ones shared with ``diffseg eval``)."""
+    if workers:
+        p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                       help="post-processing threads beside the UNet pass (default 1)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray Data (pip install 'diffseg[ray]'): alone, a local Ray instance; with "
+                        "ADDRESS (auto, ray://host:10001, host:6379), that cluster. Needs --model BUNDLE")
+    p.add_argument("--actors", type=positive_int, default=1, metavar="N",
+                   help="with --ray: actors, each holding one model (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="with --ray: GPUs per actor (default 0: CPU actors of 0.5 CPU each)")
+
+
 def register_cli(subparsers):
     p = subparsers.add_parser(
         "segment",
@@ -238,6 +309,7 @@ def register_cli(subparsers):
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose outputs all exist and (per NAME.json) were made with the same "
                         "--kl-threshold, --grid, --refine, --timestep and --model (resume a batch)")
+    add_throughput_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
     p.set_defaults(func=_run)

@@ -12,6 +12,7 @@ With ``output_dir``, the accumulated counts are saved after every image
 done and ends with the same numbers. ``results.json`` and ``results.md`` are
 written at the end.
 """
+import contextlib
 import json
 import math
 import numbers
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .._util import atomic_write
+from ..batch import pipelined
 from ..core import DEFAULT_KL_THRESHOLD, aggregate, kl_thresholds, run_stages
 from .metrics import HungarianMetrics, _check_protocol
 
@@ -234,40 +236,53 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
     source = (f"precomputed attention ({attention_dir})" if model is None
               else f"model {getattr(model, 'name', type(model).__name__)}"
               + (f", cache {attention_dir}" if attention_dir is not None else ""))
-    todo = total - (sum(1 for i in ids if i in done_set) if ids is not None else 0)
-    bar = tqdm(total=total, initial=total - todo, disable=not progress, unit="img",
+    todo = [index for index in range(total) if ids is None or ids[index] not in done_set]
+    produced = set(done_set)  # the producer's view: ids read so far (a repeated id is scored once)
+
+    def load(index):
+        """Read one item and its attention; runs one image ahead of the scoring, in a thread."""
+        t_start = time.perf_counter()
+        sample_id, label, get_image = _item_parts(dataset[index])
+        if sample_id in produced:
+            return None
+        produced.add(sample_id)
+        label = np.asarray(label)
+        if label.ndim != 2:
+            raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
+        attn, identity = _attention(sample_id, get_image, model, attention_dir)
+        return sample_id, label, attn, identity, time.perf_counter() - t_start
+
+    bar = tqdm(total=total, initial=total - len(todo), disable=not progress, unit="img",
                desc=f"eval {config['dataset'].get('name', '')}".strip(), dynamic_ncols=True)
     try:
-        for index in range(total):
-            if ids is not None and ids[index] in done_set:
-                continue
-            t_start = time.perf_counter()
-            sample_id, label, get_image = _item_parts(dataset[index])
-            if sample_id in done_set:
-                continue
-            label = np.asarray(label)
-            if label.ndim != 2:
-                raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
-            attn, files[sample_id] = _attention(sample_id, get_image, model, attention_dir)
-            A = aggregate(attn, weights=weights)
-            t_attn = time.perf_counter()
-            for k, setting in enumerate(settings):
+        # The attention of the next image (a UNet pass, or a file read) overlaps the scoring of this one.
+        with contextlib.closing(pipelined(todo, load, max_pending=1)) as loaded:
+            t_last = time.perf_counter()
+            for _, item in loaded:
+                if item is None:
+                    continue
+                sample_id, label, attn, files[sample_id], t_load = item
                 t0 = time.perf_counter()
-                pred = run_stages(A=A, grid=grid, kl_threshold=setting, size=label.shape,
-                                  refine=refine)["labels"]
-                metrics[k].update(pred, label)
-                seconds["segment"][k] += time.perf_counter() - t0
-            seconds["attention"] += t_attn - t_start
-            seconds["total"] += time.perf_counter() - t_start
-            done.append(sample_id)
-            done_set.add(sample_id)
-            if state_path is not None:
-                _save_state(state_path, config, done, metrics, seconds, files)
-            bar.update(1)
-            if progress:
-                first = metrics[0].compute()
-                bar.set_postfix(acc=f"{100 * first['pixel_accuracy']:.1f}",
-                                miou=f"{100 * first['miou']:.1f}", refresh=False)
+                A = aggregate(attn, weights=weights)
+                seconds["attention"] += t_load + time.perf_counter() - t0
+                for k, setting in enumerate(settings):
+                    t0 = time.perf_counter()
+                    pred = run_stages(A=A, grid=grid, kl_threshold=setting, size=label.shape,
+                                      refine=refine)["labels"]
+                    metrics[k].update(pred, label)
+                    seconds["segment"][k] += time.perf_counter() - t0
+                now = time.perf_counter()
+                seconds["total"] += now - t_last  # wall time per image: overlapped stages count once
+                t_last = now
+                done.append(sample_id)
+                done_set.add(sample_id)
+                if state_path is not None:
+                    _save_state(state_path, config, done, metrics, seconds, files)
+                bar.update(1)
+                if progress:
+                    first = metrics[0].compute()
+                    bar.set_postfix(acc=f"{100 * first['pixel_accuracy']:.1f}",
+                                    miou=f"{100 * first['miou']:.1f}", refresh=False)
     finally:
         bar.close()
 

@@ -1,0 +1,239 @@
+"""Many images: the UNet pass of one image overlaps the post-processing of earlier ones.
+
+::
+
+    for index, labels in diffseg.segment_many(paths, model, workers=2):
+        ...   # in input order, labels as diffseg.segment(paths[index], model) gives
+
+One producer thread runs the model (``model.attention``: VAE encode + UNet in
+the libtorch shim) image after image; a pool of ``workers`` threads runs the
+C core (aggregate, merge, NMS) on the attention it produced. Both release the
+GIL, so on a GPU the UNet pass of image i+1 runs while the CPU post-processes
+image i; on a CPU the two share the cores (libtorch and OpenMP threads), which
+fills each other's serial sections.
+
+Memory is bounded by ``max_pending``: at most that many images are between
+the start of their UNet pass and the moment their result is handed to the
+caller (computed ahead, in post-processing, or finished and waiting for an
+earlier image in ordered mode). At 512 px one pending image holds its
+attention (about 68 MB: the 4096 x 4096 map at 64 plus the smaller ones) and,
+while it is post-processed, the aggregated 4096 x 4096 matrix and the core's
+work buffers (about 130 MB more); ``benchmarks/bench_throughput.py`` reports
+the peak. The producer blocks while ``max_pending`` images are pending.
+
+:func:`pipelined` is the engine, for any two-stage job (the evaluation runner
+uses it to compute the attention of image i+1 while image i is scored).
+"""
+import numbers
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from .core import DEFAULT_KL_THRESHOLD, kl_thresholds
+from .sd.bundle import DEFAULT_TIMESTEP
+
+_END = object()
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def pipelined(items, produce, finish=None, *, workers=1, max_pending=2, ordered=True, return_exceptions=False):
+    """Run ``produce(item)`` over ``items`` in one background thread and
+    ``finish(produced)`` in a pool of ``workers`` threads; yield
+    ``(index, result)`` with ``index`` the item's position in ``items``.
+
+    ``finish=None``: yield what ``produce`` returned (the caller does the rest,
+    overlapped with the production of the next items). ``items`` is iterated
+    in the producer thread, lazily. ``max_pending``: at most that many items
+    are between the start of ``produce`` and being yielded (see the module
+    docstring). ``ordered``: in input order (default), else as they finish.
+
+    An ``Exception`` from ``produce`` or ``finish`` belongs to its item: with
+    ``return_exceptions`` it is yielded as ``(index, exception)`` and the
+    pipeline goes on, else it is raised when its item's turn comes. Anything
+    else raised by ``produce`` or by iterating ``items`` (KeyboardInterrupt,
+    SystemExit) ends the production: the items before it are yielded, then it
+    is raised. Closing the generator early (``break``, ``close()``, an
+    exception in the caller's loop, Ctrl-C) stops the producer after the item
+    it is running and cancels the queued post-processing; the generator
+    returns only once the producer thread has ended, so the caller may then
+    close the model.
+    """
+    if not callable(produce):
+        raise TypeError(f"produce must be callable, got {type(produce).__name__}")
+    if finish is not None and not callable(finish):
+        raise TypeError(f"finish must be callable or None, got {type(finish).__name__}")
+    try:
+        iterator = iter(items)
+    except TypeError:
+        raise TypeError(f"items must be iterable, got {type(items).__name__}") from None
+    workers = _check_count(workers, "workers")
+    max_pending = _check_count(max_pending, "max_pending")
+    return _run(iterator, produce, finish, workers, max_pending, bool(ordered), bool(return_exceptions))
+
+
+def _run(iterator, produce, finish, workers, max_pending, ordered, return_exceptions):
+    done = queue.SimpleQueue()  # (index, finished future); last (_END, (count, fatal error or None))
+    slots = threading.Semaphore(max_pending)
+    stop = threading.Event()
+    pool = None if finish is None else ThreadPoolExecutor(workers, thread_name_prefix="diffseg-post")
+
+    def producer():
+        count, fatal = 0, None
+        try:
+            while True:
+                slots.acquire()
+                if stop.is_set():
+                    break
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                future = Future()
+                try:
+                    value = produce(item)
+                except Exception as e:  # noqa: BLE001 -- this item's error, reported with it
+                    future.set_exception(e)
+                    done.put((count, future))
+                    count += 1
+                    continue
+                if stop.is_set():  # the consumer left during produce: nothing will read the result
+                    break
+                if pool is None:
+                    future.set_result(value)
+                    done.put((count, future))
+                else:
+                    pool.submit(finish, value).add_done_callback(lambda f, i=count: done.put((i, f)))
+                count += 1  # only items reported above: a fatal error in produce is not one
+        except BaseException as e:  # noqa: BLE001 -- KeyboardInterrupt, a failing iterable: ends the run
+            fatal = e
+        done.put((_END, (count, fatal)))
+
+    thread = threading.Thread(target=producer, name="diffseg-producer", daemon=True)
+    thread.start()
+    try:
+        waiting = {}  # ordered mode: finished items whose predecessors are not yet yielded
+        next_index, yielded, total, fatal = 0, 0, None, None
+        while total is None or yielded < total:
+            index, payload = done.get()
+            if index is _END:
+                total, fatal = payload
+                continue
+            if ordered:
+                waiting[index] = payload
+                ready = []
+                while next_index in waiting:
+                    ready.append((next_index, waiting.pop(next_index)))
+                    next_index += 1
+            else:
+                ready = [(index, payload)]
+            for i, future in ready:
+                slots.release()
+                yielded += 1
+                error = future.exception()
+                if error is None:
+                    yield i, future.result()
+                elif return_exceptions:
+                    yield i, error
+                else:
+                    raise error
+        if fatal is not None:
+            raise fatal
+    finally:
+        stop.set()
+        for _ in range(max_pending):  # wake the producer if it waits for a slot
+            slots.release()
+        thread.join()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_images(images):
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+        raise TypeError(f"images must be an iterable of images (paths, arrays, PIL images), got one "
+                        f"{type(images).__name__}: wrap a single image in a list")
+    try:
+        iter(images)
+    except TypeError:
+        raise TypeError(f"images must be an iterable of images, got {type(images).__name__}") from None
+
+
+def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
+                 timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", refine=False, gemm=None, ordered=True,
+                 detailed=False, return_exceptions=False):
+    """Segment many images, the UNet pass of one overlapping the post-processing of earlier ones.
+
+    Yields ``(index, labels)`` -- ``labels`` exactly as :func:`diffseg.segment`
+    gives for ``images[index]`` -- or, with ``detailed=True``, ``(index,
+    result)`` with the dict of :func:`diffseg.pipeline.segment_detailed`.
+
+    Parameters
+    ----------
+    images : iterable of images (paths, PIL images, uint8 arrays); read lazily
+        in the producer thread, so a generator over a large folder is fine.
+    model : Model, bundle path, model id, or None (the default model); any
+        object with ``.attention(image, timestep)`` works. A model opened here
+        from a path is closed when the generator ends.
+    workers : post-processing threads (default 1: each C core call already
+        uses all of the core's threads; more helps when the UNet pass is
+        shorter than the post-processing, e.g. on a GPU with many CPU cores).
+    max_pending : images in flight at once, the memory bound (module
+        docstring); default ``workers + 1``: one in the UNet, ``workers`` in
+        post-processing.
+    kl_threshold, grid, timestep, weights, border, refine, gemm : as
+        :func:`diffseg.segment` (``timestep=None``: the bundle's default); the
+        C core's threads are the process default (:func:`diffseg.set_num_threads`).
+    ordered : yield in input order (default), else as images finish.
+    return_exceptions : yield ``(index, exception)`` for an image that fails
+        (unreadable file, bad array) and go on; else raise it in order.
+
+    Stopping early (``break``, closing the generator, Ctrl-C) waits for the
+    UNet pass in progress, then stops; see :func:`pipelined`.
+    """
+    from .pipeline import finish_detailed, resolve_model
+
+    _check_images(images)
+    workers = _check_count(workers, "workers")
+    max_pending = workers + 1 if max_pending is None else _check_count(max_pending, "max_pending")
+    kl_threshold = kl_thresholds(DEFAULT_KL_THRESHOLD if kl_threshold is None else kl_threshold)
+    grid = _check_count(grid, "grid")
+    if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral)
+                                 or timestep < 0):
+        raise ValueError(f"timestep must be a non-negative integer or None, got {timestep!r}")
+    if border != "nearest" and (isinstance(border, bool) or not isinstance(border, numbers.Integral)):
+        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
+    owned = isinstance(model, (str, os.PathLike))
+    model = resolve_model(model)
+    if not callable(getattr(model, "attention", None)):
+        raise TypeError(f"model must have an .attention(image, timestep) method, got {type(model).__name__}")
+
+    def produce(image):
+        from .io.images import load_image
+
+        rgb = load_image(image)
+        return rgb, model.attention(rgb, timestep)
+
+    def finish(produced):
+        result = finish_detailed(*produced, kl_threshold=kl_threshold, grid=grid, weights=weights, border=border,
+                                 scores=detailed, refine=refine, gemm=gemm)
+        return result if detailed else result["labels"]  # the rest (A: 64 MB at 512 px) is freed here
+
+    results = pipelined(images, produce, finish, workers=workers, max_pending=max_pending, ordered=ordered,
+                        return_exceptions=return_exceptions)
+    return _closing(results, model) if owned else results
+
+
+def _closing(results, model):
+    """``results``, then close the model (also when the caller stops early)."""
+    try:
+        yield from results
+    finally:
+        results.close()
+        model.close()
