@@ -14,6 +14,7 @@ The package, by concern:
 * ``diffseg.core`` -- the stages on attention (C core), ``diffseg.reference``
   (their NumPy oracle), ``diffseg.synthetic`` (planted attention);
 * ``diffseg.pipeline`` -- image -> labels (``segment``, ``MaskGenerator``);
+* ``diffseg.batch`` / ``diffseg.distributed`` -- many images: ``segment_many``, Ray Data;
 * ``diffseg.batch`` -- many images, UNet and post-processing overlapped
   (``segment_many``); ``diffseg.distributed`` -- the same on Ray Data;
 * ``diffseg.sd`` -- Stable Diffusion: checkpoints, capture, bundle export, ``Model``;
