@@ -44,3 +44,14 @@ def tiny_model(tiny_bundle):
     model = diffseg.load_model(tiny_bundle)
     yield model
     model.close()
+
+
+@pytest.fixture
+def one_core_thread():
+    """The C core on one thread for the test, then the previous default again."""
+    import diffseg
+
+    before = diffseg.get_num_threads()
+    diffseg.set_num_threads(1)
+    yield
+    diffseg.set_num_threads(before)

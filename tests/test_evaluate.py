@@ -68,12 +68,8 @@ SETTINGS = [1.1, 0.011, (0.009, 1.1, 1.1)]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_core_thread):
     """Tiny matrices: threads only add overhead (and 2 CPUs are shared)."""
-    before = diffseg.get_num_threads()
-    diffseg.set_num_threads(1)
-    yield
-    diffseg.set_num_threads(before)
 
 
 def by_hand(dataset, attn_dir, setting):
