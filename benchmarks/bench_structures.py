@@ -32,7 +32,7 @@ import numpy as np
 
 import diffseg
 from diffseg import reference, synthetic
-from bench_core import numpy_cross_term_gemms  # a sibling script: one definition of the baseline
+from bench_core import extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition of the baseline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = 16
@@ -120,22 +120,6 @@ def structures(cache):
 def busy_process():
     """A CPU-bound competitor (one core)."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
-
-
-def extra_peak_memory(fn):
-    """Peak RSS above the RSS before `fn` (Linux: clear_refs resets the peak)."""
-    def rss():
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    before, _ = rss()
-    fn()
-    return rss()[1] - before
 
 
 def main():
