@@ -1,0 +1,445 @@
+"""Semantic labels: naming DiffSeg's segments with words, from the UNet's
+cross-attention (the official demo's optional last step).
+
+::
+
+    cross, tokens = model.cross_attention(image, "cat, grass, sky")
+    logits = diffseg.semantic.aggregate_cross_attention(cross, labels.shape)
+    names = diffseg.name_segments(labels, logits, tokens, ["cat", "grass", "sky"])
+
+What the official code does (google/diffseg, read, not copied): the demo
+(``diffseg.ipynb``) captions the image with BLIP, passes the caption as the
+prompt of the one UNet pass, keeps the caption's nouns (NLTK POS tags ``NN*``)
+and their word positions; ``DiffSeg.aggregate_x_weights``
+(``diffseg/segmentor.py``) upsamples each resolution's head-averaged
+cross-attention ``(s*s, 77)`` bilinearly to 512x512, normalises it over the 77
+tokens and sums the resolutions with weights [1, 1, 1, 1];
+``DiffSeg.get_semantics`` takes each noun's token map (word position + 1 for
+the BOS token), L2-normalises it over the image and names each segment by
+``voting``: ``"mean"`` (the demo's choice) the argmax over nouns of the
+segment's mean, ``"majority"`` the *median* of the per-pixel argmax indices.
+Segments with the same noun are grouped (``label_to_mask``).
+
+Differences, on purpose:
+
+* Words are aligned to the tokenizer's tokens (:func:`word_token_indices`)
+  instead of assuming one token per word (the official ``index + 1`` is wrong
+  for any word the tokenizer splits, and for punctuation); a word of several
+  tokens uses the mean of its tokens' maps, every occurrence of the word in
+  the prompt included.
+* Any label map size and any (also non-square) attention grid.
+
+Pure NumPy; no torch.
+"""
+import re
+from collections import OrderedDict
+
+import numpy as np
+
+from ._interp import resize_bilinear
+
+VOTING = ("mean", "majority")
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+
+# ---------------------------------------------------------------- aggregation
+def _grid(key, n):
+    """(h, w) of a cross-attention entry keyed ``key`` with ``n`` query rows."""
+    if isinstance(key, tuple):
+        if len(key) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in key):
+            raise ValueError(f"cross: a key must be a side s or a grid (h, w) of positive integers, got {key!r}")
+        h, w = int(key[0]), int(key[1])
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key > 0:
+        h = w = int(key)
+    else:
+        raise ValueError(f"cross: a key must be a side s or a grid (h, w) of positive integers, got {key!r}")
+    if h * w != n:
+        raise ValueError(f"cross[{key!r}] has {n} rows, but its grid {h}x{w} has {h * w} positions")
+    return h, w
+
+
+def _size(size):
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        H, W = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an integer or (height, width), got {size!r}") from None
+    if H < 1 or W < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return H, W
+
+
+def aggregate_cross_attention(cross, size, weights=None, *, tokens=None):
+    """Cross-attention of every resolution on one ``size`` grid, as the
+    official ``aggregate_x_weights``: ``(H, W, T)`` float32 logits.
+
+    Parameters
+    ----------
+    cross : dict
+        ``{key: (n, T) array}``: per resolution, the head (and layer) mean of
+        the cross-attention probabilities, row = query position (row-major),
+        column = prompt token. ``key`` is the side ``s`` of an ``s x s`` grid
+        or a tuple ``(h, w)``; ``n = h * w``. T = 77 for Stable Diffusion.
+    size : int or (H, W)
+        Output grid (the official code: 512).
+    weights : sequence or dict, optional
+        Per-resolution weights, in the order of the keys by decreasing grid
+        area (or a dict keyed like ``cross``); default 1 for every resolution
+        (what the official demo passes).
+    tokens : sequence of int, optional
+        Keep only these token columns (output ``(H, W, len(tokens))``); the
+        normalisation still runs over all ``T`` tokens. Saves memory at large
+        sizes.
+
+    Each resolution is upsampled to ``size`` bilinearly (half-pixel centres,
+    edge clamp, no antialias: TF ``UpSampling2D``/``resize``, torch
+    ``align_corners=False``), divided by its sum over the T tokens at every
+    pixel, multiplied by its weight, and the resolutions are summed. The sum
+    over tokens is taken before upsampling (bilinear interpolation is linear,
+    so this equals the official order up to float rounding).
+    """
+    if not isinstance(cross, dict) or not cross:
+        raise ValueError("cross must be a non-empty dict {resolution: (n, T) array}")
+    H, W = _size(size)
+    arrays, grids = {}, {}
+    T = None
+    for key, value in cross.items():
+        a = np.asarray(value)
+        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"cross[{key!r}] must be a non-empty (n, T) array, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"cross[{key!r}] must be a float array, got dtype {a.dtype}")
+        if T is None:
+            T = a.shape[1]
+        elif a.shape[1] != T:
+            raise ValueError(f"cross: every resolution must have the same number of tokens, got {T} and "
+                             f"{a.shape[1]} (cross[{key!r}])")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"cross[{key!r}] contains NaN or Inf")
+        if np.any(a < 0):
+            raise ValueError(f"cross[{key!r}] has negative entries (attention probabilities are >= 0)")
+        grids[key] = _grid(key, a.shape[0])
+        arrays[key] = a.astype(np.float32, copy=False)
+    keys = sorted(cross, key=lambda k: -grids[k][0] * grids[k][1])
+    if weights is None:
+        w = {k: 1.0 for k in keys}
+    elif isinstance(weights, dict):
+        if set(weights) != set(keys):
+            raise ValueError(f"weights must have the keys of cross {keys}, got {sorted(weights, key=str)}")
+        w = {k: float(weights[k]) for k in keys}
+    else:
+        weights = list(weights)
+        if len(weights) != len(keys):
+            raise ValueError(f"weights must have one entry per resolution ({len(keys)}), got {len(weights)}")
+        w = {k: float(v) for k, v in zip(keys, weights)}
+    if not all(np.isfinite(v) for v in w.values()):
+        raise ValueError("weights must be finite")
+    if tokens is None:
+        sel = np.arange(T)
+    else:
+        sel = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if sel.size == 0 or sel.min() < 0 or sel.max() >= T:
+            raise ValueError(f"tokens must be a non-empty list of token indices in [0, {T}), got {tokens!r}")
+
+    out = np.zeros((H, W, sel.size), np.float32)
+    for k in keys:
+        h, wd = grids[k]
+        a = arrays[k]
+        x = resize_bilinear(a[:, sel].reshape(h, wd, sel.size), H, W, axes=(0, 1))
+        total = resize_bilinear(a.sum(axis=1, dtype=np.float32).reshape(h, wd), H, W)
+        if np.any(total <= 0):
+            raise ValueError(f"cross[{k!r}]: a position has zero attention over all tokens (cannot normalise)")
+        out += x * (np.float32(w[k]) / total)[:, :, None]
+    return out
+
+
+# ---------------------------------------------------------------- tokens and words
+def _bytes_to_unicode():
+    """The byte -> printable character table of byte-level BPE (GPT-2, CLIP):
+    printable Latin-1 bytes map to themselves, the others to code points 256+."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_CHARS = _bytes_to_unicode()
+
+
+def _token_words(tokens):
+    """Words of a CLIP token sequence: ``[(text, [positions])]`` in order.
+
+    A word ends at a token with the end-of-word mark ``</w>``; tokenization
+    stops at the first end token; the begin token (position 0) is skipped.
+    """
+    words, text, positions = [], "", []
+    for i, tok in enumerate(tokens):
+        if not isinstance(tok, str):
+            raise TypeError(f"tokens must be token strings, got {type(tok).__name__} at position {i}")
+        if tok == BOS and i == 0:
+            continue
+        if tok == EOS:
+            break
+        if tok.endswith(END_OF_WORD):
+            words.append((text + tok[: -len(END_OF_WORD)], positions + [i]))
+            text, positions = "", []
+        else:
+            text += tok
+            positions.append(i)
+    if positions:  # truncated mid-word (prompt longer than the tokenizer's limit)
+        words.append((text, positions))
+    return words
+
+
+def _normal_word(word):
+    """A requested word as the tokenizer spells it: lowercase, blanks
+    removed, UTF-8 bytes mapped to byte-level BPE characters."""
+    if not isinstance(word, str):
+        raise TypeError(f"words must be strings, got {type(word).__name__}")
+    w = re.sub(r"\s+", "", word.lower())
+    if not w:
+        raise ValueError(f"words must not be empty or blank, got {word!r}")
+    return "".join(_BYTE_CHARS[b] for b in w.encode("utf-8"))
+
+
+def word_token_indices(tokens, words):
+    """Token positions of each word in a tokenized prompt.
+
+    ``tokens``: the prompt's tokens as strings, as the CLIP tokenizer gives
+    them (``tokenizer.convert_ids_to_tokens``; what
+    :meth:`diffseg.Model.cross_attention` returns): ``<|startoftext|>`` at
+    position 0, words ending with ``</w>``, then ``<|endoftext|>`` and
+    padding. ``words``: words (or phrases such as ``"traffic light"``) of
+    the prompt, matched case-insensitively, ignoring blanks, to whole words of
+    the prompt (consecutive ones for a phrase).
+
+    Returns one list of positions per word: every token of every occurrence.
+    Positions count the begin token, so the official code's ``+1`` is built
+    in. Raises ValueError for a word that is not in the prompt.
+    """
+    words = _word_list(words)
+    spans = _token_words(tokens)
+    texts = [t for t, _ in spans]
+    result = []
+    for word in words:
+        target = _normal_word(word)
+        found = []
+        for start in range(len(spans)):
+            text, end = "", start
+            while end < len(spans) and len(text) < len(target):
+                text += texts[end]
+                end += 1
+            if text == target:
+                for _, pos in spans[start:end]:
+                    found.extend(pos)
+        if not found:
+            prompt = " ".join(texts)
+            raise ValueError(f"word {word!r} is not in the prompt (its words: {prompt!r}); "
+                             "every word to name segments with must appear in the prompt")
+        result.append(sorted(set(found)))
+    return result
+
+
+def _word_list(words):
+    if isinstance(words, str):
+        raise TypeError("words must be a list of words, not one string (e.g. ['cat', 'grass'])")
+    try:
+        words = list(words)
+    except TypeError:
+        raise TypeError(f"words must be a list of words, got {type(words).__name__}") from None
+    if not words:
+        raise ValueError("words (the vocabulary) must not be empty")
+    for w in words:
+        _normal_word(w)
+    return words
+
+
+# ---------------------------------------------------------------- naming
+def word_maps(cross_logits, tokens, words):
+    """``(H*W, N)`` float64 map per word: the mean of its tokens' maps,
+    L2-normalised over the image (the official ``get_semantics``; with the
+    normalisation, the mean of a word's tokens equals their sum)."""
+    logits = np.asarray(cross_logits)
+    if logits.ndim != 3:
+        raise ValueError(f"cross_logits must be (H, W, T), got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise TypeError(f"cross_logits must be a float array, got dtype {logits.dtype}")
+    if logits.shape[2] != len(tokens):
+        raise ValueError(f"cross_logits has {logits.shape[2]} token columns but tokens has {len(tokens)} entries")
+    positions = word_token_indices(tokens, words)
+    flat = logits.reshape(-1, logits.shape[2])
+    maps = np.stack([flat[:, p].astype(np.float64).mean(axis=1) for p in positions], axis=1)
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("cross_logits contains NaN or Inf")
+    norm = np.linalg.norm(maps, axis=0)
+    if np.any(norm == 0):
+        bad = [w for w, n in zip(words, norm) if n == 0]
+        raise ValueError(f"cross_logits: the map of {bad!r} is zero everywhere (cannot normalise)")
+    return maps / norm
+
+
+def name_segments(labels, cross_logits, tokens, words, voting="mean"):
+    """Name each segment with one of ``words``: a list of names for labels
+    ``0..K-1`` (K = ``labels.max() + 1``; None for a label with no pixel).
+
+    Parameters
+    ----------
+    labels : (H, W) integer array
+        Segment labels; negative labels (e.g. ``border=-1``) are ignored.
+    cross_logits : (H, W, T) float array
+        :func:`aggregate_cross_attention` at the labels' size.
+    tokens : list of str
+        The prompt's T tokens (see :func:`word_token_indices`).
+    words : list of str
+        Candidate names; each must be in the prompt.
+    voting : ``"mean"`` or ``"majority"``
+        As the official ``get_semantics``: ``"mean"`` (the official demo's
+        choice) names a segment by the argmax over words of the segment's
+        mean normalised map; ``"majority"`` by the median (truncated to an
+        integer, as ``int(np.median(...))``) of the per-pixel argmax word
+        indices -- a median of indices, so it depends on the order of
+        ``words``, exactly as the official code. Ties go to the first word.
+    """
+    if voting not in VOTING:
+        raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    logits = np.asarray(cross_logits)
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"cross_logits must be (H, W, T) with (H, W) = labels.shape {labels.shape}, "
+                         f"got shape {logits.shape}")
+    words = _word_list(words)
+    maps = word_maps(logits, tokens, words)
+    flat = labels.reshape(-1).astype(np.int64)
+    inside = flat >= 0
+    K = int(flat.max()) + 1 if flat.size and inside.any() else 0
+    lab = flat[inside]
+    maps = maps[inside]
+    counts = np.bincount(lab, minlength=K)
+    N = len(words)
+    if voting == "mean":
+        # Per-label sums of every word map, then argmax of the mean (the count divides a whole row).
+        sums = np.stack([np.bincount(lab, weights=maps[:, j], minlength=K) for j in range(N)], axis=1)
+        choice = np.argmax(sums / np.maximum(counts, 1)[:, None], axis=1)
+    else:
+        # Median of per-pixel argmax indices from their histogram per label:
+        # the middle element (odd count) or the mean of the two middle ones.
+        hist = np.bincount(lab * N + np.argmax(maps, axis=1), minlength=K * N).reshape(K, N)
+        cum = np.cumsum(hist, axis=1)
+        lo = np.argmax(cum > (counts[:, None] - 1) // 2, axis=1)
+        hi = np.argmax(cum > counts[:, None] // 2, axis=1)
+        choice = ((lo + hi) // 2)  # int(median) of non-negative values: floor of the mean of lo and hi
+    return [str(words[choice[k]]) if counts[k] else None for k in range(K)]
+
+
+def group_segments(names):
+    """Labels grouped by name, as the official ``label_to_mask``:
+    ``{name: [label, ...]}`` in order of first appearance (None skipped)."""
+    groups = OrderedDict()
+    for label, name in enumerate(names):
+        if name is not None:
+            groups.setdefault(name, []).append(label)
+    return dict(groups)
+
+
+def vocabulary_prompt(words):
+    """The prompt for a vocabulary: the words joined by ``", "`` (e.g.
+    ``"cat, grass, sky"``)."""
+    words = _word_list(words)
+    return ", ".join(str(w).strip() for w in words)
+
+
+# ---------------------------------------------------------------- nouns
+# Words the fallback noun extractor drops: function words, frequent verbs and
+# adjectives of image captions (BLIP's in particular, including its artefact
+# "arafed"/"araffe"), numbers.
+_STOPWORDS = frozenset("""
+a an the this that these those there here it its it's they them their he him his she her hers we us our you your
+i me my mine and or but nor so yet of in on at to from by with without into onto over under above below near
+next beside behind between among through across along around up down out off about against for as than then
+while during before after is are was were be been being am do does did doing have has had having will would can
+could should may might must shall what which who whom whose where when why how all any both each few more most
+other some such no not only own same too very just also up one two three four five six seven eight nine ten
+many several lot lots
+sitting standing laying lying walking running holding looking playing riding eating wearing flying jumping
+swimming sleeping talking smiling waiting parked parking driving covered filled made made dressed stacked
+posing hanging hangs sits stands looks holds shows showing taken taking using
+big small large little tall short long old young new red green blue yellow white black brown gray grey orange
+pink purple colorful different various front back top bottom left right side middle close closeup view
+image picture photo photograph background foreground
+arafed araffe arafe araffed
+""".split())
+# Nouns ending in "-ing" (other -ing words are taken for verbs).
+_ING_NOUNS = frozenset("""
+building buildings ceiling ceilings clothing painting paintings railing railings ring rings king kings thing
+things string strings wing wings swing swings spring morning evening wedding pudding icing sibling siblings
+duckling ducklings stocking stockings lighting awning awnings pudding dumpling dumplings sapling seedling
+""".split())
+
+
+def _fallback_nouns(caption):
+    out = []
+    for w in re.findall(r"[a-z]+(?:['-][a-z]+)*", caption.lower()):
+        if w in _STOPWORDS or len(w) < 2:
+            continue
+        if w.endswith("ing") and w not in _ING_NOUNS:
+            continue
+        out.append(w)
+    return out
+
+
+def _nltk_nouns(caption):
+    """Nouns by NLTK's POS tagger (``NN*``, the official demo's rule); None
+    when NLTK or its tokenizer/tagger data is missing."""
+    try:
+        import nltk
+    except ImportError:
+        return None
+    try:
+        tagged = nltk.pos_tag(nltk.word_tokenize(caption))
+    except LookupError:  # data not downloaded (nltk.download(...))
+        return None
+    return [w.lower() for w, pos in tagged if pos.startswith("NN") and re.search(r"[A-Za-z]", w)]
+
+
+def extract_nouns(caption, *, use_nltk=None):
+    """The nouns of a caption, lowercase, each once, in order of appearance.
+
+    ``use_nltk``: None (default) uses NLTK's POS tagger when NLTK and its data
+    (``punkt``/``punkt_tab``, ``averaged_perceptron_tagger``/``_eng``) are
+    installed -- the official demo's rule, tags ``NN*`` -- and the fallback
+    otherwise; True requires NLTK (ImportError/LookupError if missing); False
+    always uses the fallback.
+
+    The fallback needs no NLP package: the lowercase words of the caption
+    minus a fixed list of function words, frequent caption verbs and
+    adjectives (colours, sizes, positions) and words ending in "-ing" (except
+    a few "-ing" nouns such as "building"). Its limits: it is not a tagger;
+    verbs and adjectives not on its lists are kept as nouns ("a dog chases a
+    ball" keeps "chases"), nouns on them are dropped ("a tall orange" loses
+    "orange"), and compound nouns are split into words.
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a string, got {type(caption).__name__}")
+    nouns = None
+    if use_nltk is None or use_nltk:
+        nouns = _nltk_nouns(caption)
+        if nouns is None and use_nltk:
+            import nltk  # ImportError when absent
+
+            nltk.pos_tag(nltk.word_tokenize(caption))  # LookupError naming the missing data
+    if nouns is None:
+        nouns = _fallback_nouns(caption)
+    return list(OrderedDict.fromkeys(nouns))

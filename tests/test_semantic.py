@@ -1,0 +1,275 @@
+"""Semantic labels (diffseg.semantic, issue 10 part 2): aggregation of
+cross-attention, word-token alignment, voting, nouns; and the cross-attention
+of a bundle against eager diffusers."""
+import numpy as np
+import pytest
+
+from diffseg import semantic
+from diffseg.semantic import (aggregate_cross_attention, extract_nouns, group_segments, name_segments,
+                              vocabulary_prompt, word_token_indices)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _tokens(*toks, length=None):
+    out = [BOS, *toks, EOS]
+    if length:
+        out += [EOS] * (length - len(out))
+    return out
+
+
+# ---------------------------------------------------------------- aggregation oracle
+def _official_aggregate(cross, size, weights):
+    """The official aggregate_x_weights order with torch: per resolution,
+    bilinear upsampling (align_corners=False) of (h, w, T), divide by the sum
+    over tokens, weight, sum."""
+    torch = pytest.importorskip("torch")
+    H, W = size
+    out = torch.zeros(H, W, next(iter(cross.values())).shape[1], dtype=torch.float64)
+    for key, a in cross.items():
+        h, w = (key, key) if isinstance(key, int) else key
+        x = torch.from_numpy(np.asarray(a, np.float32)).reshape(h, w, -1).permute(2, 0, 1)[None]
+        up = torch.nn.functional.interpolate(x, size=(H, W), mode="bilinear", align_corners=False,
+                                             antialias=False)[0].permute(1, 2, 0)
+        up = up / up.sum(-1, keepdim=True)
+        out += up.double() * weights[key]
+    return out.numpy()
+
+
+def _random_cross(rng, grids, T=77):
+    cross = {}
+    for key in grids:
+        h, w = (key, key) if isinstance(key, int) else key
+        logits = rng.normal(size=(h * w, T)) * 3
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        cross[key] = (p / p.sum(1, keepdims=True)).astype(np.float32)
+    return cross
+
+
+@pytest.mark.parametrize("grids,size", [
+    ((64, 32, 16, 8), (64, 64)),
+    ((16, 8, 4, 2), (48, 80)),
+    (((12, 8), (6, 4), (3, 2)), (30, 20)),
+])
+def test_aggregate_cross_attention_matches_official_order(grids, size):
+    rng = np.random.default_rng(0)
+    cross = _random_cross(rng, grids)
+    got = aggregate_cross_attention(cross, size)
+    assert got.shape == (*size, 77) and got.dtype == np.float32
+    want = _official_aggregate(cross, size, {k: 1.0 for k in cross})
+    assert np.max(np.abs(got - want) / np.abs(want)) < 1e-5
+    # Each resolution sums to 1 over tokens: the sum of 4 unit weights is 4 (official demo).
+    np.testing.assert_allclose(got.sum(-1), len(grids), rtol=1e-5)
+
+
+def test_aggregate_cross_attention_weights_and_token_subset():
+    rng = np.random.default_rng(1)
+    cross = _random_cross(rng, (8, 4, 2), T=10)
+    w = [0.5, 0.3, 0.2]
+    full = aggregate_cross_attention(cross, 16, weights=w)
+    np.testing.assert_allclose(full, _official_aggregate(cross, (16, 16), dict(zip((8, 4, 2), w))), rtol=1e-5)
+    np.testing.assert_allclose(aggregate_cross_attention(cross, 16, weights={8: .5, 4: .3, 2: .2}), full)
+    sub = aggregate_cross_attention(cross, 16, weights=w, tokens=[3, 1])
+    np.testing.assert_allclose(sub, full[:, :, [3, 1]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("cross,size,kw,match", [
+    ({}, 8, {}, "non-empty dict"),
+    ({4: np.ones((16, 5), np.float32)}, 0, {}, "size must be positive"),
+    ({4: np.ones((16, 5), np.float32)}, "x", {}, "size must be"),
+    ({4: np.ones((15, 5), np.float32)}, 8, {}, "15 rows"),
+    ({(4, 3): np.ones((16, 5), np.float32)}, 8, {}, "grid 4x3"),
+    ({"a": np.ones((16, 5), np.float32)}, 8, {}, "key must be"),
+    ({4: np.ones(16, np.float32)}, 8, {}, r"\(n, T\)"),
+    ({4: np.ones((16, 5), np.float32), 2: np.ones((4, 6), np.float32)}, 8, {}, "same number of tokens"),
+    ({4: np.full((16, 5), np.nan, np.float32)}, 8, {}, "NaN"),
+    ({4: -np.ones((16, 5), np.float32)}, 8, {}, "negative"),
+    ({4: np.zeros((16, 5), np.float32)}, 8, {}, "zero attention"),
+    ({4: np.ones((16, 5), np.float32)}, 8, {"weights": [1, 2]}, "one entry per resolution"),
+    ({4: np.ones((16, 5), np.float32)}, 8, {"weights": {2: 1}}, "keys of cross"),
+    ({4: np.ones((16, 5), np.float32)}, 8, {"tokens": [5]}, "token indices"),
+])
+def test_aggregate_cross_attention_bad_inputs(cross, size, kw, match):
+    with pytest.raises(ValueError, match=match):
+        aggregate_cross_attention(cross, size, **kw)
+
+
+def test_aggregate_cross_attention_int_dtype():
+    with pytest.raises(TypeError, match="float"):
+        aggregate_cross_attention({2: np.ones((4, 3), np.int64)}, 4)
+
+
+# ---------------------------------------------------------------- word <-> token alignment
+def test_word_token_indices_single_and_multi_token():
+    # "a tabby cat, grass" as a BPE tokenizer might split it: "tabby" = tab + by.
+    tokens = _tokens("a</w>", "tab", "by</w>", "cat</w>", ",</w>", "grass</w>", length=12)
+    assert word_token_indices(tokens, ["cat"]) == [[4]]  # official: noun position 2 + 1 = 3: wrong here
+    assert word_token_indices(tokens, ["tabby", "grass"]) == [[2, 3], [6]]
+    assert word_token_indices(tokens, ["Tabby Cat"]) == [[2, 3, 4]]  # a phrase: consecutive words
+    # Every occurrence counts.
+    assert word_token_indices(_tokens("cat</w>", "and</w>", "cat</w>"), ["cat"]) == [[1, 3]]
+
+
+def test_word_token_indices_with_the_clip_tokenizer(tmp_path):
+    """The tiny CLIP tokenizer (one token per character): words of several tokens."""
+    transformers = pytest.importorskip("transformers")
+    from sd_tiny import write_tokenizer_files
+
+    vocab, merges, _ = write_tokenizer_files(str(tmp_path))
+    tok = transformers.CLIPTokenizer(vocab, merges, model_max_length=77, pad_token=EOS)
+    ids = tok("A cat, on grass!", padding="max_length", max_length=77, truncation=True).input_ids
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[:4] == [BOS, "a</w>", "c", "a"]
+    assert word_token_indices(tokens, ["cat", "grass", "a"]) == [[2, 3, 4], [8, 9, 10, 11, 12], [1]]
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        word_token_indices(tokens, ["dog"])
+    with pytest.raises(ValueError, match="not in the prompt"):
+        word_token_indices(tokens, ["ca"])  # part of a word is not a word
+
+
+def test_word_token_indices_non_ascii():
+    # Byte-level BPE spells "é" (UTF-8 c3 a9) as the characters for bytes 0xc3 0xa9.
+    tokens = _tokens("caf", "Ã©</w>")
+    assert word_token_indices(tokens, ["Café"]) == [[1, 2]]
+
+
+@pytest.mark.parametrize("words,exc,match", [
+    ([], ValueError, "must not be empty"),
+    ("cat", TypeError, "not one string"),
+    ([" "], ValueError, "blank"),
+    ([3], TypeError, "strings"),
+    (None, TypeError, "list of words"),
+])
+def test_word_token_indices_bad_words(words, exc, match):
+    with pytest.raises(exc, match=match):
+        word_token_indices(_tokens("cat</w>"), words)
+
+
+# ---------------------------------------------------------------- voting
+def _official_names(labels, logits, positions, words, voting):
+    """get_semantics of google/diffseg, re-implemented plainly: per label a loop."""
+    x = np.stack([logits.reshape(-1, logits.shape[-1])[:, p].astype(np.float64).mean(1) for p in positions], 1)
+    x = x / np.linalg.norm(x, axis=0, keepdims=True)
+    flat = labels.reshape(-1)
+    names = []
+    for k in range(flat.max() + 1):
+        rows = x[flat == k]
+        if not len(rows):
+            names.append(None)
+        elif voting == "majority":
+            names.append(words[int(np.median(rows.argmax(-1)))])
+        else:
+            names.append(words[rows.mean(0).argmax(-1)])
+    return names
+
+
+def _hand_case():
+    """One segment of 5 pixels and 3 one-token words, where the votes differ.
+
+    Per-pixel values (before the L2 normalisation over the image):
+        p0, p1: a=0.9 b=0.8 c=0.0   -> argmax a
+        p2..p4: a=0.0 b=0.5 c=0.6   -> argmax c
+    Column norms: a sqrt(1.62)=1.273, b sqrt(2.03)=1.425, c sqrt(1.08)=1.039;
+    normalised means: a 0.283, b 0.435, c 0.346 -> "mean" says b;
+    per-pixel argmax (unchanged by the scaling) [a, a, c, c, c], median c.
+    """
+    tokens = _tokens("a</w>", "b</w>", "c</w>")
+    logits = np.zeros((1, 5, len(tokens)), np.float32)
+    logits[0, :, 1:4] = [[.9, .8, 0], [.9, .8, 0], [0, .5, .6], [0, .5, .6], [0, .5, .6]]
+    return np.zeros((1, 5), np.int32), logits, tokens
+
+
+def test_voting_hand_computed():
+    labels, logits, tokens = _hand_case()
+    assert name_segments(labels, logits, tokens, ["a", "b", "c"], voting="mean") == ["b"]
+    assert name_segments(labels, logits, tokens, ["a", "b", "c"], voting="majority") == ["c"]
+    # The median is of word *indices*: with 2 pixels for a and 2 for c it is 1,
+    # a word that wins no pixel (the official rule, kept).
+    assert name_segments(labels[:, :4], logits[:, :4], tokens, ["a", "b", "c"], voting="majority") == ["b"]
+    # ... and so it depends on the order of the words.
+    assert name_segments(labels, logits, tokens, ["c", "b", "a"], voting="majority") == ["c"]
+
+
+@pytest.mark.parametrize("voting", ["mean", "majority"])
+@pytest.mark.parametrize("seed", range(4))
+def test_voting_matches_official_rules(voting, seed):
+    rng = np.random.default_rng(seed)
+    tokens = _tokens("ca", "t</w>", "a</w>", "gr", "a", "ss</w>", "sky</w>", length=20)
+    words = ["cat", "grass", "sky", "a"]
+    labels = rng.integers(0, 7, size=(12, 9)).astype(np.int32)
+    labels[labels == 5] = 6  # label 5 has no pixel -> None
+    logits = rng.random((12, 9, 20)).astype(np.float32)
+    positions = word_token_indices(tokens, words)
+    got = name_segments(labels, logits, tokens, words, voting=voting)
+    assert got == _official_names(labels, logits, positions, words, voting)
+    assert got[5] is None
+
+
+def test_name_segments_ignores_negative_labels():
+    labels, logits, tokens = _hand_case()
+    labels = np.concatenate([labels, -np.ones_like(labels)], axis=1)
+    logits = np.concatenate([logits, logits], axis=1)
+    assert name_segments(labels, logits, tokens, ["a", "b", "c"]) == ["b"]
+
+
+def test_group_segments_and_prompt():
+    assert group_segments(["sky", "cat", "sky", None, "cat"]) == {"sky": [0, 2], "cat": [1, 4]}
+    assert vocabulary_prompt(["cat", " grass", "sky"]) == "cat, grass, sky"
+
+
+def test_name_segments_bad_inputs():
+    labels, logits, tokens = _hand_case()
+    words = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="voting must be one of"):
+        name_segments(labels, logits, tokens, words, voting="median")
+    with pytest.raises(ValueError, match=r"labels.shape \(1, 4\)"):
+        name_segments(labels[:, :4], logits, tokens, words)
+    with pytest.raises(ValueError, match="labels must be"):
+        name_segments(labels[0], logits, tokens, words)
+    with pytest.raises(TypeError, match="integer"):
+        name_segments(labels.astype(np.float32), logits, tokens, words)
+    with pytest.raises(ValueError, match="token columns"):
+        name_segments(labels, logits[..., :4], tokens, words)
+    with pytest.raises(ValueError, match="must not be empty"):
+        name_segments(labels, logits, tokens, [])
+    with pytest.raises(ValueError, match="'d' is not in the prompt"):
+        name_segments(labels, logits, tokens, ["a", "d"])
+    bad = logits.copy()
+    bad[0, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        name_segments(labels, bad, tokens, words)
+    zero = logits.copy()
+    zero[..., 1] = 0
+    with pytest.raises(ValueError, match="zero everywhere"):
+        name_segments(labels, zero, tokens, words)
+    with pytest.raises(TypeError, match="float"):
+        name_segments(labels, logits.astype(np.int32), tokens, words)
+
+
+# ---------------------------------------------------------------- nouns
+@pytest.mark.parametrize("caption,nouns", [
+    ("a cat sitting on the grass under a blue sky", ["cat", "grass", "sky"]),
+    ("there is a dog that is laying on the bed", ["dog", "bed"]),
+    ("arafed man riding a horse next to a building", ["man", "horse", "building"]),
+    ("Two cats and a dog on a couch, cats sleeping", ["cats", "dog", "couch"]),
+    ("a red car parked in front of a tall building", ["car", "building"]),
+    ("", []),
+])
+def test_extract_nouns_fallback(caption, nouns):
+    assert extract_nouns(caption, use_nltk=False) == nouns
+
+
+def test_extract_nouns_fallback_limits_are_as_documented():
+    assert extract_nouns("a dog chases a ball", use_nltk=False) == ["dog", "chases", "ball"]
+
+
+def test_extract_nouns_default_uses_nltk_when_usable(monkeypatch):
+    monkeypatch.setattr(semantic, "_nltk_nouns", lambda caption: ["from-nltk"])
+    assert extract_nouns("a cat", use_nltk=None) == ["from-nltk"]
+    monkeypatch.setattr(semantic, "_nltk_nouns", lambda caption: None)  # NLTK or its data missing
+    assert extract_nouns("a cat", use_nltk=None) == ["cat"]
+
+
+def test_extract_nouns_bad_input():
+    with pytest.raises(TypeError, match="caption must be a string"):
+        extract_nouns(None)
