@@ -39,7 +39,8 @@ class CrossSink:
         self.counts = {}  # n -> number of layers summed
 
     def add(self, head_mean):
-        n = head_mean.shape[1]
+        # int(): under tracing a size is a tensor, hashed by identity (a dictionary key only).
+        n = int(head_mean.shape[1])
         if n in self.sums:
             self.sums[n] = self.sums[n] + head_mean
             self.counts[n] += 1
@@ -126,3 +127,98 @@ def install_cross_capture(unet):
         raise ValueError("the UNet has no cross-attention (attn2) layers")
     unet.set_attn_processor(processors)
     return sink
+
+
+# Extra files of a bundle that hold the tokenizer (``<archive>/extra/<name>``).
+TOKENIZER_PREFIX = "tokenizer."
+TEXT_TOKENS = 77
+
+
+def prompt_modules(pipe, sink, cross_sink, mode):
+    """The eager modules behind a bundle's prompt methods (traced by the export):
+
+    * text encoder: ``(B, 77) int64 token ids -> (B, 77, D) float32``, the
+      checkpoint's text encoder as diffusers' ``encode_prompt`` runs it for SD
+      (last hidden state, no attention mask);
+    * prompt UNet: ``(latent, t, context) -> (eps, self maps..., cross maps...)``
+      from one conditional pass: the self-attention maps as the bundle's
+      ``denoise`` (per resolution, or per layer with ``mode="all"``), then the
+      cross-attention ``(B, n, 77)`` per resolution, highest first.
+    """
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, text_encoder):
+            super().__init__()
+            self.text_encoder = text_encoder
+
+        def forward(self, ids):
+            return self.text_encoder(ids, return_dict=False)[0].float()
+
+    class PromptUNet(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, latent, t, context):
+            sink.reset()
+            cross_sink.reset()
+            cross_sink.enabled = True
+            try:
+                eps = self.unet(latent, t, encoder_hidden_states=context.to(self.unet.dtype), return_dict=False)[0]
+            finally:
+                cross_sink.enabled = False
+            maps = list(sink.layers) if mode == "all" else sink.means(sorted(sink.sums, reverse=True))
+            cross = cross_sink.means()
+            sink.reset()
+            cross_sink.reset()
+            return tuple([eps.float()] + [m.float() for m in maps] + [c.float() for c in cross])
+
+    return TextEncoder(pipe.text_encoder), PromptUNet(pipe.unet)
+
+
+def tokenizer_files(tokenizer):
+    """``{extra file name: text}``: the tokenizer's files (``save_pretrained``),
+    to store in the bundle zip so that the bundle stays one file."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {TOKENIZER_PREFIX + p.name: p.read_text(encoding="utf-8")
+                for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def load_tokenizer(bundle_path):
+    """The CLIP tokenizer stored in a bundle (read from its zip, no torch);
+    needs transformers. ValueError when the bundle holds no tokenizer."""
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    try:
+        from transformers import CLIPTokenizer
+    except ImportError as e:
+        raise ImportError(f"prompts need transformers to tokenize: pip install transformers ({e})") from None
+    marker = "/extra/" + TOKENIZER_PREFIX
+    with zipfile.ZipFile(bundle_path) as z, tempfile.TemporaryDirectory() as tmp:
+        infos = [i for i in z.infolist() if marker in i.filename]
+        if not infos:
+            raise ValueError(f"{bundle_path} holds no tokenizer: export it again with --cross-attention")
+        for info in infos:
+            name = info.filename.split(marker, 1)[1]
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"{bundle_path}: bad tokenizer file name {info.filename!r}")
+            Path(tmp, name).write_bytes(z.read(info))
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def tokenize(tokenizer, prompt):
+    """``(ids (1, 77) int64, tokens: 77 strings)`` of ``prompt``, padded to
+    77 tokens and truncated as diffusers' ``encode_prompt`` does."""
+    import numpy as np
+
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    ids = tokenizer(prompt, padding="max_length", max_length=TEXT_TOKENS, truncation=True).input_ids
+    return np.asarray([ids], dtype=np.int64), tokenizer.convert_ids_to_tokens(ids)

@@ -15,6 +15,19 @@ A bundle is one TorchScript file (``diffseg_bundle.pt``) that the libtorch shim
   order;
 * ``forward(image, t) = denoise(encode(image), t)``.
 
+With ``cross_attention=True`` (semantic labels, :mod:`diffseg.semantic`) the
+bundle also holds the text encoder and the tokenizer (its files as extra files
+``tokenizer.*``) and three more methods (:mod:`diffseg.sd.cross`):
+
+* ``encode_text(ids)``: ``(B, 77) int64`` token ids -> ``(B, 77, D)`` context;
+* ``denoise_prompt(latent, t, context)``: one conditional UNet pass returning
+  ``(eps, self-attention maps..., cross-attention maps...)``, the
+  cross-attention ``(B, n, 77)`` per resolution (mean over heads and layers);
+* ``forward_prompt(image, t, ids) = denoise_prompt(encode(image), t, encode_text(ids))``.
+
+``denoise`` and ``forward`` stay the plain unconditional pass; the traced
+graphs share the weights, so the option adds the text encoder's weights only.
+
 Every map is ``(1, s*s, s*s)`` float32: row = query position (row-major),
 column = key, rows sum to 1. The layout the shim needs (sizes, map
 resolutions, device type, format version: ``bundle.SHIM_ATTRIBUTES``) is stored
@@ -34,6 +47,7 @@ from .._util import atomic_path, atomic_write
 from .bundle import (BUNDLE_FILE, DEFAULT_MODEL, DEFAULT_TIMESTEP, DTYPES, FORMAT, FORMAT_VERSION,
                      LAYER_MODES, METADATA_NAME, SHIM_ATTRIBUTES)
 from .capture import install_capture
+from .cross import TEXT_TOKENS, install_cross_capture, prompt_modules, tokenizer_files
 from .checkpoint import _check_supported, _sd_version, load_pipeline
 
 
@@ -71,9 +85,11 @@ def _modules(pipe, sink, embedding, mode):
     return Encoder(pipe.vae, pipe.unet.dtype), UNetAttention(pipe.unet)
 
 
-def _script_bundle(encoder, unet, layout):
+def _script_bundle(encoder, unet, layout, prompt=None):
     """Script the bundle; ``layout`` maps each name of ``SHIM_ATTRIBUTES`` to
-    its value, stored as module attributes for the shim (it parses no JSON)."""
+    its value, stored as module attributes for the shim (it parses no JSON).
+    ``prompt``: the traced ``(text encoder, prompt UNet)`` of a bundle with
+    cross-attention, or None."""
     import torch
     from typing import List
 
@@ -101,7 +117,28 @@ def _script_bundle(encoder, unet, layout):
         def forward(self, image: torch.Tensor, t: torch.Tensor) -> List[torch.Tensor]:
             return list(self.unet(self.encoder(image), t))
 
-    return torch.jit.script(Bundle(encoder, unet))
+    if prompt is None:
+        return torch.jit.script(Bundle(encoder, unet))
+
+    class PromptBundle(Bundle):
+        def __init__(self, encoder, unet, text_encoder, prompt_unet):
+            super().__init__(encoder, unet)
+            self.text_encoder = text_encoder
+            self.prompt_unet = prompt_unet
+
+        @torch.jit.export
+        def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.text_encoder(ids)
+
+        @torch.jit.export
+        def denoise_prompt(self, latent: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> List[torch.Tensor]:
+            return list(self.prompt_unet(latent, t, context))
+
+        @torch.jit.export
+        def forward_prompt(self, image: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> List[torch.Tensor]:
+            return list(self.prompt_unet(self.encoder(image), t, self.text_encoder(ids)))
+
+    return torch.jit.script(PromptBundle(encoder, unet, *prompt))
 
 
 def _normalise_device(device):
@@ -112,7 +149,7 @@ def _normalise_device(device):
 
 
 def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", layers="per-resolution",
-                    model_id="unknown"):
+                    model_id="unknown", cross_attention=False):
     """Export an already loaded ``StableDiffusionPipeline`` (see :func:`export_bundle`)."""
     import torch
 
@@ -149,6 +186,7 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
     embedding = embedding.to(device=device, dtype=torch_dtype).contiguous()
 
     sink = install_capture(pipe.unet, layers)
+    cross_sink = install_cross_capture(pipe.unet) if cross_attention else None  # disabled outside denoise_prompt
     example_image = torch.zeros(1, 3, size, size, device=device)
     example_t = torch.full((1,), DEFAULT_TIMESTEP, dtype=torch.int64, device=device)
 
@@ -161,6 +199,13 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         sink.record_names = True  # the traced run lists the layers in execution order
         traced_unet = torch.jit.trace(unet_wrapper, (example_latent, example_t), check_trace=False)
         sink.record_names = False
+        prompt = extra = None
+        if cross_attention:
+            text_encoder, prompt_unet = prompt_modules(pipe, sink, cross_sink, layers)
+            example_ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.int64, device=device)
+            prompt = (torch.jit.trace(text_encoder, (example_ids,), check_trace=False),
+                      torch.jit.trace(prompt_unet, (example_latent, example_t, embedding.float()), check_trace=False))
+            extra = tokenizer_files(pipe.tokenizer)
         layer_names = [n for n, _ in sink.names]
         layer_res = [s for _, s in sink.names]
         resolutions = sorted(set(layer_res), reverse=True)
@@ -170,7 +215,7 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
             "latent_size": latent_size, "latent_channels": latent_channels,
             "default_timestep": DEFAULT_TIMESTEP, "map_resolutions": list(output_res),
             "device_type": device.split(":")[0],
-        })
+        }, prompt)
 
     import diffusers
 
@@ -201,7 +246,18 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         "embedding": "empty prompt, encoded with the checkpoint's tokenizer and text encoder",
         "dtype": dtype,
         "device": device,
+        "cross_attention": bool(cross_attention),
     }
+    if cross_attention:
+        metadata.update({
+            "cross_outputs": ["eps"] + metadata["outputs"][1:] + [f"cross_{s}" for s in resolutions],
+            "cross_resolutions": resolutions,
+            "cross_attention_maps": "softmax probabilities of attn2 over the 77 prompt tokens, mean over heads, "
+                                    "then over the layers of each resolution",
+            "text_tokens": TEXT_TOKENS,
+            "context_dim": int(embedding.shape[-1]),
+            "tokenizer_files": sorted(extra),
+        })
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / BUNDLE_FILE
@@ -211,14 +267,14 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         # TorchScript is deprecated upstream (a DeprecationWarning in torch 2.13, a
         # FutureWarning in 2.14) but still loads.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-        torch.jit.save(bundle, str(tmp), _extra_files={METADATA_NAME: text})
+        torch.jit.save(bundle, str(tmp), _extra_files={METADATA_NAME: text, **(extra or {})})
     with atomic_write(out_dir / "metadata.json") as f:
         f.write(text + "\n")
     return str(path)
 
 
 def export_bundle(source=DEFAULT_MODEL, out_dir="diffseg-bundle", *, size=512, device="cpu", dtype="float32",
-                  layers="per-resolution", config=None):
+                  layers="per-resolution", config=None, cross_attention=False):
     """Export ``source`` to a bundle in ``out_dir``; returns the bundle's path.
 
     Parameters
@@ -240,6 +296,11 @@ def export_bundle(source=DEFAULT_MODEL, out_dir="diffseg-bundle", *, size=512, d
         4 maps (mean over the layers of each resolution) or the 16 per-layer maps.
     config : str, optional
         For a single-file checkpoint: a diffusers folder or hub id with its configs.
+    cross_attention : bool
+        Also store the text encoder, the tokenizer and the prompt methods
+        (``encode_text``, ``denoise_prompt``, ``forward_prompt``) for semantic
+        labels (:meth:`Model.cross_attention`); without it the bundle has the
+        plain size and methods.
     """
     if layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
@@ -252,4 +313,4 @@ def export_bundle(source=DEFAULT_MODEL, out_dir="diffseg-bundle", *, size=512, d
     if Path(source).expanduser().exists():
         model_id = str(Path(source).expanduser().resolve())
     return export_pipeline(pipe, out_dir, size=size, device=device, dtype=dtype, layers=layers,
-                           model_id=model_id)
+                           model_id=model_id, cross_attention=bool(cross_attention))
