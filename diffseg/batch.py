@@ -167,7 +167,8 @@ def _check_images(images):
 
 def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
                  timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", refine=False, gemm=None, ordered=True,
-                 detailed=False, return_exceptions=False):
+                 detailed=False, return_exceptions=False, vocabulary=None, prompt=None, voting="mean",
+                 captioner=None):
     """Segment many images, the UNet pass of one overlapping the post-processing of earlier ones.
 
     Yields ``(index, labels)`` -- ``labels`` exactly as :func:`diffseg.segment`
@@ -193,13 +194,18 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     ordered : yield in input order (default), else as images finish.
     return_exceptions : yield ``(index, exception)`` for an image that fails
         (unreadable file, bad array) and go on; else raise it in order.
+    vocabulary, prompt, voting, captioner : semantic labels as
+        :func:`diffseg.segment`: each item is then ``(labels, names)``, or the
+        detailed result with ``names``.
 
     Stopping early (``break``, closing the generator, Ctrl-C) waits for the
     UNet pass in progress, then stops; see :func:`pipelined`.
     """
     from .pipeline import finish_detailed, resolve_model
+    from .semantic import naming
 
     _check_images(images)
+    namer = naming(vocabulary, prompt, voting, captioner)
     workers = _check_count(workers, "workers")
     max_pending = workers + 1 if max_pending is None else _check_count(max_pending, "max_pending")
     kl_threshold = kl_thresholds(DEFAULT_KL_THRESHOLD if kl_threshold is None else kl_threshold)
@@ -218,11 +224,18 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
         from .io.images import load_image
 
         rgb = load_image(image)
-        return rgb, model.attention(rgb, timestep)
+        if namer is None:
+            return rgb, model.attention(rgb, timestep), None
+        return (rgb, *namer.attention(model, rgb, timestep))
 
     def finish(produced):
-        result = finish_detailed(*produced, kl_threshold=kl_threshold, grid=grid, weights=weights, border=border,
+        rgb, attn, info = produced
+        result = finish_detailed(rgb, attn, kl_threshold=kl_threshold, grid=grid, weights=weights, border=border,
                                  scores=detailed, refine=refine, gemm=gemm)
+        if namer is not None:
+            namer.name(result, info)
+            if not detailed:
+                return result["labels"], result["names"]
         return result if detailed else result["labels"]  # the rest (A: 64 MB at 512 px) is freed here
 
     results = pipelined(images, produce, finish, workers=workers, max_pending=max_pending, ordered=ordered,

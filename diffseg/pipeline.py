@@ -57,7 +57,8 @@ def paste_labels(labels, height, width, border="nearest"):
 
 def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
                      timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", scores=True,
-                     refine=False, workers=None, gemm=None):
+                     refine=False, workers=None, gemm=None, vocabulary=None, prompt=None, voting="mean",
+                     captioner=None):
     """Segment one image and keep the intermediate results.
 
     Arguments as :func:`segment` (``model`` may also be any object with
@@ -66,12 +67,20 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
     ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated attention),
     ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
     per-label ``score`` and ``mean_kl`` (:func:`diffseg.core.segment_scores`).
+    With ``vocabulary``, ``prompt`` or ``captioner`` also ``names`` (one per
+    label), ``words``, ``prompt`` and ``caption`` (:class:`diffseg.semantic.Naming`).
     """
+    from .semantic import naming
+
+    namer = naming(vocabulary, prompt, voting, captioner)
     rgb = load_image(image)  # a bad image fails before any model is opened or exported
     model = resolve_model(model)
-    return finish_detailed(rgb, model.attention(rgb, timestep), kl_threshold=kl_threshold, grid=grid,
-                           weights=weights, border=border, scores=scores, refine=refine, workers=workers,
-                           gemm=gemm)
+    kw = dict(kl_threshold=kl_threshold, grid=grid, weights=weights, border=border, scores=scores, refine=refine,
+              workers=workers, gemm=gemm)
+    if namer is None:
+        return finish_detailed(rgb, model.attention(rgb, timestep), **kw)
+    attn, info = namer.attention(model, rgb, timestep)
+    return namer.name(finish_detailed(rgb, attn, **kw), info)
 
 
 def resolve_model(model):
@@ -105,8 +114,11 @@ def finish_detailed(rgb, attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, we
 
 
 def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP, weights=None,
-            border="nearest", refine=False, workers=None, gemm=None):
-    """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size.
+            border="nearest", refine=False, workers=None, gemm=None, vocabulary=None, prompt=None, voting="mean",
+            captioner=None):
+    """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size;
+    with ``vocabulary``, ``prompt`` or ``captioner``: ``(labels, names)``,
+    ``names[k]`` the word naming label k.
 
     Parameters
     ----------
@@ -124,10 +136,19 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
         (see :func:`diffseg.merge`; default: :func:`diffseg.set_num_threads`
         and :func:`diffseg.core.use_gemm`). The UNet pass uses libtorch's
         threads (``load_model(..., threads=)`` or :func:`diffseg.set_num_threads`).
+    vocabulary, prompt, voting, captioner : semantic labels from the
+        cross-attention of a conditional pass (needs a bundle exported with
+        ``--cross-attention``): ``vocabulary=["cat", "grass", "sky"]`` names
+        each segment with one of the words (prompt ``"cat, grass, sky"``
+        unless ``prompt`` is given); ``prompt`` alone names with its nouns;
+        ``captioner(rgb) -> str`` makes the prompt. ``voting``: ``"mean"``
+        (default, the official demo) or ``"majority"``. See
+        :class:`diffseg.semantic.Naming` and :func:`diffseg.name_segments`.
     """
-    return segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                            weights=weights, border=border, scores=False, refine=refine, workers=workers,
-                            gemm=gemm)["labels"]
+    result = segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
+                              weights=weights, border=border, scores=False, refine=refine, workers=workers,
+                              gemm=gemm, vocabulary=vocabulary, prompt=prompt, voting=voting, captioner=captioner)
+    return (result["labels"], result["names"]) if "names" in result else result["labels"]
 
 
 def result_records(result, output_mode="coco_rle"):
@@ -139,7 +160,8 @@ def result_records(result, output_mode="coco_rle"):
     ``point_coords`` (``[[x, y]]``: the image pixel of the anchor that seeded
     the segment's proposal), ``crop_box`` (XYWH of the centre crop DiffSeg
     segmented), and diffseg's own ``score`` (``exp(-mean_kl)``), ``mean_kl`` and
-    ``proposal`` (index among the merged proposals).
+    ``proposal`` (index among the merged proposals); ``name`` when the result
+    has names (``segment_detailed(..., vocabulary=...)``).
     """
     from .io.records import masks_to_records
 
@@ -156,6 +178,8 @@ def result_records(result, output_mode="coco_rle"):
             kl = float(result["mean_kl"][k])
             r["mean_kl"] = kl if np.isfinite(kl) else None
         r["proposal"] = proposal
+        if "names" in result:
+            r["name"] = result["names"][k]
     return records
 
 

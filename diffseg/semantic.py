@@ -264,19 +264,10 @@ def _word_list(words):
 
 
 # ---------------------------------------------------------------- naming
-def word_maps(cross_logits, tokens, words):
-    """``(H*W, N)`` float64 map per word: the mean of its tokens' maps,
-    L2-normalised over the image (the official ``get_semantics``; with the
+def _normalised_maps(flat, positions, words):
+    """``(P, N)`` float64: per word the mean of its columns of ``flat`` (P, T'),
+    L2-normalised over the P pixels (the official ``get_semantics``; with the
     normalisation, the mean of a word's tokens equals their sum)."""
-    logits = np.asarray(cross_logits)
-    if logits.ndim != 3:
-        raise ValueError(f"cross_logits must be (H, W, T), got shape {logits.shape}")
-    if not np.issubdtype(logits.dtype, np.floating):
-        raise TypeError(f"cross_logits must be a float array, got dtype {logits.dtype}")
-    if logits.shape[2] != len(tokens):
-        raise ValueError(f"cross_logits has {logits.shape[2]} token columns but tokens has {len(tokens)} entries")
-    positions = word_token_indices(tokens, words)
-    flat = logits.reshape(-1, logits.shape[2])
     maps = np.stack([flat[:, p].astype(np.float64).mean(axis=1) for p in positions], axis=1)
     if not np.all(np.isfinite(maps)):
         raise ValueError("cross_logits contains NaN or Inf")
@@ -285,6 +276,40 @@ def word_maps(cross_logits, tokens, words):
         bad = [w for w, n in zip(words, norm) if n == 0]
         raise ValueError(f"cross_logits: the map of {bad!r} is zero everywhere (cannot normalise)")
     return maps / norm
+
+
+def _check_labels(labels):
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    return labels
+
+
+def _vote(labels, maps, words, voting):
+    """Names of labels 0..K-1 from the normalised word maps ``(H*W, N)``."""
+    flat = labels.reshape(-1).astype(np.int64)
+    inside = flat >= 0
+    K = int(flat.max()) + 1 if inside.any() else 0
+    lab = flat[inside]
+    maps = maps[inside]
+    counts = np.bincount(lab, minlength=K)
+    N = len(words)
+    if voting == "mean":
+        # Per-label sums of every word map, then argmax of the mean.
+        sums = np.stack([np.bincount(lab, weights=maps[:, j], minlength=K) for j in range(N)], axis=1)
+        choice = np.argmax(sums / np.maximum(counts, 1)[:, None], axis=1)
+    else:
+        # Median of the per-pixel argmax indices, from their histogram per
+        # label: the middle element (odd count) or the mean of the two middle
+        # ones; int() of a non-negative median is the floor of that mean.
+        hist = np.bincount(lab * N + np.argmax(maps, axis=1), minlength=K * N).reshape(K, N)
+        cum = np.cumsum(hist, axis=1)
+        lo = np.argmax(cum > (counts[:, None] - 1) // 2, axis=1)
+        hi = np.argmax(cum > counts[:, None] // 2, axis=1)
+        choice = (lo + hi) // 2
+    return [str(words[choice[k]]) if counts[k] else None for k in range(K)]
 
 
 def name_segments(labels, cross_logits, tokens, words, voting="mean"):
@@ -302,46 +327,50 @@ def name_segments(labels, cross_logits, tokens, words, voting="mean"):
     words : list of str
         Candidate names; each must be in the prompt.
     voting : ``"mean"`` or ``"majority"``
-        As the official ``get_semantics``: ``"mean"`` (the official demo's
-        choice) names a segment by the argmax over words of the segment's
-        mean normalised map; ``"majority"`` by the median (truncated to an
+        As the official ``get_semantics``: each word's map (the mean of its
+        tokens' maps) is L2-normalised over the image; ``"mean"`` (the
+        official demo's choice) names a segment by the argmax over words of
+        the segment's mean; ``"majority"`` by the median (truncated to an
         integer, as ``int(np.median(...))``) of the per-pixel argmax word
         indices -- a median of indices, so it depends on the order of
-        ``words``, exactly as the official code. Ties go to the first word.
+        ``words`` and may pick a word that wins no pixel, exactly as the
+        official code. Ties go to the first word.
     """
     if voting not in VOTING:
         raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    labels = _check_labels(labels)
     logits = np.asarray(cross_logits)
     if logits.ndim != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(f"cross_logits must be (H, W, T) with (H, W) = labels.shape {labels.shape}, "
                          f"got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise TypeError(f"cross_logits must be a float array, got dtype {logits.dtype}")
+    if logits.shape[2] != len(tokens):
+        raise ValueError(f"cross_logits has {logits.shape[2]} token columns but tokens has {len(tokens)} entries")
     words = _word_list(words)
-    maps = word_maps(logits, tokens, words)
-    flat = labels.reshape(-1).astype(np.int64)
-    inside = flat >= 0
-    K = int(flat.max()) + 1 if flat.size and inside.any() else 0
-    lab = flat[inside]
-    maps = maps[inside]
-    counts = np.bincount(lab, minlength=K)
-    N = len(words)
-    if voting == "mean":
-        # Per-label sums of every word map, then argmax of the mean (the count divides a whole row).
-        sums = np.stack([np.bincount(lab, weights=maps[:, j], minlength=K) for j in range(N)], axis=1)
-        choice = np.argmax(sums / np.maximum(counts, 1)[:, None], axis=1)
-    else:
-        # Median of per-pixel argmax indices from their histogram per label:
-        # the middle element (odd count) or the mean of the two middle ones.
-        hist = np.bincount(lab * N + np.argmax(maps, axis=1), minlength=K * N).reshape(K, N)
-        cum = np.cumsum(hist, axis=1)
-        lo = np.argmax(cum > (counts[:, None] - 1) // 2, axis=1)
-        hi = np.argmax(cum > counts[:, None] // 2, axis=1)
-        choice = ((lo + hi) // 2)  # int(median) of non-negative values: floor of the mean of lo and hi
-    return [str(words[choice[k]]) if counts[k] else None for k in range(K)]
+    positions = word_token_indices(tokens, words)
+    maps = _normalised_maps(logits.reshape(-1, logits.shape[2]), positions, words)
+    return _vote(labels, maps, words, voting)
+
+
+def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None):
+    """:func:`name_segments` straight from the per-resolution cross-attention
+    (:meth:`diffseg.Model.cross_attention`), aggregated at the labels' size
+    for the words' tokens only (less memory than the ``(H, W, 77)`` logits;
+    the same names)."""
+    if voting not in VOTING:
+        raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
+    labels = _check_labels(labels)
+    words = _word_list(words)
+    positions = word_token_indices(tokens, words)
+    sel = sorted({p for pos in positions for p in pos})
+    column = {p: i for i, p in enumerate(sel)}
+    logits = aggregate_cross_attention(cross, labels.shape, weights, tokens=sel)
+    T = next(iter(cross.values())).shape[1]
+    if T != len(tokens):
+        raise ValueError(f"cross has {T} token columns but tokens has {len(tokens)} entries")
+    maps = _normalised_maps(logits.reshape(-1, len(sel)), [[column[p] for p in pos] for pos in positions], words)
+    return _vote(labels, maps, words, voting)
 
 
 def group_segments(names):
@@ -443,3 +472,95 @@ def extract_nouns(caption, *, use_nltk=None):
     if nouns is None:
         nouns = _fallback_nouns(caption)
     return list(OrderedDict.fromkeys(nouns))
+
+
+# ---------------------------------------------------------------- a naming request
+class Naming:
+    """What to name segments with, for :func:`diffseg.segment` and friends:
+    the prompt of the UNet pass and the candidate words.
+
+    * ``vocabulary=[...]``: the words; the prompt is ``prompt`` if given
+      (every word must be in it), else the words joined by ``", "``
+      (:func:`vocabulary_prompt`, e.g. ``"cat, grass, sky"``).
+    * ``prompt="..."`` alone: the words are its nouns (:func:`extract_nouns`).
+    * ``captioner``: a callable ``captioner(rgb) -> str`` taking the image as
+      an ``(H, W, 3)`` uint8 array; its caption is the prompt and its nouns
+      the words (the official demo, with BLIP). Used when neither
+      ``vocabulary`` nor ``prompt`` is given.
+
+    As the official demo, the self-attention that is segmented comes from the
+    same conditional pass as the cross-attention (the prompt changes the
+    segments a little, not only their names).
+
+    A captioner with BLIP, when its weights are at hand (transformers; not
+    a dependency of diffseg)::
+
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        processor = BlipProcessor.from_pretrained("Salesforce/blip-image-captioning-base")
+        blip = BlipForConditionalGeneration.from_pretrained("Salesforce/blip-image-captioning-base")
+
+        def captioner(rgb):
+            inputs = processor(images=rgb, return_tensors="pt")
+            return processor.decode(blip.generate(**inputs)[0], skip_special_tokens=True)
+
+        labels, names = diffseg.segment("photo.jpg", model, captioner=captioner)
+    """
+
+    def __init__(self, vocabulary=None, prompt=None, voting="mean", captioner=None, use_nltk=None):
+        if voting not in VOTING:
+            raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
+        if vocabulary is None and prompt is None and captioner is None:
+            raise ValueError("naming needs a vocabulary, a prompt or a captioner")
+        if vocabulary is not None:
+            vocabulary = [str(w).strip() for w in _word_list(vocabulary)]
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        if captioner is not None and not callable(captioner):
+            raise TypeError(f"captioner must be callable (image -> caption), got {type(captioner).__name__}")
+        self.vocabulary, self.prompt, self.voting = vocabulary, prompt, voting
+        self.captioner, self.use_nltk = captioner, use_nltk
+
+    def prompt_and_words(self, rgb):
+        """``(prompt, words, caption or None)`` for one image."""
+        caption = None
+        if self.vocabulary is not None:
+            return self.prompt or vocabulary_prompt(self.vocabulary), list(self.vocabulary), None
+        if self.prompt is not None:
+            prompt = self.prompt
+        else:
+            caption = self.captioner(rgb)
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"the captioner must return a non-empty string, got {caption!r}")
+            prompt = caption
+        words = extract_nouns(prompt, use_nltk=self.use_nltk)
+        if not words:
+            raise ValueError(f"no nouns found in the prompt {prompt!r}: pass vocabulary=[...]")
+        return prompt, words, caption
+
+    def attention(self, model, rgb, timestep=None):
+        """One conditional UNet pass: ``(self-attention, info)``; ``info``
+        holds what :meth:`name` needs. Words absent from the prompt fail
+        before the pass when the model can tokenize."""
+        prompt, words, caption = self.prompt_and_words(rgb)
+        if callable(getattr(model, "tokenize", None)):
+            word_token_indices(model.tokenize(prompt)[1], words)
+        attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep)
+        return attn, {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption}
+
+    def name(self, result, info):
+        """Add ``names`` (one per label of ``result["crop_labels"]``),
+        ``words``, ``prompt`` and ``caption`` to a segmentation result."""
+        names = name_from_cross(result["crop_labels"], info["cross"], info["tokens"], info["words"], self.voting)
+        result.update(names=names, words=info["words"], prompt=info["prompt"], caption=info["caption"])
+        return result
+
+
+def naming(vocabulary=None, prompt=None, voting="mean", captioner=None):
+    """A :class:`Naming`, or None when nothing asks for names (``voting``
+    is still checked)."""
+    if vocabulary is None and prompt is None and captioner is None:
+        if voting not in VOTING:
+            raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
+        return None
+    return Naming(vocabulary, prompt, voting, captioner)

@@ -1,7 +1,8 @@
 """Pictures of segmentations and of DiffSeg's stages.
 
 Arrays (NumPy only, no matplotlib): :func:`palette`, :func:`colorize`,
-:func:`boundaries`, :func:`overlay`.
+:func:`boundaries`, :func:`overlay`, :func:`named_overlay` (segments coloured
+by name, with a legend; PIL draws the text).
 
 Figures (matplotlib, created with the object-oriented API on an Agg canvas:
 no pyplot, no global figure list, works headless; ``fig.savefig(...)``, or
@@ -103,6 +104,52 @@ def overlay(image, labels, alpha=0.5, boundary_color=(255, 255, 255)):
     if boundary_color is not None:
         out[boundaries(labels)] = np.asarray(boundary_color, np.uint8)
     return out
+
+
+def named_overlay(image, labels, names, alpha=0.5, legend=True):
+    """Overlay of named segments (:func:`diffseg.name_segments`): segments
+    sharing a name share a colour (the official code groups them), and a
+    legend of the names is drawn in the top-left corner. ``(H, W, 3)`` uint8.
+
+    ``names[k]`` names label k (None: left uncoloured); ``image=None`` gives
+    the colours alone. Colours follow the order of first appearance of the
+    names (:func:`palette`).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .semantic import group_segments
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    names = list(names)
+    top = int(labels.max()) + 1 if labels.size else 0
+    if len(names) < top:
+        raise ValueError(f"names has {len(names)} entries but labels go up to {top - 1}")
+    groups = group_segments(names)
+    lut = np.full(max(len(names), 1) + 1, -1, np.int64)  # last entry: negative labels
+    for g, members in enumerate(groups.values()):
+        lut[members] = g
+    by_name = lut[np.where(labels >= 0, labels, len(lut) - 1)]
+    out = overlay(image, by_name, alpha=alpha)
+    if not legend or not groups:
+        return out
+    h, w = out.shape[:2]
+    font_px = int(np.clip(min(h, w) // 24, 10, 32))
+    font = ImageFont.load_default(size=font_px)
+    pic = Image.fromarray(out)
+    draw = ImageDraw.Draw(pic)
+    pad, swatch = font_px // 3 + 1, font_px
+    widths = [draw.textlength(str(n), font=font) for n in groups]
+    box_w = int(pad * 3 + swatch + max(widths))
+    box_h = int(pad + len(groups) * (font_px + pad))
+    draw.rectangle([0, 0, box_w, box_h], fill=(0, 0, 0))
+    colours = palette(len(groups))
+    for g, name in enumerate(groups):
+        y = pad + g * (font_px + pad)
+        draw.rectangle([pad, y, pad + swatch - 1, y + font_px - 1], fill=tuple(int(c) for c in colours[g]))
+        draw.text((2 * pad + swatch, y), str(name), fill=(255, 255, 255), font=font)
+    return np.asarray(pic)
 
 
 # ---------------------------------------------------------------- figures

@@ -273,3 +273,150 @@ def test_extract_nouns_default_uses_nltk_when_usable(monkeypatch):
 def test_extract_nouns_bad_input():
     with pytest.raises(TypeError, match="caption must be a string"):
         extract_nouns(None)
+
+
+# ---------------------------------------------------------------- pipeline with a planted model
+class PlantedModel:
+    """A model whose attention is planted (diffseg.synthetic) and whose
+    cross-attention puts region r on the tokens of ``region_words[r]``; the
+    prompt is tokenized one token per character, as the tiny CLIP tokenizer."""
+
+    def __init__(self, truth, region_words):
+        from diffseg.synthetic import planted_attention
+
+        self.truth, self.region_words = truth, region_words
+        self.attn = planted_attention(truth, resolutions=(16, 8, 4, 2), seed=1)
+        self.prompts = []
+
+    def tokenize(self, prompt):
+        tokens = [BOS]
+        for word in prompt.lower().replace(",", " , ").split():
+            tokens += list(word[:-1]) + [word[-1] + "</w>"]
+        tokens = (tokens + [EOS] * 77)[:77]
+        return np.zeros((1, 77), np.int64), tokens
+
+    def attention(self, rgb, timestep=None):
+        return self.attn
+
+    def prompt_attention(self, rgb, prompt, timestep=None):
+        from diffseg.io.images import resize_nearest
+
+        self.prompts.append(prompt)
+        tokens = self.tokenize(prompt)[1]
+        rng = np.random.default_rng(0)
+        cross = {}
+        for s in (16, 8, 4, 2):
+            seg = resize_nearest(self.truth, s, s).ravel()
+            logits = 0.3 * rng.standard_normal((s * s, 77))
+            logits[:, 0] += 4
+            for region, word in enumerate(self.region_words):
+                if word in prompt.split(", ") or word in prompt.split():
+                    logits[np.ix_(np.flatnonzero(seg == region), word_token_indices(tokens, [word])[0])] += 3
+            p = np.exp(logits)
+            cross[s] = (p / p.sum(1, keepdims=True)).astype(np.float32)
+        return self.attn, cross, tokens
+
+
+@pytest.fixture
+def planted_model():
+    truth = np.zeros((16, 16), np.int32)
+    truth[:, 8:] = 1
+    truth[10:, :] = 2
+    return PlantedModel(truth, ["sky", "tree", "grass"])
+
+
+def _image():
+    return np.full((64, 64, 3), 128, np.uint8)
+
+
+def test_segment_with_vocabulary_names_planted_regions(planted_model):
+    import diffseg
+    from diffseg.pipeline import result_records, segment_detailed
+
+    labels, names = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
+    assert planted_model.prompts == ["sky, tree, grass"]
+    assert labels.shape == (64, 64) and len(names) == labels.max() + 1
+    truth = np.kron(planted_model.truth, np.ones((4, 4), np.int32))
+    for k, name in enumerate(names):  # each segment named after the region most of it covers
+        region = np.bincount(truth[labels == k]).argmax()
+        assert name == planted_model.region_words[region]
+    result = segment_detailed(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
+    assert result["names"] == names and result["prompt"] == "sky, tree, grass" and result["caption"] is None
+    assert [r["name"] for r in result_records(result)] == [names[r["id"]] for r in result_records(result)]
+    # Without a vocabulary: plain labels, records without names.
+    plain = segment_detailed(_image(), planted_model, grid=8)
+    assert "names" not in plain and "name" not in result_records(plain)[0]
+
+
+def test_segment_with_prompt_and_captioner(planted_model):
+    import diffseg
+
+    _, names = diffseg.segment(_image(), planted_model, prompt="a sky over a tree and grass", grid=8)
+    assert set(names) <= {"sky", "tree", "grass"}
+    seen = []
+
+    def captioner(rgb):
+        seen.append(rgb.shape)
+        return "a tree next to the grass under a blue sky"
+
+    _, names2 = diffseg.segment(_image(), planted_model, captioner=captioner, grid=8)
+    assert seen == [(64, 64, 3)] and names2 == names
+    assert planted_model.prompts[-1] == "a tree next to the grass under a blue sky"
+    # A vocabulary word must be in an explicit prompt: refused before the UNet pass.
+    n = len(planted_model.prompts)
+    with pytest.raises(ValueError, match="'car' is not in the prompt"):
+        diffseg.segment(_image(), planted_model, prompt="a tree", vocabulary=["tree", "car"])
+    assert len(planted_model.prompts) == n
+
+
+def test_segment_many_with_vocabulary(planted_model):
+    import diffseg
+    from diffseg.batch import segment_many
+
+    want = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
+    got = list(segment_many([_image(), _image()], planted_model, vocabulary=["sky", "tree", "grass"], grid=8))
+    assert [i for i, _ in got] == [0, 1]
+    for _, (labels, names) in got:
+        np.testing.assert_array_equal(labels, want[0])
+        assert names == want[1]
+
+
+def test_segment_naming_bad_inputs(planted_model):
+    import diffseg
+
+    with pytest.raises(ValueError, match="voting must be one of"):
+        diffseg.segment(_image(), planted_model, vocabulary=["sky"], voting="best")
+    with pytest.raises(ValueError, match="voting must be one of"):
+        diffseg.segment(_image(), planted_model, voting="best")
+    with pytest.raises(ValueError, match="must not be empty"):
+        diffseg.segment(_image(), planted_model, vocabulary=[])
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        diffseg.segment(_image(), planted_model, prompt="  ")
+    with pytest.raises(TypeError, match="captioner must be callable"):
+        diffseg.segment(_image(), planted_model, captioner="blip")
+    with pytest.raises(ValueError, match="no nouns"):
+        diffseg.segment(_image(), planted_model, prompt="the of and")
+    with pytest.raises(ValueError, match="captioner must return a non-empty string"):
+        diffseg.segment(_image(), planted_model, captioner=lambda rgb: None)
+
+
+def test_named_overlay_groups_names_and_draws_a_legend():
+    from diffseg import viz
+
+    labels = np.zeros((60, 90), np.int32)
+    labels[:, 30:] = 1
+    labels[:, 60:] = 2
+    names = ["cat", "grass", "cat"]
+    img = np.full((60, 90, 3), 100, np.uint8)
+    plain = viz.named_overlay(img, labels, names, legend=False)
+    # Labels 0 and 2 share a name, hence a colour; label 1 another.
+    assert (plain[5, 80] == plain[5, 10]).all() and not (plain[5, 45] == plain[5, 10]).all()
+    assert (plain == viz.overlay(img, np.array([0, 1, 0])[labels])).all()
+    with_legend = viz.named_overlay(img, labels, names)
+    assert with_legend.shape == (60, 90, 3)
+    changed = np.any(with_legend != plain, axis=2)
+    assert changed[:5, :5].all() and not changed[40:, :].any()  # the legend box is in the top-left corner
+    with pytest.raises(ValueError, match="names has 2 entries"):
+        viz.named_overlay(img, labels, ["cat", "grass"])
+    with pytest.raises(ValueError, match=r"labels must be \(H, W\)"):
+        viz.named_overlay(img, labels[0], names)

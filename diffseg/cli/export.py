@@ -22,6 +22,9 @@ def register_cli(subparsers):
                    help="precision the bundle runs in (default float32; float16 needs CUDA)")
     p.add_argument("--layers", default="per-resolution", choices=LAYER_MODES,
                    help="4 per-resolution means (default) or all 16 per-layer maps")
+    p.add_argument("--cross-attention", action="store_true",
+                   help="also store the text encoder, the tokenizer and the prompt methods, for semantic "
+                        "labels (diffseg segment --vocabulary/--prompt)")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint (diffusers folder)")
     p.set_defaults(func=_run)
 
@@ -31,6 +34,6 @@ def _run(args):
     from ..sd.export import export_bundle
 
     path = export_bundle(args.source, args.out, size=args.size, device=args.device, dtype=args.dtype,
-                         layers=args.layers, config=args.config)
+                         layers=args.layers, config=args.config, cross_attention=args.cross_attention)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -19,6 +19,14 @@ extension; for files found in a folder, the path below that folder) it writes
   ``uncompressed_rle`` list counts, or ``binary_mask`` as nested 0/1 lists),
   ``point_coords``, ``crop_box``, ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``.
 
+Semantic labels: ``--vocabulary cat,grass,sky`` names each segment with one
+of the words (from the cross-attention of a pass conditioned on the prompt
+"cat, grass, sky"), ``--prompt "a cat on the grass"`` with the prompt's nouns
+(or with ``--vocabulary`` words that must be in the prompt); ``--voting mean``
+(default) or ``majority``. The records get ``name``, the JSON ``prompt`` and
+``words``, and the overlay colours segments by name with a legend. Needs a
+bundle exported with ``diffseg export --cross-attention``.
+
 Images named ``*.labels.png`` / ``*.overlay.png`` in the output folder are
 our outputs and never inputs, so OUT may be the input folder itself.
 Two inputs with the same NAME get ``NAME_2``, ``NAME_3``, ... in input order.
@@ -30,6 +38,7 @@ is 0 when every input was segmented, 1 when some failed, 2 for a usage error
 DiffSeg segments the centred square crop of an image; pixels outside it take
 the label of the nearest crop pixel (see :mod:`diffseg.pipeline`).
 """
+import argparse
 import contextlib
 import json
 import sys
@@ -63,6 +72,7 @@ def build_document(path, result, records, settings):
         "n_segments": len(records),
         "score": SCORE_DEFINITION,
         "annotations": records,
+        **({"prompt": result["prompt"], "words": result["words"]} if "names" in result else {}),
     }
 
 
@@ -119,6 +129,8 @@ def _run(args):
 
     ok, failed = 0, len(problems)
     interrupted = False
+    if todo and args.ray is not None and _naming(args):
+        raise UserError("--vocabulary/--prompt are not available with --ray")
     if todo and args.ray is not None:
         ok, errors = _run_ray(args, todo)
         for message in errors:
@@ -134,7 +146,7 @@ def _run(args):
         # The UNet pass of the next image overlaps the post-processing and writing of earlier ones.
         results = segment_many([path for path, _, _ in todo], model, workers=args.workers,
                                kl_threshold=args.kl_threshold, grid=args.grid, timestep=args.timestep,
-                               refine=args.refine, detailed=True, return_exceptions=True)
+                               refine=args.refine, detailed=True, return_exceptions=True, **_naming(args))
         try:
             with contextlib.closing(results):
                 t0 = time.perf_counter()
@@ -225,11 +237,26 @@ def _requested(args):
     """The settings of this run that are known before the model is opened."""
     return {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
             "timestep": DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
-            "model_arg": args.model, "refine": bool(args.refine)}
+            "model_arg": args.model, "refine": bool(args.refine), "vocabulary": args.vocabulary,
+            "prompt": args.prompt, "voting": args.voting}
+
+
+def _naming(args):
+    """The semantic-label arguments of segment_many ({} when none is asked for)."""
+    if args.vocabulary is None and args.prompt is None:
+        return {}
+    return {"vocabulary": args.vocabulary, "prompt": args.prompt, "voting": args.voting}
+
+
+def _vocabulary(text):
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError("expected comma-separated words, e.g. cat,grass,sky")
+    return words
 
 
 # Settings added after outputs were first saved: the value older outputs were made with.
-_OLDER_OUTPUTS = {"refine": False}
+_OLDER_OUTPUTS = {"refine": False, "vocabulary": None, "prompt": None, "voting": "mean"}
 
 
 def _done_with(paths, wanted):
@@ -259,8 +286,12 @@ def _write(result, path, paths, rle, settings):
 
         from ..viz import overlay
 
+        from ..viz import named_overlay
+
+        picture = (named_overlay(result["rgb"], result["labels"], result["names"]) if "names" in result
+                   else overlay(result["rgb"], result["labels"]))
         with atomic_path(paths["overlay"]) as tmp:
-            Image.fromarray(overlay(result["rgb"], result["labels"])).save(tmp, format="PNG")
+            Image.fromarray(picture).save(tmp, format="PNG")
     if "json" in paths:
         doc = build_document(path, result, _json_records(result, rle), settings)
         with atomic_write(paths["json"]) as f:
@@ -300,6 +331,13 @@ def register_cli(subparsers):
     p.add_argument("--refine", action="store_true",
                    help="k-means refinement of the merged proposals, as the official refine=True "
                         "(off by default, as in the official benchmarks)")
+    p.add_argument("--vocabulary", type=_vocabulary, default=None, metavar="WORDS",
+                   help="name segments with these comma-separated words (prompt: the words joined by ', '); "
+                        "needs a bundle exported with --cross-attention")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="prompt of the UNet pass; names segments with its nouns (or with --vocabulary)")
+    p.add_argument("--voting", choices=("mean", "majority"), default="mean",
+                   help="how a segment picks its name: mean (default, as the official demo) or majority")
     p.add_argument("--format", default="all", metavar="LIST",
                    help="outputs, comma-separated: labels, overlay, json (default: all)")
     p.add_argument("--output-mode", dest="rle", choices=OUTPUT_MODES, default="coco_rle",
@@ -308,7 +346,8 @@ def register_cli(subparsers):
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose outputs all exist and (per NAME.json) were made with the same "
-                        "--kl-threshold, --grid, --refine, --timestep and --model (resume a batch)")
+                        "--kl-threshold, --grid, --refine, --timestep, --model, --vocabulary, --prompt and --voting "
+                        "(resume a batch)")
     add_throughput_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
