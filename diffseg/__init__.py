@@ -20,6 +20,7 @@ The package, by concern:
 * ``diffseg.sd`` -- Stable Diffusion: checkpoints, capture, bundle export, ``Model``;
 * ``diffseg.evaluation`` -- metrics, datasets, the benchmark runner;
 * ``diffseg.io`` -- images, mask records (RLE), attention files;
+* ``diffseg.semantic`` -- naming segments from cross-attention (``name_segments``);
 * ``diffseg.viz`` -- figures; ``diffseg.cli`` -- the ``diffseg`` command.
 """
 import importlib
@@ -47,6 +48,7 @@ _LAZY = {
     "segment_detailed": "diffseg.pipeline",
     "MaskGenerator": "diffseg.pipeline",
     "segment_many": "diffseg.batch",
+    "name_segments": "diffseg.semantic",
     "export_bundle": "diffseg.sd.export",
     "HungarianMetrics": "diffseg.evaluation.metrics",
     "evaluate": "diffseg.evaluation.runner",
@@ -58,7 +60,7 @@ _LAZY = {
 }
 # Submodules reachable as attributes after a bare ``import diffseg``.
 _SUBMODULES = ("batch", "cli", "core", "distributed", "evaluation", "info", "io", "pipeline", "reference", "sd",
-               "synthetic", "viz")
+               "semantic", "synthetic", "viz")
 
 
 def __getattr__(name):

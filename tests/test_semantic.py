@@ -420,3 +420,156 @@ def test_named_overlay_groups_names_and_draws_a_legend():
         viz.named_overlay(img, labels, ["cat", "grass"])
     with pytest.raises(ValueError, match=r"labels must be \(H, W\)"):
         viz.named_overlay(img, labels[0], names)
+
+
+def test_cli_segment_vocabulary_writes_names(planted_model, monkeypatch, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from diffseg.cli import _common, main
+
+    planted_model.metadata, planted_model.path = {"model_id": "planted"}, "planted"
+    planted_model.close = lambda: None
+    monkeypatch.setattr(_common, "open_model", lambda args: planted_model)
+    Image.fromarray(_image()).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q",
+                 "--vocabulary", "sky, tree,grass", "--voting", "majority"]) == 0
+    doc = json.loads((out / "a.json").read_text())
+    assert doc["prompt"] == "sky, tree, grass" and doc["words"] == ["sky", "tree", "grass"]
+    assert doc["settings"]["vocabulary"] == ["sky", "tree", "grass"] and doc["settings"]["voting"] == "majority"
+    names = [r["name"] for r in doc["annotations"]]
+    assert set(names) <= {"sky", "tree", "grass"} and len(names) == doc["n_segments"]
+    overlay = np.asarray(Image.open(out / "a.overlay.png"))
+    assert overlay.shape == (64, 64, 3)
+    # --prompt alone: its nouns; --skip-existing redoes outputs made with other words.
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q", "--skip-existing",
+                 "--prompt", "grass and sky"]) == 0
+    doc = json.loads((out / "a.json").read_text())
+    assert doc["words"] == ["grass", "sky"] and doc["settings"]["prompt"] == "grass and sky"
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--vocabulary", " , "]) == 2
+
+
+# ---------------------------------------------------------------- bundles with cross-attention
+@pytest.fixture(scope="module")
+def cross_bundle(tiny_sd_dir, tmp_path_factory):
+    """The tiny SD exported at 128 px with cross_attention=True."""
+    from diffseg.sd.export import export_bundle
+
+    return export_bundle(tiny_sd_dir, str(tmp_path_factory.mktemp("cross_bundle")), size=128, cross_attention=True)
+
+
+def eager_prompt_attention(pipe, images, prompt, timestep=300):
+    """Eager diffusers, conditioned on ``prompt``: diffusers' own ``AttnProcessor``
+    (``Attention.get_attention_scores``) on every attention layer, recording
+    the head mean of attn1 and attn2 probabilities; per resolution the mean
+    over layers. Returns ``(self {n: (B, n, n)}, cross {n: (B, n, 77)}, eps)``
+    as float64 arrays."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    recorded = {"attn1": {}, "attn2": {}}
+
+    class Recording(AttnProcessor):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     *args, **kwargs):
+            original = attn.get_attention_scores
+
+            def scores(query, key, mask=None):
+                probs = original(query, key, mask)
+                b = probs.shape[0] // attn.heads
+                mean = probs.reshape(b, attn.heads, *probs.shape[1:]).double().mean(1)
+                recorded[self.kind].setdefault(mean.shape[1], []).append(mean)
+                return probs
+
+            attn.get_attention_scores = scores
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                del attn.get_attention_scores
+
+    pipe.unet.set_attn_processor({name: Recording(name.split(".")[-2]) for name in pipe.unet.attn_processors})
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images)).float()
+        latent = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        context, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+        eps = pipe.unet(latent, 300 if timestep is None else timestep,
+                        encoder_hidden_states=context.expand(len(images), -1, -1), return_dict=False)[0]
+    mean = {kind: {n: torch.stack(v).mean(0).numpy() for n, v in maps.items()} for kind, maps in recorded.items()}
+    return mean["attn1"], mean["attn2"], eps.double().numpy()
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+def test_traced_prompt_methods_equal_eager_diffusers(cross_bundle, tiny_sd_dir):
+    """The TorchScript methods (torch.jit.load, no shim) against eager
+    diffusers, on a non-square batch of 2 (the trace was made at 1 x 128 x 128)."""
+    torch = pytest.importorskip("torch")
+    from sd_tiny import load_tiny_sd
+
+    from diffseg.sd.cross import load_tokenizer, tokenize
+
+    pipe = load_tiny_sd(tiny_sd_dir)
+    bundle = torch.jit.load(cross_bundle)
+    prompt = "a cat, on the grass!"
+    ids, tokens = tokenize(load_tokenizer(cross_bundle), prompt)
+    np.testing.assert_array_equal(ids[0], pipe.tokenizer(prompt, padding="max_length", max_length=77).input_ids)
+    with torch.no_grad():
+        context = bundle.encode_text(torch.from_numpy(ids))
+        want_context, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    assert _rel(context.numpy(), want_context.double().numpy()) < 1e-5
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 3, 192, 128)).astype(np.float32)
+    with torch.no_grad():
+        out = bundle.forward_prompt(torch.from_numpy(images), torch.tensor([300]), torch.from_numpy(ids).repeat(2, 1))
+    self_ref, cross_ref, eps_ref = eager_prompt_attention(pipe, images, prompt)
+    sizes = sorted(self_ref, reverse=True)
+    assert len(out) == 1 + 2 * len(sizes) and sizes == [384, 96, 24, 6]
+    assert _rel(out[0].numpy(), eps_ref) < 1e-4
+    for i, n in enumerate(sizes):
+        assert tuple(out[1 + i].shape) == (2, n, n)
+        assert _rel(out[1 + i].numpy(), self_ref[n]) < 1e-4
+        assert tuple(out[1 + len(sizes) + i].shape) == (2, n, 77)
+        assert _rel(out[1 + len(sizes) + i].numpy(), cross_ref[n]) < 1e-4
+
+
+def test_bundle_with_and_without_cross_attention(cross_bundle, tiny_bundle):
+    """The option adds methods, tokenizer files and metadata; without it the
+    bundle has none of them (the plain bundle's size and speed)."""
+    torch = pytest.importorskip("torch")
+    import zipfile
+
+    from diffseg.sd.bundle import read_metadata
+
+    def extras(path):
+        return sorted(i.filename.split("/extra/", 1)[1] for i in zipfile.ZipFile(path).infolist()
+                      if "/extra/" in i.filename)
+
+    assert extras(tiny_bundle) == ["diffseg.json"]
+    meta = read_metadata(cross_bundle)
+    assert extras(cross_bundle) == sorted(["diffseg.json", *meta["tokenizer_files"]])
+    assert meta["cross_attention"] is True and meta["cross_resolutions"] == [16, 8, 4, 2]
+    assert meta["text_tokens"] == 77 and meta["context_dim"] == 24
+    assert read_metadata(tiny_bundle).get("cross_attention", False) is False
+    plain, cross = torch.jit.load(tiny_bundle), torch.jit.load(cross_bundle)
+    for method in ("encode_text", "denoise_prompt", "forward_prompt"):
+        assert hasattr(cross, method) and not hasattr(plain, method)
+    # The weights are shared between the plain and the prompt graphs: the
+    # difference is the text encoder (and the graphs' code).
+    def data_bytes(path):
+        return sum(i.file_size for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename)
+
+    text_params = sum(p.numel() * 4 for p in cross.text_encoder.parameters())
+    assert data_bytes(cross_bundle) - data_bytes(tiny_bundle) <= text_params + 4096
+    image = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (1, 3, 128, 128)).astype(np.float32))
+    with torch.no_grad():
+        for a, b in zip(plain.forward(image, torch.tensor([300])), cross.forward(image, torch.tensor([300]))):
+            assert torch.equal(a, b)  # the plain pass of a cross-attention bundle is the plain bundle's
