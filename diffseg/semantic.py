@@ -362,13 +362,14 @@ def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None):
         raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
     labels = _check_labels(labels)
     words = _word_list(words)
+    if isinstance(cross, dict) and cross:
+        T = np.shape(next(iter(cross.values())))[-1]
+        if T != len(tokens):
+            raise ValueError(f"cross has {T} token columns but tokens has {len(tokens)} entries")
     positions = word_token_indices(tokens, words)
     sel = sorted({p for pos in positions for p in pos})
     column = {p: i for i, p in enumerate(sel)}
     logits = aggregate_cross_attention(cross, labels.shape, weights, tokens=sel)
-    T = next(iter(cross.values())).shape[1]
-    if T != len(tokens):
-        raise ValueError(f"cross has {T} token columns but tokens has {len(tokens)} entries")
     maps = _normalised_maps(logits.reshape(-1, len(sel)), [[column[p] for p in pos] for pos in positions], words)
     return _vote(labels, maps, words, voting)
 

@@ -573,3 +573,17 @@ def test_bundle_with_and_without_cross_attention(cross_bundle, tiny_bundle):
     with torch.no_grad():
         for a, b in zip(plain.forward(image, torch.tensor([300])), cross.forward(image, torch.tensor([300]))):
             assert torch.equal(a, b)  # the plain pass of a cross-attention bundle is the plain bundle's
+
+
+@pytest.mark.parametrize("voting", ["mean", "majority"])
+def test_name_from_cross_equals_name_segments_on_full_logits(voting):
+    rng = np.random.default_rng(5)
+    tokens = _tokens("ca", "t</w>", ",</w>", "gr", "a", "ss</w>", ",</w>", "sky</w>", length=77)
+    cross = _random_cross(rng, ((8, 6), (4, 3), (2, 2)))
+    labels = rng.integers(0, 5, size=(40, 40)).astype(np.int32)
+    words = ["cat", "grass", "sky"]
+    full = aggregate_cross_attention(cross, labels.shape)
+    assert semantic.name_from_cross(labels, cross, tokens, words, voting) == \
+        name_segments(labels, full, tokens, words, voting)
+    with pytest.raises(ValueError, match="76 entries"):
+        semantic.name_from_cross(labels, cross, tokens[:76], words, voting)
