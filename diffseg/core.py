@@ -290,7 +290,8 @@ def _out_shape(out_res, resolutions):
     else:
         H = W = int(out_res)
     if H * W > MAX_POSITIONS:
-        raise ValueError(f"attn: grid {H} x {W} is too large: H * W must be at most "
+        raise ValueError(f"{'attn' if out_res is None else 'out_res'}: grid {H} x {W} is too large: "
+                         f"H * W must be at most "
                          f"{MAX_POSITIONS} (A would take {4 * (H * W) ** 2 / 2**30:.0f} GiB)")
     for key in resolutions:
         h, w = _grid_of(key)
