@@ -9,6 +9,7 @@ cross-term GEMMs (X log(A)^T + log(X) A^T, float32, logs precomputed).
 Extra peak memory of the C merge is measured from the process's peak RSS.
 
     python benchmarks/bench_core.py [--repeat 5] [--json out.json]
+    python benchmarks/bench_core.py --shape 64x96   # C stages on one grid: time, peak RSS
 
 Targets (issue 2): C pipeline >= 5x the NumPy f32 pipeline; merge <= 2x the
 NumPy GEMM time; extra peak memory of merge <= 3x the size of A.
@@ -85,11 +86,62 @@ def numpy_cross_term_gemms(A):
     return run
 
 
+def shape_arg(text):
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def bench_shape(shape, repeat, json_path):
+    """C aggregate + merge + nms on planted attention of an h x w latent grid
+    (output 8h x 8w pixels): best time per stage and the process's peak RSS
+    over the three stages (run this once per shape, in a fresh process)."""
+    h, w = shape
+    attn, truth = synthetic.planted_example(n_segments=6, seed=0, shape=shape)
+    size = (8 * h, 8 * w)
+    baseline, _ = rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    start = time.perf_counter()
+    A = diffseg.aggregate(attn)
+    proposals = diffseg.merge(A, GRID, TAU, shape=shape)
+    labels = diffseg.nms(proposals, size)
+    first = time.perf_counter() - start
+    _, peak = rss_bytes()
+    times = {
+        "aggregate": best_time(lambda: diffseg.aggregate(attn), repeat)[0],
+        "merge": best_time(lambda: diffseg.merge(A, GRID, TAU, shape=shape), repeat)[0],
+        "nms": best_time(lambda: diffseg.nms(proposals, size), repeat)[0],
+    }
+    total = sum(times.values())
+    print(f"C stages on a {h}x{w} grid ({size[0]}x{size[1]} px), grid={GRID}, tau={TAU}, "
+          f"{diffseg.get_num_threads()} threads; A {A.nbytes / 2**20:.0f} MiB")
+    for stage, t in times.items():
+        print(f"  {stage:<10}{t:8.4f} s")
+    print(f"  {'total':<10}{total:8.4f} s (first run {first:.4f} s)")
+    print(f"  peak RSS {peak / 2**20:.0f} MiB ({(peak - baseline) / 2**20:.0f} MiB above the "
+          f"{baseline / 2**20:.0f} MiB before the stages); {labels.max() + 1} segments "
+          f"(planted {truth.max() + 1})")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"shape": shape, "times": times, "total": total, "first_run": first,
+                       "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+                       "A_bytes": A.nbytes, "threads": diffseg.get_num_threads()}, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--shape", type=shape_arg,
+                        help="only time the C stages on planted attention of this latent grid "
+                             "(e.g. 64x96) and report peak RSS")
     args = parser.parse_args()
+    if args.shape:
+        bench_shape(args.shape, args.repeat, args.json)
+        return
 
     attn, truth = synthetic.planted_example(64, 6, seed=0)
     A = diffseg.aggregate(attn)

@@ -26,7 +26,11 @@ MAX_PIXELS = 1 << 28
 """Largest label map nms makes (1 GiB of int32)."""
 
 MAX_OUT_RES = 215
-"""Largest resolution of A (215^4 entries still fit the core's int indexing)."""
+"""Largest resolution of a square A (215^4 entries still fit the core's int indexing)."""
+
+MAX_POSITIONS = MAX_OUT_RES * MAX_OUT_RES
+"""Largest ``H * W`` of a rectangular A (same bound: ``(H*W)^2`` entries fit an
+int index; A then takes ``4 (H*W)^2`` bytes, 8 GiB at the bound)."""
 
 
 def _blas_sgemm():
@@ -168,11 +172,37 @@ def average_layers(maps):
     return (total / len(maps)).astype(np.float32)
 
 
-def _collect_attention(attn):
-    """``attn`` (mapping or sequence) -> ``{resolution: (s*s, s*s) float32}``.
+def _grid_key(h, w):
+    """Canonical key of an h x w grid: ``s`` when square, else ``(h, w)``."""
+    return h if h == w else (h, w)
 
-    Several maps at one resolution (a sequence, a list value, or a stacked
-    3-D array of layers or heads) are averaged, as the official model does.
+
+def _grid_of(key):
+    """``(h, w)`` of a canonical key."""
+    return key if isinstance(key, tuple) else (key, key)
+
+
+def _parse_key(key, name):
+    """An ``attn``/``weights`` key -> ``(h, w)``: an int ``s`` is ``(s, s)``."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise ValueError(f"{name}: a grid key must be an int or an (h, w) pair, got {key!r}")
+        h, w = (_check_int(v, f"{name} key", 1) for v in key)
+        return h, w
+    s = int(key)
+    if s < 1:
+        raise ValueError(f"{name}: resolution must be >= 1, got {key!r}")
+    return s, s
+
+
+def _collect_attention(attn):
+    """``attn`` (mapping or sequence) -> ``{key: (h*w, h*w) float32}``, keys
+    ``s`` (square ``s x s``) or ``(h, w)``, largest grid first.
+
+    Several maps at one grid (a sequence, a list value, or a stacked 3-D array
+    of layers or heads) are averaged, as the official model does. A sequence
+    holds square maps only (the side is inferred from the size); a non-square
+    grid needs an ``(h, w)`` key.
     """
     if isinstance(attn, np.ndarray):
         raise TypeError("attn must be a mapping {resolution: array} or a sequence of arrays")
@@ -191,31 +221,46 @@ def _collect_attention(attn):
     groups = {}
     for key, value in items:
         name = f"attn[{key!r}]" if key is not None else "attn[...]"
+        grid = None if key is None else _parse_key(key, name)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             arr = _float32(v, name)
             stack = arr[None] if arr.ndim == 2 else arr
             if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
+                n = "h*w" if grid is not None and grid[0] != grid[1] else "s*s"
                 raise ValueError(
-                    f"{name} must be (s*s, s*s) or a stack (n, s*s, s*s), got shape {arr.shape}"
+                    f"{name} must be ({n}, {n}) or a stack (n, {n}, {n}), got shape {arr.shape}"
                 )
-            side = _square_side(stack.shape[1], name)
-            if key is not None and int(key) != side:
-                raise ValueError(f"{name} has resolution {side}, not {key}")
-            groups.setdefault(side, []).extend(stack)
-    return {side: average_layers(groups[side]) for side in sorted(groups, reverse=True)}
+            n = stack.shape[1]
+            if grid is None or grid[0] == grid[1]:
+                side = _square_side(n, name + (" (key a non-square grid by (h, w))"
+                                               if grid is None else ""))
+                if grid is not None and grid[0] != side:
+                    raise ValueError(f"{name} has resolution {side}, not {key}")
+                h = w = side
+            else:
+                h, w = grid
+                if n != h * w:
+                    raise ValueError(f"{name} has {n} positions, not {h} x {w} = {h * w}")
+            groups.setdefault(_grid_key(h, w), []).extend(stack)
+    order = sorted(groups, key=lambda k: (_grid_of(k)[0] * _grid_of(k)[1], _grid_of(k)), reverse=True)
+    return {k: average_layers(groups[k]) for k in order}
 
 
 def _resolution_weights(resolutions, weights):
-    """Relative weights per resolution, normalised to sum 1 (rows of A stay
-    distributions). Default: proportional to resolution (8:4:2:1 for 64..8)."""
+    """Relative weights per grid key, normalised to sum 1 (rows of A stay
+    distributions). Default: proportional to the short side (8:4:2:1 for
+    64..8, and for 64x96..8x12)."""
     if weights is None:
-        w = np.array(resolutions, dtype=np.float64)
+        w = np.array([min(_grid_of(k)) for k in resolutions], dtype=np.float64)
     elif isinstance(weights, Mapping):
-        missing = [r for r in resolutions if r not in weights]
+        by_grid = {}
+        for key, value in weights.items():
+            by_grid[_parse_key(key, "weights")] = value
+        missing = [r for r in resolutions if _grid_of(r) not in by_grid]
         if missing:
             raise ValueError(f"weights has no entry for resolution(s) {missing}")
-        w = np.array([weights[r] for r in resolutions], dtype=np.float64)
+        w = np.array([by_grid[_grid_of(r)] for r in resolutions], dtype=np.float64)
     else:
         w = np.asarray(weights, dtype=np.float64).ravel()
         if w.size != len(resolutions):
@@ -228,19 +273,64 @@ def _resolution_weights(resolutions, weights):
     return w / w.sum()
 
 
+def _out_shape(out_res, resolutions):
+    """``out_res`` (None, int or (H, W)) -> ``(H, W)``, checked against the
+    input grids: each must divide it by one integer factor per grid (so all
+    share its aspect)."""
+    if out_res is None:
+        H, W = _grid_of(resolutions[0])
+    elif isinstance(out_res, (tuple, list)):
+        if len(out_res) != 2:
+            raise ValueError(f"out_res must be an int or an (H, W) pair, got {out_res!r}")
+        H, W = (_check_int(v, "out_res", 1) for v in out_res)
+    elif (isinstance(out_res, bool) or not isinstance(out_res, (int, np.integer))
+            or not 1 <= out_res <= MAX_OUT_RES):
+        raise ValueError(f"out_res must be an integer in [1, {MAX_OUT_RES}] or an (H, W) pair, "
+                         f"got {out_res!r}")
+    else:
+        H = W = int(out_res)
+    if H * W > MAX_POSITIONS:
+        raise ValueError(f"{'attn' if out_res is None else 'out_res'}: grid {H} x {W} is too large: "
+                         f"H * W must be at most "
+                         f"{MAX_POSITIONS} (A would take {4 * (H * W) ** 2 / 2**30:.0f} GiB)")
+    for key in resolutions:
+        h, w = _grid_of(key)
+        if H % h or W % w or H // h != W // w:
+            if h == w and H == W:
+                raise ValueError(f"attn: resolution {h} does not divide out_res {H}")
+            raise ValueError(f"attn: grid {h} x {w} does not divide out_res {H} x {W} by one "
+                             "integer factor (every resolution needs the same aspect)")
+    return H, W
+
+
+def _aggregate(attn, weights, out_res, threads):
+    """:func:`aggregate` -> ``(A, (H, W))``."""
+    maps = _collect_attention(attn)
+    resolutions = list(maps)
+    w = _resolution_weights(resolutions, weights)
+    H, W = _out_shape(out_res, resolutions)
+    A = _core.aggregate([maps[k] for k in resolutions], [float(x) for x in w], (H, W), threads,
+                        [_grid_of(k) for k in resolutions])
+    return A, (H, W)
+
+
 def aggregate(attn, weights=None, out_res=None, *, workers=None):
     """Aggregate self-attention of several resolutions (DiffSeg step 2).
 
     Parameters
     ----------
-    attn : mapping ``{s: (s*s, s*s)}`` or sequence of ``(s*s, s*s)`` arrays
-        Row-stochastic attention (row = query, row-major positions). Several
-        maps at one resolution are averaged.
-    weights : None, mapping ``{s: w}``, or sequence (highest resolution first)
-        Relative weights; default proportional to resolution. Normalised.
-    out_res : int, optional
-        Output resolution ``R`` (default: the highest input resolution); every
-        input resolution must divide it.
+    attn : mapping ``{key: (h*w, h*w)}`` or sequence of ``(s*s, s*s)`` arrays
+        Row-stochastic attention (row = query, keys in row-major ``h x w``
+        order). A key is ``s`` for a square ``s x s`` grid or ``(h, w)``; a
+        sequence holds square maps only. Several maps at one grid are
+        averaged. All grids must have the same aspect: each divides the
+        output grid by one integer factor.
+    weights : None, mapping ``{key: w}``, or sequence (largest grid first)
+        Relative weights; default proportional to the grid's short side
+        (8:4:2:1 for 64..8 and for 64x96..8x12). Normalised.
+    out_res : int or (H, W), optional
+        Output grid (default: the largest input grid). ``H * W`` is at most
+        :data:`MAX_POSITIONS` (215 x 215).
     workers : int, optional
         Threads of this call: None (the :func:`set_num_threads` default), a
         count, or -1 for all CPUs (SciPy style). The result does not depend
@@ -248,23 +338,12 @@ def aggregate(attn, weights=None, out_res=None, *, workers=None):
 
     Returns
     -------
-    A : (R*R, R*R) float32
-        ``A[i]`` is the attention map of query ``i``; rows sum to 1.
+    A : (H*W, H*W) float32
+        ``A[i]`` is the ``H x W`` attention map of query ``i = y*W + x``
+        (bilinearly upsampled per axis, half-pixel centres); rows sum to 1.
     """
     threads = _workers_arg(workers)
-    maps = _collect_attention(attn)
-    resolutions = list(maps)
-    w = _resolution_weights(resolutions, weights)
-    if out_res is None:
-        out_res = resolutions[0]
-    if (isinstance(out_res, bool) or not isinstance(out_res, (int, np.integer))
-            or not 1 <= out_res <= MAX_OUT_RES):
-        raise ValueError(f"out_res must be an integer in [1, {MAX_OUT_RES}], got {out_res!r}")
-    for s in resolutions:
-        if out_res % s:
-            raise ValueError(f"attn: resolution {s} does not divide out_res {out_res}")
-    return _core.aggregate([maps[s] for s in resolutions], [float(x) for x in w], int(out_res),
-                           threads)
+    return _aggregate(attn, weights, out_res, threads)[0]
 
 
 def kl_thresholds(kl_threshold, name="kl_threshold"):
@@ -306,16 +385,46 @@ def _check_int(value, name, low, high=None):
     return int(value)
 
 
-def _as_matrix(A):
+def _shape_arg(shape, name="shape"):
+    """``shape`` -> ``(H, W)`` of positive ints (an int ``R`` means ``(R, R)``)."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape, shape)
+    try:
+        H, W = shape
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an (H, W) pair, got {shape!r}") from None
+    return _check_int(H, f"{name}[0]", 1), _check_int(W, f"{name}[1]", 1)
+
+
+def _as_matrix(A, shape=None):
+    """``A`` -> ``((H*W, H*W) float32, (H, W))``. A 4-D ``(H, W, H, W)`` A
+    gives its shape; a 2-D one needs ``shape`` unless it is square."""
     A = _float32(A, "A")
+    if shape is not None:
+        shape = _shape_arg(shape)
     if A.ndim == 4:
-        R = A.shape[0]
-        if A.shape != (R, R, R, R):
-            raise ValueError(f"A must be (R*R, R*R) or (R, R, R, R), got shape {A.shape}")
-        A = A.reshape(R * R, R * R)
+        H, W = A.shape[:2]
+        if A.shape[2:] != (H, W):
+            raise ValueError(f"A must be (R*R, R*R), (H*W, H*W) with shape=(H, W), or (H, W, H, W); "
+                             f"got shape {A.shape}")
+        if shape is not None and shape != (H, W):
+            raise ValueError(f"shape {shape} does not match A of shape {A.shape}")
+        A = A.reshape(H * W, H * W)
+        shape = (H, W)
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"A must be (R*R, R*R) or (R, R, R, R), got shape {A.shape}")
-    return A, _square_side(A.shape[0], "A")
+        raise ValueError(f"A must be (R*R, R*R), (H*W, H*W) with shape=(H, W), or (H, W, H, W); "
+                         f"got shape {A.shape}")
+    N = A.shape[0]
+    if shape is None:
+        side = _square_side(N, "A (give shape=(H, W) for a non-square grid)")
+        shape = (side, side)
+    elif shape[0] * shape[1] != N:
+        raise ValueError(f"shape {shape[0]} x {shape[1]} does not match A of shape {A.shape} "
+                         f"({shape[0] * shape[1]} != {N} positions)")
+    if N > MAX_POSITIONS:
+        raise ValueError(f"A: grid {shape[0]} x {shape[1]} is too large (H * W at most "
+                         f"{MAX_POSITIONS})")
+    return A, shape
 
 
 def anchor_coords(R, grid=16):
@@ -326,24 +435,49 @@ def anchor_coords(R, grid=16):
     return _core.anchor_coords(R, grid).astype(np.int64)
 
 
-def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_seeds=False, return_stats=False,
-          workers=None, gemm=None):
+def anchor_grid(shape, grid=16):
+    """Anchor rows and columns of an ``H x W`` map: ``(rows, cols)`` int64.
+
+    Rule: ``grid`` anchors along the short side; along the long side
+    ``round(grid * long / short)`` anchors (halves round up), at least 1 and
+    at most ``long``; each axis placed by :func:`anchor_coords`. The merge's
+    anchors are ``rows[a] * W + cols[b]``, row-major. A square map gets
+    ``anchor_coords(R, grid)`` on both axes, as the official code; e.g.
+    ``(64, 96)`` with ``grid=16`` gives 16 x 24 anchors.
+    """
+    H, W = _shape_arg(shape)
+    if H > 100000 or W > 100000:
+        raise ValueError(f"shape must be at most 100000 per side, got {H} x {W}")
+    grid = _check_int(grid, "grid", 1, min(H, W))
+    rows, cols = _core.anchor_grid(H, W, grid)
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, shape=None, return_seeds=False,
+          return_stats=False, workers=None, gemm=None):
     """Iterative KL merging (DiffSeg step 3).
 
     Parameters
     ----------
-    A : (R*R, R*R) or (R, R, R, R) array
+    A : (H*W, H*W) or (H, W, H, W) array
         Aggregated attention from :func:`aggregate`.
     grid : int
-        Anchors per axis (``grid**2`` anchors), ``1 <= grid <= R``.
+        Anchors along the short side, ``1 <= grid <= min(H, W)``. A square
+        ``R x R`` map gets ``grid**2`` anchors (the official grid); an
+        ``H x W`` one gets ``round(grid * long / short)`` (halves up, at
+        least 1, at most ``long``) along the long side: see
+        :func:`anchor_grid`. Anchors are row-major.
+    shape : (H, W), optional
+        Grid of a 2-D non-square ``A`` (None: ``A`` is square, ``R = sqrt``
+        of its size; a 4-D ``A`` gives its shape).
     kl_threshold : float or sequence of float
         One threshold per iteration (strict ``D < tau``); a number means that
         value for each of 3 iterations. Iteration 0 averages, per anchor, every
         row of ``A`` closer than the threshold; later iterations merge
         proposals greedily (non-exclusive, in index order).
     return_seeds : bool
-        Also return ``seeds`` (K,) int64: for each proposal, the row of ``A``
-        of the anchor that seeded it (iteration 0: proposal ``a`` is anchor
+        Also return ``seeds`` (K,) int64: for each proposal, the row
+        ``y*W + x`` of ``A`` of the anchor that seeded it (iteration 0: proposal ``a`` is anchor
         ``a``'s; later, a merged group keeps its greedy seed's).
     return_stats : bool
         Also return ``{"pairs", "full_distances", "refined",
@@ -362,14 +496,14 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, return_seeds=False, 
 
     Returns
     -------
-    proposals : (K, R, R) float32, each summing to 1.
+    proposals : (K, H, W) float32, each summing to 1.
     """
     threads, sgemm = _workers_arg(workers), _gemm_arg(gemm)
-    A, _ = _as_matrix(A)
+    A, (H, W) = _as_matrix(A, shape)
     thresholds = kl_thresholds(kl_threshold)
-    R = _square_side(A.shape[0], "A")
-    grid = _check_int(grid, "grid", 1, R)
-    proposals, seeds, pairs, full, refined, rechecks = _core.merge(A, grid, thresholds, threads, sgemm)
+    grid = _check_int(grid, "grid", 1, min(H, W))
+    proposals, seeds, pairs, full, refined, rechecks = _core.merge(A, grid, thresholds, threads, sgemm,
+                                                                   (H, W))
     result = (proposals,)
     if return_seeds:
         result += (seeds,)
@@ -436,14 +570,17 @@ def sym_kl(p, q):
 
 
 def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-               weights=None, refine=False, workers=None, gemm=None):
+               weights=None, refine=False, workers=None, gemm=None, shape=None):
     """Aggregate (unless ``A`` is given), merge (then :func:`refine` when
     ``refine``) and label, keeping every stage.
 
     ``workers`` and ``gemm`` (see :func:`merge`) are read once and used by
-    every stage.
+    every stage. The merge runs on the aggregated grid (its ``(H, W)`` comes
+    from the keys of ``attn``); a given 2-D non-square ``A`` needs ``shape``
+    (see :func:`merge`). ``size`` is the label map's ``(height, width)``, of
+    any aspect.
 
-    Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, R, R),
+    Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, H, W),
     ``labels`` (height, width) int32, ``proposal`` (label -> proposal
     index) and ``seed`` (proposal -> row of ``A`` of its seeding anchor). This is the one composition of the stages: :func:`segment_attention`,
     :func:`diffseg.segment` and evaluation all go through it.
@@ -455,9 +592,9 @@ def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
     if A is None:
         if attn is None:
             raise ValueError("give attn (attention maps) or A (aggregated attention)")
-        A = aggregate(attn, weights=weights, workers=threads)
-    proposals, seeds = merge(A, grid=grid, kl_threshold=thresholds, return_seeds=True, workers=threads,
-                             gemm=gemm)
+        A, shape = _aggregate(attn, weights, None, threads)
+    proposals, seeds = merge(A, grid=grid, kl_threshold=thresholds, shape=shape, return_seeds=True,
+                             workers=threads, gemm=gemm)
     if refine:
         proposals, rows = _refine(A, proposals, workers=threads, gemm=gemm, return_labels=True)
         seeds = seeds[np.unique(rows)]  # refine keeps the clusters that end non-empty, in order
@@ -477,19 +614,19 @@ def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=
 
 
 def segment_scores(labels, proposals, A, *, index=None):
-    """Per-segment ``(score, mean_kl)`` arrays for a label map of the crop.
+    """Per-segment ``(score, mean_kl)`` arrays for a label map.
 
     Parameters
     ----------
-    labels : (S, S) int labels from ``nms(proposals, (S, S))`` (the centre
-        crop, not a label map pasted into a non-square frame)
-    proposals : (K, R, R) from :func:`diffseg.merge`
-    A : (R*R, R*R) aggregated attention
+    labels : (S, T) int labels from ``nms(proposals, (S, T))`` (the frame
+        the proposals cover, not a label map pasted into a larger one)
+    proposals : (K, h, w) from :func:`diffseg.merge`
+    A : (h*w, h*w) aggregated attention
     index : label -> proposal index, as ``nms(..., return_index=True)`` gives
         (default: recomputed that way at the size of ``labels``)
 
     The positions of a segment are the latent cells whose centre pixel
-    (nearest-exact downsampling to ``R x R``) has its label; a segment too
+    (nearest-exact downsampling to ``h x w``) has its label; a segment too
     small to hold a cell centre uses the cell holding most of its pixels.
     
     Each final segment comes from one proposal ``p`` of the merge (the argmax
@@ -505,12 +642,12 @@ def segment_scores(labels, proposals, A, *, index=None):
 
     labels = np.asarray(labels)
     P = np.asarray(proposals, dtype=np.float32)
-    R = P.shape[1]
-    A = np.asarray(A).reshape(R * R, R * R)
+    h, w = P.shape[1:]
+    A = np.asarray(A).reshape(h * w, h * w)
     n = int(labels.max()) + 1
     if index is None:
         _, index = nms(P, labels.shape, return_index=True)
-    small = resize_nearest(labels, R, R).ravel()
+    small = resize_nearest(labels, h, w).ravel()
     H, W = labels.shape
     mean_kl = np.full(n, np.nan)
     for k in range(n):
@@ -519,7 +656,7 @@ def segment_scores(labels, proposals, A, *, index=None):
             r, c = np.nonzero(labels == k)
             if r.size == 0:
                 continue
-            rows = np.array([np.bincount((r * R // H) * R + c * R // W).argmax()])
+            rows = np.array([np.bincount((r * h // H) * w + c * w // W).argmax()])
         d = sym_kl(A[rows], P[index[k]].ravel())[:, 0]
         mean_kl[k] = float(np.mean(d))
     with np.errstate(over="ignore"):
@@ -528,7 +665,7 @@ def segment_scores(labels, proposals, A, *, index=None):
 
 
 def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, return_labels=False,
-           return_stats=False):
+           return_stats=False, shape=None):
     """k-means refinement of merged proposals (the official ``refine=True``).
 
     The official code runs scikit-learn's ``KMeans(n_clusters=K,
@@ -544,8 +681,8 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, ret
 
     Parameters
     ----------
-    A : (R*R, R*R) or (R, R, R, R) array, aggregated attention
-    proposals : (K, R, R) or (K, R*R) array, e.g. from :func:`merge`
+    A : (H*W, H*W) or (H, W, H, W) array, aggregated attention
+    proposals : (K, H, W) or (K, H*W) array, e.g. from :func:`merge`
     max_iter : int >= 1
     tol : float >= 0
     workers : int, optional
@@ -553,25 +690,31 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, ret
         bit-identical for any value.
     gemm : GEMM of the distance estimates, as in :func:`merge`.
     return_labels : bool
-        Also return ``labels`` (R*R,) int32: the cluster of each row of ``A``.
+        Also return ``labels`` (H*W,) int32: the cluster of each row of ``A``.
     return_stats : bool
         Also return ``{"iterations", "strict_convergence", "relocated",
         "rechecks", "kept"}``: Lloyd iterations, whether they stopped because
         no label changed, empty clusters moved, row assignments decided again
         in float64 (near ties), and row assignments that distance bounds
         showed unchanged without reading the row (Hamerly's bounds).
+    shape : (H, W), optional
+        Grid of a 2-D non-square ``A`` when ``proposals`` are ``(K, H*W)``
+        (``(K, H, W)`` proposals give it).
 
     Returns
     -------
-    proposals : (K', R, R) float32, K' <= K: the clusters that end non-empty,
+    proposals : (K', H, W) float32, K' <= K: the clusters that end non-empty,
         in order (the official code would give an empty one a NaN map).
     """
-    A, R = _as_matrix(A)
     P = _float32(proposals, "proposals")
-    if P.ndim == 3 and P.shape[1:] == (R, R):
-        P = P.reshape(P.shape[0], R * R)
-    if P.ndim != 2 or P.shape[1] != R * R:
-        raise ValueError(f"proposals must be (K, {R}, {R}) or (K, {R * R}) to match A, "
+    if (shape is None and P.ndim == 3 and np.ndim(A) == 2
+            and P.shape[1] * P.shape[2] == np.shape(A)[0]):
+        shape = P.shape[1:]  # the proposals' grid
+    A, (H, W) = _as_matrix(A, shape)
+    if P.ndim == 3 and P.shape[1:] == (H, W):
+        P = P.reshape(P.shape[0], H * W)
+    if P.ndim != 2 or P.shape[1] != H * W:
+        raise ValueError(f"proposals must be (K, {H}, {W}) or (K, {H * W}) to match A, "
                          f"got shape {P.shape}")
     max_iter = _check_int(max_iter, "max_iter", 1, 1 << 30)
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
@@ -580,7 +723,7 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, ret
         raise ValueError(f"tol must be finite and >= 0, got {tol}")
     out, labels, iterations, strict, relocated, rechecks, kept = _core.refine(
         A, P, max_iter, float(tol), _workers_arg(workers), _gemm_arg(gemm))
-    result = (out.reshape(-1, R, R),)
+    result = (out.reshape(-1, H, W),)
     if return_labels:
         result += (labels,)
     if return_stats:

@@ -11,7 +11,8 @@ benchmarks/bench_core.py, whose decisions may differ near a threshold.
 import numpy as np
 
 from ._interp import bilinear_table, resize_bilinear
-from .core import DEFAULT_KL_THRESHOLD, _collect_attention, _resolution_weights, kl_thresholds
+from .core import (DEFAULT_KL_THRESHOLD, _collect_attention, _grid_of, _resolution_weights,
+                   kl_thresholds)
 
 
 def anchor_coords(R, grid):
@@ -23,21 +24,37 @@ def anchor_coords(R, grid):
     return start + seg * np.arange(grid)
 
 
+def anchor_grid(shape, grid):
+    """Anchor rows and columns of an H x W map: ``grid`` along the short side,
+    ``round(grid * long / short)`` (halves up, clamped to [1, long]) along the
+    long side, each axis placed by :func:`anchor_coords`."""
+    H, W = (shape, shape) if np.isscalar(shape) else shape
+    short, long = min(H, W), max(H, W)
+    n = min(max(int(np.floor(grid * long / short + 0.5)), 1), long)
+    gh, gw = (grid, n) if H <= W else (n, grid)
+    return anchor_coords(H, gh), anchor_coords(W, gw)
+
+
 def aggregate(attn, weights=None, out_res=None, dtype=np.float64):
-    """Reference :func:`diffseg.aggregate` -> (R*R, R*R) in ``dtype``."""
+    """Reference :func:`diffseg.aggregate` -> (H*W, H*W) in ``dtype``
+    (``out_res``: None, an int or ``(H, W)``)."""
     maps = _collect_attention(attn)
     resolutions = list(maps)
     w = _resolution_weights(resolutions, weights)
-    R = resolutions[0] if out_res is None else out_res
-    A = np.zeros((R, R, R * R), dtype=dtype)
-    for s, weight in zip(resolutions, w):
-        keys = maps[s].reshape(s * s, s, s)  # query, key_y, key_x
-        up = resize_bilinear(keys, R, R).astype(dtype).reshape(s * s, R * R)
+    if out_res is None:
+        H, W = _grid_of(resolutions[0])
+    else:
+        H, W = (out_res, out_res) if np.isscalar(out_res) else out_res
+    A = np.zeros((H, W, H * W), dtype=dtype)
+    for key, weight in zip(resolutions, w):
+        h, w_ = _grid_of(key)
+        keys = maps[key].reshape(h * w_, h, w_)  # query, key_y, key_x
+        up = resize_bilinear(keys, H, W).astype(dtype).reshape(h * w_, H * W)
         up /= up.sum(axis=1, keepdims=True)
-        r = R // s  # query (i, j) at R reads query (i // r, j // r) at s
-        up = up.reshape(s, s, R * R).repeat(r, axis=0).repeat(r, axis=1)
+        # query (i, j) at H x W reads query (i // ry, j // rx) at h x w
+        up = up.reshape(h, w_, H * W).repeat(H // h, axis=0).repeat(W // w_, axis=1)
         A += weight * up
-    return A.reshape(R * R, R * R)
+    return A.reshape(H * W, H * W)
 
 
 def _plogq(P, Q):
@@ -75,19 +92,26 @@ def _sym_kl_pair(p, q):
     return 0.5 * np.sum((p - q) * (np.log(p) - np.log(q)))
 
 
-def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64, return_seeds=False):
-    """Reference :func:`diffseg.merge` -> (K, R, R) float32 (and the seeds'
-    rows of ``A`` with ``return_seeds``)."""
+def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64, return_seeds=False,
+          shape=None):
+    """Reference :func:`diffseg.merge` -> (K, H, W) float32 (and the seeds'
+    rows of ``A`` with ``return_seeds``). ``shape``: (H, W) of a 2-D
+    non-square ``A`` (a 4-D ``A`` gives it; None: square)."""
     exact = dtype == np.float64
     A = np.asarray(A, dtype=np.float32)
+    if A.ndim == 4:
+        shape = A.shape[:2]
     N = A.shape[0] if A.ndim == 2 else A.shape[0] * A.shape[1]
     A = A.reshape(N, N)
-    R = int(round(np.sqrt(N)))
+    if shape is None:
+        R = int(round(np.sqrt(N)))
+        shape = (R, R)
+    H, W = shape
     thresholds = kl_thresholds(kl_threshold)
 
     # Iteration 0: every anchor averages all rows of A closer than tau.
-    coords = anchor_coords(R, grid)
-    anchors = (coords[:, None] * R + coords[None, :]).ravel()  # row-major, first slowest
+    rows, cols = anchor_grid((H, W), grid)
+    anchors = (rows[:, None] * W + cols[None, :]).ravel()  # row-major, first slowest
     close = sym_kl(A[anchors], A, exact) < thresholds[0]
     sums = close.astype(dtype) @ A.astype(dtype)
     proposals = (sums / close.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -97,7 +121,7 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, dtype=np.float64, retur
         groups = greedy_groups(sym_kl(proposals, proposals, exact) < tau)
         seeds = seeds[[i for i, _ in groups]]
         proposals = _group_means(proposals, groups)
-    proposals = proposals.reshape(-1, R, R)
+    proposals = proposals.reshape(-1, H, W)
     return (proposals, seeds) if return_seeds else proposals
 
 
@@ -140,8 +164,9 @@ def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=
                       weights=None, dtype=np.float64):
     """Reference :func:`diffseg.segment_attention`."""
     A = aggregate(attn, weights=weights, dtype=dtype)
-    return nms(merge(A, grid=grid, kl_threshold=kl_threshold, dtype=dtype), size)
+    shape = _grid_of(next(iter(_collect_attention(attn))))
+    return nms(merge(A, grid=grid, kl_threshold=kl_threshold, dtype=dtype, shape=shape), size)
 
 
-__all__ = ["anchor_coords", "aggregate", "sym_kl", "merge", "greedy_step", "nms",
+__all__ = ["anchor_coords", "anchor_grid", "aggregate", "sym_kl", "merge", "greedy_step", "nms",
            "segment_attention", "bilinear_table"]

@@ -468,6 +468,86 @@ def test_fuzz_anchor_coords(R, grid):
 
 
 # ---------------------------------------------------------------------------
+# Rectangular grids (h, w): aggregate -> merge(shape=) against the oracles
+
+
+@st.composite
+def rect_inputs(draw):
+    bad = draw(modes())
+    h0, w0 = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    factors = sorted(draw(st.lists(st.sampled_from([2, 3, 4]), max_size=2, unique=True)))
+    H, W = (h0 * factors[-1], w0 * factors[-1]) if factors else (h0, w0)
+    grids = [(H, W)] + [(H // f, W // f) for f in factors]  # the finest grid and coarser ones
+    attn = {}
+    for h, w in grids:
+        n = h * w
+        shape = maybe_bad(draw, bad, st.just((n, n)), st.sampled_from([(n, n + 1), (n + 1, n + 1)]))
+        key = maybe_bad(draw, bad, st.just((h, w)), st.sampled_from([(h + 1, w), (w, h), (0, w),
+                                                                      (h, -w), h * w]))
+        attn[key] = draw(arrays(shape, bad=bad, kinds=["softmax"] * 6 + ["uniform", "huge",
+                                                                         "tiny", "mixed_scale"],
+                                zero_rows=False))
+    grid = maybe_bad(draw, bad, st.integers(1, min(H, W)), st.integers(-1, max(H, W) + 2))
+    shape = maybe_bad(draw, bad, st.just((H, W)), st.sampled_from([(W, H), (H, W + 1), (0, W), None]))
+    tau = draw(st.one_of(st.floats(0.01, 10), st.sampled_from([1e-300, 1.1, 0.9])))
+    backend = draw(st.sampled_from(["builtin", "builtin", "blas"]))
+    return attn, (H, W), grid, shape, tau, backend
+
+
+@isolated
+@fuzz_settings(150)
+@given(rect_inputs())
+def test_fuzz_rectangular_aggregate_and_merge(case):
+    attn, (H, W), grid, shape, tau, backend = case
+    record(attn=attn, grid=grid, shape=shape, tau=tau, backend=backend)
+    try:
+        A = diffseg.aggregate(attn)
+    except ACCEPTED as e:
+        event(f"rect aggregate raised {type(e).__name__}")
+        return
+    # a "bad" key may still name a valid grid of the map (e.g. (3, 1) for a 3 x 1 map)
+    H, W = diffseg.core._grid_of(next(iter(diffseg.core._collect_attention(attn))))
+    assert A.shape == (H * W, H * W) and np.isfinite(A).all() and (A >= 0).all()
+    with np.errstate(all="ignore"):
+        expected = reference.aggregate(attn)
+    if np.isfinite(expected).all():
+        np.testing.assert_allclose(A, expected, rtol=1e-4, atol=1e-6)
+    diffseg.core.use_gemm(backend)
+    try:
+        P = diffseg.merge(A, grid=grid, kl_threshold=(tau,), shape=shape)
+    except ACCEPTED as e:
+        event(f"rect merge raised {type(e).__name__}")
+        assert shape != (H, W) or not 1 <= grid <= min(H, W) or (shape is None and H != W) \
+            or isinstance(grid, bool), f"merge refused a valid call: {e}"
+        return
+    finally:
+        diffseg.core.use_gemm("builtin")
+    event("rect merge ok")
+    assert P.shape[1:] == (H, W)
+    rows, cols = reference.anchor_grid((H, W), grid)
+    anchors = (rows[:, None] * W + cols[None, :]).ravel()
+    close = diffseg.sym_kl(A[anchors], A) < tau
+    expected = np.stack([A[c].astype(np.float64).mean(axis=0) for c in close])
+    err = np.abs(P.reshape(len(P), H * W).astype(np.float64) - expected)
+    assert (err <= 2e-6 * np.abs(expected) + 1e-43).all(), "rect merge iteration 0 differs"
+
+
+@isolated
+@fuzz_settings(100)
+@given(st.integers(-2, 230), st.integers(-2, 230), st.integers(-2, 230))
+def test_fuzz_anchor_grid(H, W, grid):
+    try:
+        rows, cols = diffseg.core.anchor_grid((H, W), grid)
+    except ACCEPTED:
+        assert min(H, W) < 1 or not 1 <= grid <= min(H, W)
+        return
+    want = reference.anchor_grid((H, W), grid)
+    assert rows.tolist() == want[0].tolist() and cols.tolist() == want[1].tolist()
+    assert (rows < H).all() and (cols < W).all() and (rows >= 0).all() and (cols >= 0).all()
+    assert min(len(rows), len(cols)) == grid
+
+
+# ---------------------------------------------------------------------------
 # Raw bindings: arbitrary objects for every argument. Only ValueError,
 # TypeError, OverflowError (Python ints beyond C long) or MemoryError.
 
@@ -494,17 +574,24 @@ def raw_ints():
 @fuzz_settings(200)
 @given(st.data())
 def test_fuzz_raw_bindings(data):
-    fn = data.draw(st.sampled_from(["aggregate", "merge", "nms", "sym_kl", "anchor_coords"]))
+    fn = data.draw(st.sampled_from(["aggregate", "merge", "nms", "sym_kl", "anchor_coords",
+                                    "anchor_grid"]))
+    raw_pair = st.one_of(st.tuples(raw_ints(), raw_ints()), st.sampled_from([None, 3, "ab", (1,)]))
     if fn == "aggregate":
         maps = data.draw(st.lists(raw_arrays(), min_size=0, max_size=3))
         weights = data.draw(st.lists(st.sampled_from([1.0, 0.0, -1.0, math.nan, 1e40, "a"]),
                                      min_size=0, max_size=3))
-        args = (maps, weights, data.draw(raw_ints()))
+        out_res = data.draw(st.one_of(raw_ints(), raw_pair))
+        args = (maps, weights, out_res)
+        if data.draw(st.booleans()):
+            args += (0, data.draw(st.one_of(st.lists(raw_pair, max_size=3), raw_pair)))
     elif fn == "merge":
         args = (data.draw(raw_arrays()), data.draw(raw_ints()),
                 data.draw(st.one_of(st.lists(st.sampled_from([1.1, 0.0, math.inf, math.nan,
                                                               1e300, 1e299, "a"]), max_size=3),
                                     st.sampled_from([1.1, None, "ab", (1.1,) * 1001]))))
+        if data.draw(st.booleans()):
+            args += (0, None, data.draw(raw_pair))
     elif fn == "nms":
         h, w = data.draw(raw_ints()), data.draw(raw_ints())
         if isinstance(h, int) and isinstance(w, int) and 0 < h * w and h * w > 10**7:
@@ -512,6 +599,8 @@ def test_fuzz_raw_bindings(data):
         args = (data.draw(raw_arrays()), h, w)
     elif fn == "sym_kl":
         args = (data.draw(raw_arrays()), data.draw(raw_arrays()))
+    elif fn == "anchor_grid":
+        args = (data.draw(raw_ints()), data.draw(raw_ints()), data.draw(raw_ints()))
     else:
         args = (data.draw(raw_ints()), data.draw(raw_ints()))
     record(fn=fn, args=args)

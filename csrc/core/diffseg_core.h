@@ -69,23 +69,41 @@ typedef struct {
 } dseg_exec;
 dseg_exec dseg_default_exec(void);
 
+/* Largest H * W of an aggregated grid: (H*W)^2 entries of A must fit an int
+ * index (215 x 215 for a square grid). */
+#define DSEG_MAX_POSITIONS 46225
+
 /*
- * Aggregate attention of several resolutions into one (R*R, R*R) matrix.
+ * Aggregate attention of several resolutions into one (H*W, H*W) matrix.
  *
- * maps[i] is a row-stochastic (res[i]^2, res[i]^2) matrix (query rows,
- * row-major positions). Each query's key map is bilinearly upsampled
- * res -> out_res (half-pixel centres, edge clamp), normalised to sum 1,
- * duplicated over the out_res/res x out_res/res queries it covers, and added
- * with weight weights[i]. Every res[i] must divide out_res.
- * out: (out_res^2, out_res^2), overwritten.
+ * maps[i] is a row-stochastic (h[i]*w[i], h[i]*w[i]) matrix (query rows,
+ * keys in row-major h[i] x w[i] order). Each query's key map is bilinearly
+ * upsampled h[i] x w[i] -> H x W (half-pixel centres, edge clamp, per axis),
+ * normalised to sum 1, duplicated over the H/h[i] x W/w[i] queries it
+ * covers, and added with weight weights[i]. h[i] must divide H and w[i]
+ * divide W; a map at H x W must come first. H * W <= DSEG_MAX_POSITIONS.
+ * out: (H*W, H*W), overwritten.
+ * dseg_aggregate and dseg_aggregate_ex are the square case (h = w = res,
+ * H = W = out_res).
  */
 int dseg_aggregate(int n_maps, const int *res, const float *const *maps,
                    const float *weights, int out_res, float *out);
 int dseg_aggregate_ex(int n_maps, const int *res, const float *const *maps,
                       const float *weights, int out_res, float *out, const dseg_exec *exec);
+int dseg_aggregate_hw(int n_maps, const int *h, const int *w, const float *const *maps,
+                      const float *weights, int H, int W, float *out, const dseg_exec *exec);
 
 /* Anchor coordinates along one axis, as the official code: grid values. */
 int dseg_anchor_coords(int R, int grid, int *coords);
+
+/*
+ * Anchor grid of an H x W map: grid anchors along the short side; along the
+ * long side round(grid * long / short) anchors (halves round up), at least 1
+ * and at most long. Each axis is placed by dseg_anchor_coords; anchors are
+ * row-major (row coordinate slowest). 1 <= grid <= min(H, W). A square map
+ * gets grid x grid anchors, as the official code.
+ */
+int dseg_anchor_counts(int H, int W, int grid, int *rows, int *cols);
 
 /* Optional statistics of one dseg_merge call. */
 typedef struct {
@@ -100,19 +118,24 @@ typedef struct {
 /*
  * Iterative KL merging.
  *
- * A: (R*R, R*R) aggregated attention (row i = attention map of query i).
- * Iteration 0 averages, for each of the grid*grid anchors, every row of A
- * whose symmetric KL to the anchor is < thresholds[0]. Iterations
+ * A: (H*W, H*W) aggregated attention (row i = attention map of query i,
+ * i = y*W + x; each row an H x W key map). Iteration 0 averages, for each of
+ * the G = rows x cols anchors of dseg_anchor_counts(H, W, grid), every row of
+ * A whose symmetric KL to the anchor is < thresholds[0]. Iterations
  * 1..n_iter-1 greedily merge the proposals (non-exclusive, in index order).
- * proposals: caller buffer of grid*grid*R*R floats; the first *n_proposals
- * rows hold the result. stats may be NULL. dseg_merge_ex also gives, in
- * seeds (NULL, or grid*grid ints), the row of A of the anchor that seeded
- * each proposal (the greedy chain back to iteration 0).
+ * proposals: caller buffer of G*H*W floats; the first *n_proposals rows hold
+ * the result. stats may be NULL. seeds (NULL, or G ints) receives the row of
+ * A of the anchor that seeded each proposal (the greedy chain back to
+ * iteration 0). dseg_merge and dseg_merge_ex are the square case
+ * (H = W = R, grid x grid anchors).
  */
 int dseg_merge(const float *A, int R, int grid, const double *thresholds,
                int n_iter, float *proposals, int *n_proposals,
                dseg_merge_stats *stats);
 int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds,
+                  int n_iter, float *proposals, int *n_proposals, int *seeds,
+                  dseg_merge_stats *stats, const dseg_exec *exec);
+int dseg_merge_hw(const float *A, int H, int W, int grid, const double *thresholds,
                   int n_iter, float *proposals, int *n_proposals, int *seeds,
                   dseg_merge_stats *stats, const dseg_exec *exec);
 

@@ -4,14 +4,14 @@
  * The symmetric KL between rows p and q expands to
  *     D = 1/2 (h_p + h_q - p.log(q) - log(p).q),   h_x = sum x log x,
  * so all cross terms of a block are two float32 GEMMs. A float32 GEMM over
- * 2 * R^2 terms carries rounding error, so a pair whose fast estimate lies
+ * 2 * H*W terms carries rounding error, so a pair whose fast estimate lies
  * within a bound of the threshold is recomputed in float64 from the cached
  * float32 logs (a few ulp from exact), and the rare pair still within that
  * tier's bound exactly from scratch. Every merge decision is therefore that
  * of the exact float64 distance, whatever GEMM ran and however many threads
  * it used, and no structure of the attention makes the rechecks dominate.
  *
- * Before that, a pass on key maps pooled 4 x 4 (256 bins for R = 64) gives a
+ * Before that, a pass on key maps pooled 4 x 4 (256 bins for 64 x 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
  * the full-resolution GEMM only computes tiles holding a pair the bound does
  * not rule out. On segment-like attention most pairs are ruled out.
@@ -320,11 +320,12 @@ static void add_listed_rows(double *acc, const float *A, int N, const int32_t *l
     }
 }
 
-/* Quadtree levels over a grid x grid anchor grid: level l (1..levels) has
- * side(l)^2 nodes, each the anchors (a, b) with the same (a >> l, b >> l). */
-static int tree_levels(int grid) {
+/* Quadtree levels over a gh x gw anchor grid: level l (1..levels) has
+ * side(gh, l) x side(gw, l) nodes, each the anchors (a, b) with the same
+ * (a >> l, b >> l). */
+static int tree_levels(int gh, int gw) {
     int l = 0;
-    while ((1 << l) < grid) l++;
+    while ((1 << l) < gh || (1 << l) < gw) l++;
     return l;
 }
 
@@ -333,13 +334,13 @@ static int level_side(int grid, int l) { return (grid + (1 << l) - 1) >> l; }
 /* Mean of the selected rows of A for each anchor, accumulated in float64.
  * Threads split the columns; every sum follows a fixed order, so the result
  * does not depend on the thread count. */
-static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int grid,
-                          const unsigned char *mask, const int32_t *count, double *acc,
+static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int gh,
+                          int gw, const unsigned char *mask, const int32_t *count, double *acc,
                           float *proposals) {
-    const int G = grid * grid, levels = tree_levels(grid);
+    const int G = gh * gw, levels = tree_levels(gh, gw);
     int first[32], n_nodes = 0; /* first node of each level (1-based levels) */
     for (int l = 1; l <= levels; l++)
-        first[l] = n_nodes, n_nodes += level_side(grid, l) * level_side(grid, l);
+        first[l] = n_nodes, n_nodes += level_side(gh, l) * level_side(gw, l);
     const int J = n_nodes + G; /* jobs: nodes top-down, then the anchors */
     sum_job *jobs = calloc((size_t)J, sizeof(sum_job));
     int32_t *rows = malloc(sizeof(int32_t) * (size_t)J * N);
@@ -352,17 +353,18 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
 
     /* Node intersections, bottom-up (level 1 from anchors, then children). */
     for (int l = 1; l <= levels; l++) {
-        const int side = level_side(grid, l), child_side = level_side(grid, l - 1);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)side * side * N * 4))
-        for (int node = 0; node < side * side; node++) {
+        const int side_y = level_side(gh, l), side_x = level_side(gw, l);
+        const int child_y = level_side(gh, l - 1), child_x = level_side(gw, l - 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)side_y * side_x * N * 4))
+        for (int node = 0; node < side_y * side_x; node++) {
             unsigned char *I = inter + (size_t)(first[l] + node) * N;
             memset(I, 1, N);
-            const int a = node / side, b = node % side;
-            for (int ca = 2 * a; ca < 2 * a + 2 && ca < child_side; ca++)
-                for (int cb = 2 * b; cb < 2 * b + 2 && cb < child_side; cb++) {
+            const int a = node / side_x, b = node % side_x;
+            for (int ca = 2 * a; ca < 2 * a + 2 && ca < child_y; ca++)
+                for (int cb = 2 * b; cb < 2 * b + 2 && cb < child_x; cb++) {
                     const unsigned char *c =
-                        l == 1 ? mask + (size_t)(ca * grid + cb) * N
-                               : inter + (size_t)(first[l - 1] + ca * child_side + cb) * N;
+                        l == 1 ? mask + (size_t)(ca * gw + cb) * N
+                               : inter + (size_t)(first[l - 1] + ca * child_x + cb) * N;
 #pragma omp simd
                     for (int p = 0; p < N; p++) I[p] &= c[p];
                 }
@@ -375,8 +377,8 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
     /* Each anchor's base: the subset predecessor or its level-1 node. */
     for (int g = 0; g < G; g++) {
         int32_t pred_size;
-        const int pred = subset_predecessor(mask, count, N, g, grid + 1, &pred_size);
-        const int node = levels ? first[1] + (g / grid >> 1) * level_side(grid, 1) + (g % grid >> 1)
+        const int pred = subset_predecessor(mask, count, N, g, gw + 1, &pred_size);
+        const int node = levels ? first[1] + (g / gw >> 1) * level_side(gw, 1) + (g % gw >> 1)
                                 : -1;
         if (node >= 0 && isize[node] > pred_size) {
             anchor_pred[g] = -2 - node; /* a node */
@@ -388,10 +390,10 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
     /* A used node makes its non-empty parent worth summing: the parent's
      * rows are then added once for all its children. */
     for (int l = 1; l < levels; l++) {
-        const int side = level_side(grid, l), up = level_side(grid, l + 1);
-        for (int node = 0; node < side * side; node++)
+        const int side_x = level_side(gw, l), up_x = level_side(gw, l + 1);
+        for (int node = 0; node < level_side(gh, l) * side_x; node++)
             if (used[first[l] + node]) {
-                const int parent = first[l + 1] + (node / side >> 1) * up + (node % side >> 1);
+                const int parent = first[l + 1] + (node / side_x >> 1) * up_x + (node % side_x >> 1);
                 if (isize[parent] > 0) used[parent] = 1;
             }
     }
@@ -399,13 +401,13 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
      * the anchors in index order (a predecessor before its successor). */
     int j = 0;
     for (int l = levels; l >= 1; l--) {
-        const int side = level_side(grid, l), up = level_side(grid, l + 1);
-        for (int node = 0; node < side * side; node++) {
+        const int side_x = level_side(gw, l), up_x = level_side(gw, l + 1);
+        for (int node = 0; node < level_side(gh, l) * side_x; node++) {
             const int id = first[l] + node;
             job_of_node[id] = -1;
             if (!used[id]) continue;
-            const int parent = l < levels ? first[l + 1] + (node / side >> 1) * up + (node % side >> 1)
-                                          : -1;
+            const int parent =
+                l < levels ? first[l + 1] + (node / side_x >> 1) * up_x + (node % side_x >> 1) : -1;
             const int from_parent = parent >= 0 && used[parent];
             jobs[j].base = from_parent ? job_of_node[parent] : -1;
             jobs[j].now = inter + (size_t)id * N;
@@ -478,29 +480,31 @@ done:
 }
 
 /* Key-map pooling factor for the pruning pass: f x f blocks of keys are
- * summed, leaving (R/f)^2 bins (256 for R = 64). 1: no pruning pass. */
-static int pool_factor(int R) {
+ * summed, leaving (H/f) x (W/f) bins (256 for 64 x 64); f divides both sides
+ * and leaves at least 4 bins on the short one. 1: no pruning pass. */
+static int pool_factor(int H, int W) {
+    const int short_side = H < W ? H : W;
     for (int f = 4; f >= 2; f /= 2)
-        if (R % f == 0 && R / f >= 4) return f;
+        if (H % f == 0 && W % f == 0 && short_side / f >= 4) return f;
     return 1;
 }
 
-/* Sum f x f blocks of each R x R key map: (rows, R*R) -> (rows, (R/f)^2). */
-static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int R, int f,
-                      float *out, unsigned char *overflow) {
-    const int Rp = R / f, Np = Rp * Rp;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * R * R))
+/* Sum f x f blocks of each H x W key map: (rows, H*W) -> (rows, (H/f)*(W/f)). */
+static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int H, int W,
+                      int f, float *out, unsigned char *overflow) {
+    const int Hp = H / f, Wp = W / f, Np = Hp * Wp;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * H * W))
     for (int i = 0; i < rows; i++) {
-        const float *x = X + (size_t)i * R * R;
+        const float *x = X + (size_t)i * H * W;
         float *o = out + (size_t)i * Np;
         overflow[i] = 0;
-        for (int by = 0; by < Rp; by++)
-            for (int bx = 0; bx < Rp; bx++) {
+        for (int by = 0; by < Hp; by++)
+            for (int bx = 0; bx < Wp; bx++) {
                 double s = 0.0;
                 for (int y = by * f; y < by * f + f; y++)
-                    for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * R + xx];
+                    for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * W + xx];
                 /* beyond float range: the row gives no bound (its value is moot) */
-                o[by * Rp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
+                o[by * Wp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
                 overflow[i] |= !(s <= FLT_MAX);
             }
     }
@@ -510,17 +514,17 @@ static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int row
  * Pairs that may be closer than tau. Summing bins is a Markov map, so by the
  * data-processing inequality each KL, and so D, can only shrink under
  * pooling: a pair whose pooled distance is surely >= tau is surely >= tau at
- * full resolution. The pooled GEMMs are (R/f)^2 deep instead of R^2.
+ * full resolution. The pooled GEMMs are H*W/f^2 deep instead of H*W.
  * need: (G, N). Returns 0 on allocation failure.
  */
-static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int G, double tau,
-                           unsigned char *need) {
-    const int N = R * R, f = pool_factor(R);
+static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
+                           const int *anchor_rows, int G, double tau, unsigned char *need) {
+    const int N = H * W, f = pool_factor(H, W);
     if (f == 1) {
         memset(need, 1, (size_t)G * N);
         return 1;
     }
-    const int Np = (R / f) * (R / f);
+    const int Np = (H / f) * (W / f);
     float *pA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *logpA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *pX = dseg_malloc(sizeof(float) * (size_t)G * Np);
@@ -530,7 +534,7 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
     unsigned char *overflow = malloc(N);
     const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow;
     if (ok) {
-        pool_rows(ex, A, N, R, f, pA, overflow);
+        pool_rows(ex, A, N, H, W, f, pA, overflow);
         for (int g = 0; g < G; g++)
             memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
         log_rows(ex, pA, N, Np, logpA, sa);
@@ -550,9 +554,9 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int R, const int
 }
 
 /* Iteration 0: each anchor averages every row of A closer than tau. */
-static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *anchor_rows, int grid,
-                       double tau, float *proposals, dseg_merge_stats *stats) {
-    const int N = R * R, G = grid * grid;
+static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const int *anchor_rows,
+                       int gh, int gw, double tau, float *proposals, dseg_merge_stats *stats) {
+    const int N = H * W, G = gh * gw;
     unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
     float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
@@ -563,7 +567,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *an
     double *acc = NULL;
     int rc = DSEG_OK;
     if (!mask || !X || !logX || !logA || !cross || !sx || !sa || !count) goto oom;
-    if (!candidate_pairs(ex, A, R, anchor_rows, G, tau, mask)) goto oom;
+    if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask)) goto oom;
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
     log_rows(ex, X, G, N, logX, sx);
@@ -595,7 +599,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int R, const int *an
     free(X), free(logX), X = logX = NULL;
 
     acc = malloc(sizeof(double) * (size_t)G * N);
-    if (!acc || !selected_means(ex, A, N, grid, mask, count, acc, proposals)) goto oom;
+    if (!acc || !selected_means(ex, A, N, gh, gw, mask, count, acc, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
@@ -695,37 +699,69 @@ int dseg_anchor_coords(int R, int grid, int *coords) {
     return DSEG_OK;
 }
 
+int dseg_anchor_counts(int H, int W, int grid, int *rows, int *cols) {
+    if (H < 1 || W < 1)
+        return dseg_fail(DSEG_EINVAL, "A: shape must be >= 1, got %dx%d", H, W);
+    const int short_side = H < W ? H : W, long_side = H < W ? W : H;
+    if (grid < 1 || grid > short_side)
+        return dseg_fail(DSEG_EINVAL, "grid must be in [1, %d] for shape %dx%d, got %d",
+                         short_side, H, W, grid);
+    /* round(grid * long / short), halves up, in exact integer arithmetic */
+    int64_t n = ((int64_t)2 * grid * long_side + short_side) / ((int64_t)2 * short_side);
+    if (n < 1) n = 1;
+    if (n > long_side) n = long_side;
+    *rows = H <= W ? grid : (int)n;
+    *cols = H <= W ? (int)n : grid;
+    return DSEG_OK;
+}
+
 int dseg_merge(const float *A, int R, int grid, const double *thresholds, int n_iter,
                float *proposals, int *n_proposals, dseg_merge_stats *stats) {
     const dseg_exec ex = dseg_default_exec();
-    return dseg_merge_ex(A, R, grid, thresholds, n_iter, proposals, n_proposals, NULL, stats, &ex);
+    return dseg_merge_hw(A, R, R, grid, thresholds, n_iter, proposals, n_proposals, NULL, stats,
+                         &ex);
 }
 
 int dseg_merge_ex(const float *A, int R, int grid, const double *thresholds, int n_iter,
+                  float *proposals, int *n_proposals, int *seeds, dseg_merge_stats *stats,
+                  const dseg_exec *ex) {
+    return dseg_merge_hw(A, R, R, grid, thresholds, n_iter, proposals, n_proposals, seeds, stats,
+                         ex);
+}
+
+int dseg_merge_hw(const float *A, int H, int W, int grid, const double *thresholds, int n_iter,
                   float *proposals, int *n_proposals, int *seeds, dseg_merge_stats *stats,
                   const dseg_exec *ex) {
     dseg_clear_error();
     if (dseg_check_exec(ex) != DSEG_OK) return DSEG_EINVAL;
     if (!A || !thresholds || !proposals || !n_proposals)
         return dseg_fail(DSEG_EINVAL, "merge: NULL pointer argument");
-    if (R < 1 || R > 215) /* R^4 must fit an int index */
-        return dseg_fail(DSEG_EINVAL, "A: resolution %d out of range", R);
+    if (H < 1 || W < 1 || (int64_t)H * W > DSEG_MAX_POSITIONS) /* (H*W)^2 must fit an int index */
+        return dseg_fail(DSEG_EINVAL, "A: shape %dx%d out of range (H * W at most %d)", H, W,
+                         DSEG_MAX_POSITIONS);
     if (n_iter < 1) return dseg_fail(DSEG_EINVAL, "kl_threshold: at least one iteration needed");
     for (int i = 0; i < n_iter; i++)
         if (!(thresholds[i] > 0.0) || isinf(thresholds[i]))
             return dseg_fail(DSEG_EINVAL, "kl_threshold[%d] must be finite and > 0, got %g", i,
                              thresholds[i]);
-    int coords[256]; /* grid <= R <= 215 */
-    int rc = dseg_anchor_coords(R, grid, coords);
+    int gh, gw;
+    int rc = dseg_anchor_counts(H, W, grid, &gh, &gw);
     if (rc != DSEG_OK) return rc;
     if (stats) stats->pairs = stats->full_distances = stats->refined = stats->exact_rechecks = 0;
 
-    const int N = R * R, G = grid * grid;
-    int *anchor_rows = malloc(sizeof(int) * G);
-    if (!anchor_rows) return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
-    for (int a = 0; a < grid; a++) /* row-major, first coordinate slowest */
-        for (int b = 0; b < grid; b++) anchor_rows[a * grid + b] = coords[a] * R + coords[b];
-    rc = anchor_step(ex, A, R, anchor_rows, grid, thresholds[0], proposals, stats);
+    const int N = H * W, G = gh * gw;
+    int *anchor_rows = malloc(sizeof(int) * G), *cy = malloc(sizeof(int) * gh);
+    int *cx = malloc(sizeof(int) * gw);
+    if (!anchor_rows || !cy || !cx) {
+        free(anchor_rows), free(cy), free(cx);
+        return dseg_fail(DSEG_ENOMEM, "merge: out of memory");
+    }
+    dseg_anchor_coords(H, gh, cy); /* cannot fail: 1 <= gh <= H, 1 <= gw <= W */
+    dseg_anchor_coords(W, gw, cx);
+    for (int a = 0; a < gh; a++) /* row-major, first coordinate slowest */
+        for (int b = 0; b < gw; b++) anchor_rows[a * gw + b] = cy[a] * W + cx[b];
+    free(cy), free(cx);
+    rc = anchor_step(ex, A, H, W, anchor_rows, gh, gw, thresholds[0], proposals, stats);
     if (seeds) memcpy(seeds, anchor_rows, sizeof(int) * G); /* proposal a: anchor a's */
     free(anchor_rows);
     int K = G;

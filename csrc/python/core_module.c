@@ -155,19 +155,66 @@ static int threads_setting(int threads, int *out) {
     return 1;
 }
 
-static PyObject *aggregate_maps(PyObject *maps, PyObject *weights, int out_res,
-                                const dseg_exec *ex);
+/* A pair of positive ints (h, w) from a 2-sequence; an int n means (n, n)
+ * when square_ok. */
+static int positive_pair(PyObject *obj, const char *name, int square_ok, int *h, int *w) {
+    if (square_ok && PyLong_Check(obj)) {
+        if (!positive_int(obj, name, h)) return 0;
+        *w = *h;
+        return 1;
+    }
+    PyObject *t = PySequence_Check(obj) ? PySequence_Tuple(obj) : NULL;
+    if (!t || PyTuple_GET_SIZE(t) != 2) {
+        Py_XDECREF(t);
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be %sa (height, width) pair", name,
+                     square_ok ? "an int or " : "");
+        return 0;
+    }
+    char part[64];
+    snprintf(part, sizeof part, "%s[0]", name);
+    int ok = positive_int(PyTuple_GET_ITEM(t, 0), part, h);
+    snprintf(part, sizeof part, "%s[1]", name);
+    ok = ok && positive_int(PyTuple_GET_ITEM(t, 1), part, w);
+    Py_DECREF(t);
+    return ok;
+}
 
-/* aggregate(maps: list[ndarray], weights: list[float], out_res: int, threads: int = 0) */
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights, const int *hs, const int *ws,
+                                int H, int W, const dseg_exec *ex);
+
+/* aggregate(maps: list[ndarray], weights: list[float], out_res: int or (H, W),
+ *           threads: int = 0, shapes: list[(h, w)] or None = None)
+ * shapes None: every map is square, its side inferred from its size. */
 static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *maps_obj, *weights_obj, *out_res_obj;
+    PyObject *maps_obj, *weights_obj, *out_res_obj, *shapes_obj = Py_None;
     int threads = 0;
-    if (!PyArg_ParseTuple(args, "OOO|i", &maps_obj, &weights_obj, &out_res_obj, &threads))
+    if (!PyArg_ParseTuple(args, "OOO|iO", &maps_obj, &weights_obj, &out_res_obj, &threads,
+                          &shapes_obj))
         return NULL;
-    int out_res;
+    int H, W;
     dseg_exec ex = {1, NULL};
-    if (!positive_int(out_res_obj, "out_res", &out_res)) return NULL;
+    if (!positive_pair(out_res_obj, "out_res", 1, &H, &W)) return NULL;
     if (!threads_setting(threads, &ex.threads)) return NULL;
+    int hs[64], ws[64], n_shapes = -1;
+    if (shapes_obj != Py_None) {
+        PyObject *t = PySequence_Check(shapes_obj) ? PySequence_Tuple(shapes_obj) : NULL;
+        if (!t) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "shapes must be None or a sequence of (h, w) pairs");
+            return NULL;
+        }
+        n_shapes = (int)(PyTuple_GET_SIZE(t) < 65 ? PyTuple_GET_SIZE(t) : 65);
+        for (int i = 0; i < n_shapes && i < 64; i++) {
+            char name[48];
+            snprintf(name, sizeof name, "shapes[%d]", i);
+            if (!positive_pair(PyTuple_GET_ITEM(t, i), name, 0, hs + i, ws + i)) {
+                Py_DECREF(t);
+                return NULL;
+            }
+        }
+        Py_DECREF(t);
+    }
     if (!PyList_Check(maps_obj) || !PyList_Check(weights_obj)) {
         PyErr_SetString(PyExc_TypeError, "attn and weights must be lists");
         return NULL;
@@ -182,14 +229,19 @@ static PyObject *py_aggregate(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_DECREF(maps_tuple);
         return NULL;
     }
-    PyObject *out = aggregate_maps(maps_tuple, weights_tuple, out_res, &ex);
+    PyObject *out = NULL;
+    if (n_shapes >= 0 && n_shapes != PyTuple_GET_SIZE(maps_tuple))
+        PyErr_SetString(PyExc_ValueError, "shapes must have one (h, w) pair per attention map");
+    else
+        out = aggregate_maps(maps_tuple, weights_tuple, n_shapes >= 0 ? hs : NULL,
+                             n_shapes >= 0 ? ws : NULL, H, W, &ex);
     Py_DECREF(maps_tuple);
     Py_DECREF(weights_tuple);
     return out;
 }
 
-static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out_res,
-                                const dseg_exec *ex) {
+static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, const int *hs,
+                                const int *ws, int H, int W, const dseg_exec *ex) {
     const Py_ssize_t n = PyTuple_GET_SIZE(maps);
     if (n < 1 || n > 64) {
         PyErr_SetString(PyExc_ValueError, "attn must hold 1 to 64 maps");
@@ -199,7 +251,7 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out
         PyErr_SetString(PyExc_ValueError, "weights must have one entry per attention map");
         return NULL;
     }
-    int res[64];
+    int res_h[64], res_w[64];
     float weights[64];
     const float *ptrs[64];
     char name[48];
@@ -219,18 +271,33 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out
         PyArrayObject *a = checked_array(PyTuple_GET_ITEM(maps, i), 2, name);
         if (!a) return NULL;
         const npy_intp q = PyArray_DIM(a, 0);
-        const long s = lround(sqrt((double)q));
-        if (PyArray_DIM(a, 1) != q || (npy_intp)s * s != q) {
-            PyErr_Format(PyExc_ValueError, "%s must be (s*s, s*s) for an integer s, got (%zd, %zd)",
-                         name, (Py_ssize_t)q, (Py_ssize_t)PyArray_DIM(a, 1));
-            return NULL;
+        if (hs) {
+            if (PyArray_DIM(a, 1) != q || q != (npy_intp)hs[i] * ws[i]) {
+                PyErr_Format(PyExc_ValueError, "%s must be (%d, %d) for a %dx%d grid, got (%zd, %zd)",
+                             name, hs[i] * ws[i], hs[i] * ws[i], hs[i], ws[i], (Py_ssize_t)q,
+                             (Py_ssize_t)PyArray_DIM(a, 1));
+                return NULL;
+            }
+            res_h[i] = hs[i], res_w[i] = ws[i];
+        } else {
+            const long s = lround(sqrt((double)q));
+            if (PyArray_DIM(a, 1) != q || (npy_intp)s * s != q) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s must be (s*s, s*s) for an integer s, got (%zd, %zd)", name,
+                             (Py_ssize_t)q, (Py_ssize_t)PyArray_DIM(a, 1));
+                return NULL;
+            }
+            res_h[i] = res_w[i] = (int)s;
         }
-        res[i] = (int)s;
         ptrs[i] = (const float *)PyArray_DATA(a);
     }
-    const npy_intp N = (npy_intp)out_res * out_res;
-    if (N > 46225) { /* 215^2: keeps every index in range */
-        PyErr_Format(PyExc_ValueError, "out_res %d is too large (at most 215)", out_res);
+    const npy_intp N = (npy_intp)H * W;
+    if (N > DSEG_MAX_POSITIONS) { /* keeps every index in range */
+        if (H == W)
+            PyErr_Format(PyExc_ValueError, "out_res %d is too large (at most 215)", H);
+        else
+            PyErr_Format(PyExc_ValueError, "out_res %dx%d is too large (H * W at most %d)", H, W,
+                         DSEG_MAX_POSITIONS);
         return NULL;
     }
     npy_intp dims[2] = {N, N};
@@ -238,7 +305,7 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out
     if (!out) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_aggregate_ex((int)n, res, ptrs, weights, out_res,
+    rc = dseg_aggregate_hw((int)n, res_h, res_w, ptrs, weights, H, W,
                            (float *)PyArray_DATA((PyArrayObject *)out), ex);
     Py_END_ALLOW_THREADS
     if (rc != DSEG_OK) {
@@ -249,27 +316,29 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, int out
 }
 
 /* merge(A: (N, N) ndarray, grid: int, thresholds: sequence of float,
- *       threads: int = 0, gemm = None)
- *   -> (proposals (K, R, R), pairs, full_distances, refined, exact_rechecks) */
-static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj,
-                               const dseg_exec *ex);
+ *       threads: int = 0, gemm = None, shape: (H, W) or None = None)
+ *   -> (proposals (K, H, W), seeds, pairs, full_distances, refined, exact_rechecks)
+ * shape None: A is square, R = sqrt(N). */
+static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj, int H,
+                               int W, const dseg_exec *ex);
 
 static PyObject *py_merge(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *A_obj, *grid_obj, *thr_obj, *gemm = Py_None, *hold;
-    int threads = 0;
-    if (!PyArg_ParseTuple(args, "OOO|iO", &A_obj, &grid_obj, &thr_obj, &threads, &gemm))
+    PyObject *A_obj, *grid_obj, *thr_obj, *gemm = Py_None, *shape = Py_None, *hold;
+    int threads = 0, H = 0, W = 0;
+    if (!PyArg_ParseTuple(args, "OOO|iOO", &A_obj, &grid_obj, &thr_obj, &threads, &gemm, &shape))
         return NULL;
+    if (shape != Py_None && !positive_pair(shape, "shape", 0, &H, &W)) return NULL;
     /* Settings are read once, here: the whole merge runs with them. */
     dseg_exec ex = {1, NULL};
     if (!threads_setting(threads, &ex.threads) || !gemm_setting(gemm, &ex.sgemm, &hold))
         return NULL;
-    PyObject *out = merge_checked(A_obj, grid_obj, thr_obj, &ex);
+    PyObject *out = merge_checked(A_obj, grid_obj, thr_obj, H, W, &ex);
     Py_XDECREF(hold);
     return out;
 }
 
-static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj,
-                               const dseg_exec *ex) {
+static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *thr_obj, int H,
+                               int W, const dseg_exec *ex) {
     /* A tuple owns its items: a threshold's __float__ mutating the caller's
      * list cannot free the item being converted. */
     PyObject *seq = PySequence_Tuple(thr_obj);
@@ -305,21 +374,36 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
     /* A last: no Python code runs between checking its values and the call */
     PyArrayObject *A = checked_array(A_obj, 2, "A");
     const npy_intp N = A ? PyArray_DIM(A, 0) : 0;
-    const long R = lround(sqrt((double)N));
-    if (A && (PyArray_DIM(A, 1) != N || (npy_intp)R * R != N))
-        PyErr_Format(PyExc_ValueError, "A must be (R*R, R*R) for an integer R, got (%zd, %zd)",
-                     (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
-    else if (A && R > 215)
-        PyErr_Format(PyExc_ValueError, "A: resolution %ld is too large (at most 215)", R);
-    else if (A && grid > R)
-        PyErr_Format(PyExc_ValueError, "grid must be in [1, %ld] for A of resolution %ld, got %d",
-                     R, R, grid);
+    int gh = 0, gw = 0;
+    if (A && !H) { /* square */
+        const long R = lround(sqrt((double)N));
+        if (PyArray_DIM(A, 1) != N || (npy_intp)R * R != N)
+            PyErr_Format(PyExc_ValueError,
+                         "A must be (R*R, R*R) for an integer R, got (%zd, %zd); give shape=(H, W) "
+                         "for a non-square grid",
+                         (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
+        else if (R > 215)
+            PyErr_Format(PyExc_ValueError, "A: resolution %ld is too large (at most 215)", R);
+        else if (grid > R)
+            PyErr_Format(PyExc_ValueError,
+                         "grid must be in [1, %ld] for A of resolution %ld, got %d", R, R, grid);
+        H = W = (int)R;
+    } else if (A) {
+        if (PyArray_DIM(A, 1) != N || N != (npy_intp)H * W)
+            PyErr_Format(PyExc_ValueError, "A must be (%d, %d) for shape %dx%d, got (%zd, %zd)",
+                         H * W, H * W, H, W, (Py_ssize_t)N, (Py_ssize_t)PyArray_DIM(A, 1));
+        else if (N > DSEG_MAX_POSITIONS)
+            PyErr_Format(PyExc_ValueError, "A: shape %dx%d is too large (H * W at most %d)", H, W,
+                         DSEG_MAX_POSITIONS);
+    }
+    if (A && !PyErr_Occurred() && dseg_anchor_counts(H, W, grid, &gh, &gw) != DSEG_OK)
+        core_error(DSEG_EINVAL);
     if (PyErr_Occurred()) {
         free(thr);
         return NULL;
     }
 
-    const npy_intp G = (npy_intp)grid * grid;
+    const npy_intp G = (npy_intp)gh * gw;
     float *buf = malloc(sizeof(float) * (size_t)G * N);
     int *seeds = malloc(sizeof(int) * (size_t)G);
     if (!buf || !seeds) {
@@ -329,7 +413,7 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
     int K = 0, rc;
     dseg_merge_stats stats = {0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_merge_ex((const float *)PyArray_DATA(A), (int)R, grid, thr, (int)n_iter, buf, &K,
+    rc = dseg_merge_hw((const float *)PyArray_DATA(A), H, W, grid, thr, (int)n_iter, buf, &K,
                        seeds, &stats, ex);
     Py_END_ALLOW_THREADS
     free(thr);
@@ -337,7 +421,7 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
         free(buf), free(seeds);
         return core_error(rc);
     }
-    npy_intp dims[3] = {K, R, R}, sdims[1] = {K};
+    npy_intp dims[3] = {K, H, W}, sdims[1] = {K};
     PyObject *out = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     PyObject *seed_rows = out ? PyArray_SimpleNew(1, sdims, NPY_INT64) : NULL;
     if (!seed_rows) {
@@ -455,6 +539,27 @@ static PyObject *py_anchor_coords(PyObject *Py_UNUSED(self), PyObject *args) {
         return core_error(rc);
     }
     return out;
+}
+
+/* anchor_grid(H, W, grid) -> (row coords, column coords), int32 */
+static PyObject *py_anchor_grid(PyObject *Py_UNUSED(self), PyObject *args) {
+    int H, W, grid, gh, gw;
+    if (!PyArg_ParseTuple(args, "iii", &H, &W, &grid)) return NULL;
+    if (H < 1 || H > 100000 || W < 1 || W > 100000) {
+        PyErr_Format(PyExc_ValueError, "shape must be in [1, 100000] per side, got %dx%d", H, W);
+        return NULL;
+    }
+    if (dseg_anchor_counts(H, W, grid, &gh, &gw) != DSEG_OK) return core_error(DSEG_EINVAL);
+    npy_intp dy[1] = {gh}, dx[1] = {gw};
+    PyObject *rows = PyArray_SimpleNew(1, dy, NPY_INT32);
+    PyObject *cols = rows ? PyArray_SimpleNew(1, dx, NPY_INT32) : NULL;
+    if (!cols) {
+        Py_XDECREF(rows);
+        return NULL;
+    }
+    dseg_anchor_coords(H, gh, (int *)PyArray_DATA((PyArrayObject *)rows));
+    dseg_anchor_coords(W, gw, (int *)PyArray_DATA((PyArrayObject *)cols));
+    return Py_BuildValue("NN", rows, cols);
 }
 
 static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
@@ -575,14 +680,18 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"aggregate", py_aggregate, METH_VARARGS,
-     "aggregate(maps, weights, out_res, threads=0) -> (N, N) float32 (threads 0: default)"},
+     "aggregate(maps, weights, out_res, threads=0, shapes=None) -> (N, N) float32 (threads 0: "
+     "default; out_res an int or (H, W); shapes: (h, w) per map, None: square maps)"},
     {"merge", py_merge, METH_VARARGS,
-     "merge(A, grid, thresholds, threads=0, gemm=None) -> (proposals, pairs, full_distances, "
-     "refined, exact_rechecks); gemm: None (process default), 'builtin' or an sgemm capsule"},
+     "merge(A, grid, thresholds, threads=0, gemm=None, shape=None) -> (proposals, seeds, pairs, "
+     "full_distances, refined, exact_rechecks); gemm: None (process default), 'builtin' or an "
+     "sgemm capsule; shape: (H, W) of A's grid, None: square"},
     {"nms", py_nms, METH_VARARGS,
      "nms(proposals, H, W, threads=0) -> (labels, proposal of each label)"},
     {"sym_kl", py_sym_kl, METH_VARARGS, "sym_kl(p, q) -> (m, k) float64 symmetric KL"},
     {"anchor_coords", py_anchor_coords, METH_VARARGS, "anchor_coords(R, grid) -> int32 coords"},
+    {"anchor_grid", py_anchor_grid, METH_VARARGS,
+     "anchor_grid(H, W, grid) -> (row coords, column coords), int32"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n); n < 1 means all cores"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "threads the core uses"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the core was built with OpenMP"},

@@ -89,6 +89,60 @@ int main(void) {
     const int bad_res[1] = {3};
     if (dseg_aggregate(1, bad_res, maps, weights, R, A) != DSEG_EINVAL) return fail("res 3");
     printf("error message: %s\n", dseg_last_error());
+    /* Rectangular grids: a 4 x 8 map and its 2 x 4 halving, the same
+     * left/right halves; the square entry points are the h = w case. */
+    static float r48[32 * 32], r24[8 * 8], Ar[32 * 32], Ar_sq[N * N], rprop[8 * 32];
+    for (int k = 0; k < 2; k++) {
+        const int h = k ? 2 : 4, w = k ? 4 : 8, n = h * w;
+        float *m = k ? r24 : r48;
+        for (int q = 0; q < n; q++) {
+            double total = 0;
+            for (int p = 0; p < n; p++) {
+                m[q * n + p] = ((q % w < w / 2) == (p % w < w / 2)) ? 10.0f : 0.1f;
+                total += m[q * n + p];
+            }
+            for (int p = 0; p < n; p++) m[q * n + p] /= (float)total;
+        }
+    }
+    const int hs[2] = {4, 2}, ws[2] = {8, 4};
+    const float *rmaps[2] = {r48, r24};
+    if (dseg_aggregate_hw(2, hs, ws, rmaps, weights, 4, 8, Ar, &one) != DSEG_OK)
+        return fail("aggregate_hw");
+    if (dseg_aggregate_hw(2, res, res, maps, weights, R, R, Ar_sq, &one) != DSEG_OK ||
+        memcmp(Ar_sq, A, sizeof(float) * N * N) != 0) {
+        printf("FAIL aggregate_hw (square) differs from aggregate\n");
+        return 1;
+    }
+    int gh = 0, gw = 0;
+    if (dseg_anchor_counts(64, 96, 16, &gh, &gw) != DSEG_OK || gh != 16 || gw != 24)
+        return fail("anchor_counts 64x96");
+    if (dseg_anchor_counts(96, 64, 16, &gh, &gw) != DSEG_OK || gh != 24 || gw != 16)
+        return fail("anchor_counts 96x64");
+    if (dseg_anchor_counts(4, 8, 2, &gh, &gw) != DSEG_OK || gh != 2 || gw != 4)
+        return fail("anchor_counts 4x8");
+    int seeds_r[8], Kr = 0;
+    if (dseg_merge_hw(Ar, 4, 8, 2, tau, 3, rprop, &Kr, seeds_r, NULL, &one) != DSEG_OK)
+        return fail("merge_hw");
+    /* anchors: rows {0, 3} x columns {0, 2, 4, 6}; the first left and the
+     * first right anchor seed the two segments */
+    if (Kr != 2 || seeds_r[0] != 0 || seeds_r[1] != 4) {
+        printf("FAIL merge_hw: K=%d seeds %d %d\n", Kr, seeds_r[0], seeds_r[1]);
+        return 1;
+    }
+    int32_t rlabels[6 * 10];
+    if (dseg_nms(rprop, Kr, 4, 8, 6, 10, rlabels, &n_labels, NULL) != DSEG_OK) return fail("nms 4x8");
+    for (int i = 0; i < 60; i++)
+        if (rlabels[i] != (i % 10 < 5 ? 0 : 1)) {
+            printf("FAIL rectangular label at %d\n", i);
+            return 1;
+        }
+    if (dseg_merge_hw(Ar, 4, 8, 5, tau, 3, rprop, &Kr, NULL, NULL, &one) != DSEG_EINVAL)
+        return fail("grid 5 on 4x8");
+    printf("error message: %s\n", dseg_last_error());
+    const int h_bad[1] = {3};
+    if (dseg_aggregate_hw(1, h_bad, ws, rmaps, weights, 4, 8, Ar, &one) != DSEG_EINVAL)
+        return fail("3x8 map of a 4x8 call");
+    printf("error message: %s\n", dseg_last_error());
     printf("ok (openmp=%d, threads=%d, pairs=%lld)\n", dseg_has_openmp(), dseg_get_num_threads(),
            (long long)stats.pairs);
     return 0;
