@@ -539,14 +539,15 @@ class Naming:
             raise ValueError(f"no nouns found in the prompt {prompt!r}: pass vocabulary=[...]")
         return prompt, words, caption
 
-    def attention(self, model, rgb, timestep=None):
-        """One conditional UNet pass: ``(self-attention, info)``; ``info``
-        holds what :meth:`name` needs. Words absent from the prompt fail
-        before the pass when the model can tokenize."""
+    def attention(self, model, rgb, timestep=None, **kwargs):
+        """One conditional UNet pass, ``model.prompt_attention(rgb, prompt,
+        timestep, **kwargs)``: ``(self-attention, info)``; ``info`` holds
+        what :meth:`name` needs. Words absent from the prompt fail before the
+        pass when the model can tokenize."""
         prompt, words, caption = self.prompt_and_words(rgb)
         if callable(getattr(model, "tokenize", None)):
             word_token_indices(model.tokenize(prompt)[1], words)
-        attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep)
+        attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep, **kwargs)
         return attn, {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption}
 
     def name(self, result, info):

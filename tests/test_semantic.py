@@ -587,3 +587,90 @@ def test_name_from_cross_equals_name_segments_on_full_logits(voting):
         name_segments(labels, full, tokens, words, voting)
     with pytest.raises(ValueError, match="76 entries"):
         semantic.name_from_cross(labels, cross, tokens[:76], words, voting)
+
+
+# ---------------------------------------------------------------- through the libtorch shim
+@pytest.fixture(scope="module")
+def cross_model(cross_bundle):
+    pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
+    import diffseg
+
+    model = diffseg.load_model(cross_bundle)
+    yield model
+    model.close()
+
+
+ORACLE = {}  # largest relative differences seen, printed by the last shim test (-s)
+
+
+@pytest.mark.parametrize("frame,shape", [("crop", (96, 160)), ("whole", (128, 192))])
+def test_shim_cross_attention_equals_eager_diffusers(cross_model, tiny_sd_dir, frame, shape):
+    """Model.prompt_attention / cross_attention through the shim against
+    eager diffusers' own attention on attn1 and attn2 (rel. diff <= 1e-3)."""
+    from sd_tiny import load_tiny_sd
+
+    pipe = load_tiny_sd(tiny_sd_dir)
+    rgb = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    prompt = "a tabby cat, on green grass"
+    attn, cross, tokens = cross_model.prompt_attention(rgb, prompt, frame=frame)
+    x = cross_model.preprocess(rgb, frame=frame)
+    self_ref, cross_ref, _ = eager_prompt_attention(pipe, x[None], prompt)
+    H, W = x.shape[1:]
+    grids = [(H * r // 128, W * r // 128) for r in (16, 8, 4, 2)]
+    keys = [g[0] if g[0] == g[1] else g for g in grids]
+    assert list(cross) == keys and list(attn) == keys
+    for key, (h, w) in zip(keys, grids):
+        assert cross[key].shape == (h * w, 77) and cross[key].dtype == np.float32
+        np.testing.assert_allclose(cross[key].sum(axis=1), 1, rtol=1e-5)
+        rel_cross = _rel(cross[key], cross_ref[h * w][0])
+        rel_self = _rel(attn[key], self_ref[h * w][0])
+        ORACLE[(frame, key)] = (rel_cross, rel_self)
+        assert rel_cross <= 1e-3 and rel_self <= 1e-3
+    assert tokens[:3] == [BOS, "a</w>", "t"] and len(tokens) == 77
+    cross2, tokens2 = cross_model.cross_attention(rgb, prompt, frame=frame)
+    assert tokens2 == tokens
+    for key in cross:
+        np.testing.assert_array_equal(cross2[key], cross[key])
+    print("\nmax rel. diff vs eager diffusers (cross, self):",
+          {str(k): tuple(f"{v:.1e}" for v in vals) for k, vals in ORACLE.items()})
+
+
+def test_names_from_the_shim_model(cross_model):
+    """segment(..., vocabulary=) with the tiny bundle: the names equal
+    name_segments on the model's own cross-attention and labels (random
+    weights: which names win is arbitrary)."""
+    import diffseg
+    from diffseg.pipeline import segment_detailed
+
+    rgb = np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    words = ["tabby cat", "grass", "sky"]
+    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8)
+    assert result["prompt"] == "tabby cat, grass, sky"
+    attn, cross, tokens = cross_model.prompt_attention(rgb, "tabby cat, grass, sky")
+    np.testing.assert_array_equal(diffseg.segment_attention(attn, grid=8, size=(128, 128)), result["crop_labels"])
+    logits = diffseg.semantic.aggregate_cross_attention(cross, (128, 128))
+    assert result["names"] == diffseg.name_segments(result["crop_labels"], logits, tokens, words)
+    assert set(result["names"]) <= set(words)
+
+
+def test_bundle_without_cross_attention_refuses_prompts(tiny_model):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    assert not tiny_model.has_cross_attention
+    for call in (lambda: tiny_model.cross_attention(rgb, "a cat"), lambda: tiny_model.prompt_attention(rgb, "a cat"),
+                 lambda: tiny_model.tokenize("a cat")):
+        with pytest.raises(ValueError, match="export it again with --cross-attention"):
+            call()
+    import diffseg
+
+    with pytest.raises(ValueError, match="--cross-attention"):
+        diffseg.segment(rgb, tiny_model, vocabulary=["cat"])
+
+
+def test_prompt_bad_inputs(cross_model):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        cross_model.cross_attention(rgb, None)
+    with pytest.raises(ValueError, match="timestep"):
+        cross_model.cross_attention(rgb, "a cat", timestep=-1)
+    with pytest.raises(ValueError, match="frame must be one of"):
+        cross_model.cross_attention(rgb, "a cat", frame="middle")

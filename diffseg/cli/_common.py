@@ -71,7 +71,9 @@ def open_model(args):
     from ..sd.model import load_model
 
     try:
-        model = load_model(args.model, device=args.device, threads=args.threads)
+        # Names (segment --vocabulary/--prompt) need a bundle with cross-attention when exporting here.
+        naming = getattr(args, "vocabulary", None) is not None or getattr(args, "prompt", None) is not None
+        model = load_model(args.model, device=args.device, threads=args.threads, cross_attention=naming)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 -- ImportError, BundleError, export failures...
