@@ -158,8 +158,9 @@ class ReferenceCapture:
 
 
 def reference_attention(pipe, image, timestep=300):
-    """Eager diffusers: ``image`` (3, S, S) float32 in [-1, 1] ->
-    ``({resolution: (n, n) float64 mean over layers}, [(name, map)], eps)``."""
+    """Eager diffusers: ``image`` (3, H, W) float32 in [-1, 1] ->
+    ``({key: (n, n) float64 mean over layers}, [(name, map)], eps)``; keys as
+    ``diffseg.Model.attention``: ``s`` for an s x s grid, else ``(h, w)``."""
     import numpy as np
     import torch
 
@@ -169,10 +170,12 @@ def reference_attention(pipe, image, timestep=300):
         latent = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
         emb, _ = pipe.encode_prompt("", "cpu", 1, False)
         eps = pipe.unet(latent, timestep, encoder_hidden_states=emb, return_dict=False)[0]
+    h, w = latent.shape[-2:]
+    grids = {(h // f) * (w // f): (h // f, w // f) for f in (1, 2, 4, 8, 16)}
     groups = {}
     for _, m in capture.maps:
-        side = int(round(m.shape[-1] ** 0.5))
-        groups.setdefault(side, []).append(m[0].double().numpy())
+        gh, gw = grids[m.shape[-1]]
+        groups.setdefault(gh if gh == gw else (gh, gw), []).append(m[0].double().numpy())
     per_res = {s: np.mean(v, axis=0) for s, v in groups.items()}
     layers = [(n, m[0].double().numpy()) for n, m in capture.maps]
     return per_res, layers, eps[0].numpy()

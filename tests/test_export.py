@@ -48,6 +48,7 @@ def test_metadata(tiny_bundle, tiny_sd_dir):
     assert len(names) == 16 and all(n.endswith("attn1") for n in names)
     assert res == [16, 16, 8, 8, 4, 4, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16]
     assert names[6].startswith("mid_block")
+    assert meta["input_multiple"] == 64 and "any batch size" in meta["grid"]
     side = json.loads(open(os.path.join(os.path.dirname(tiny_bundle), "metadata.json")).read())
     assert side == meta
 
@@ -92,6 +93,29 @@ def test_traced_bundle_equals_eager(tiny_bundle, tiny_pipe):
         assert o.shape == (1, s * s, s * s) and o.dtype == torch.float32
         assert rel_diff(o[0].numpy(), ref[s]) <= 1e-3
         assert torch.equal(o, o2)
+
+
+def test_traced_graphs_are_shape_polymorphic(tiny_bundle, tiny_pipe):
+    """Traced at (1, 3, 128, 128), the encoder and the UNet run on other
+    batch sizes and non-square sizes and equal eager diffusers there."""
+    bundle = torch.jit.load(tiny_bundle)
+    rng = np.random.RandomState(8)
+    for shape in [(2, 3, 128, 128), (1, 3, 192, 128), (3, 3, 64, 256)]:
+        x = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32))
+        with torch.no_grad():
+            latent = bundle.encode(x)
+            ref_latent = tiny_pipe.vae.encode(x).latent_dist.mean * 0.18215
+            out = bundle.denoise(latent, torch.tensor([300]))
+        assert latent.shape == (shape[0], 4, shape[2] // 8, shape[3] // 8)
+        assert torch.allclose(latent, ref_latent, rtol=1e-5, atol=1e-6)
+        for f, o in zip([1, 2, 4, 8], out[1:]):
+            n = (shape[2] // 8 // f) * (shape[3] // 8 // f)
+            assert o.shape == (shape[0], n, n)
+        for b in range(shape[0]):
+            ref, _, ref_eps = reference_attention(tiny_pipe, x[b].numpy())
+            assert rel_diff(out[0][b].numpy(), ref_eps) <= 1e-3
+            for o, r in zip(out[1:], ref.values()):
+                assert rel_diff(o[b].numpy(), r) <= 1e-3
 
 
 def test_capture_processor_matches_reference_eagerly(tiny_sd_dir):

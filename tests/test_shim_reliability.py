@@ -371,7 +371,7 @@ def test_use_after_close_of_each_method(bundle):
     model.close()
     raw.close()
     assert model.closed and raw.closed
-    for call in (lambda: raw.run(image()), raw.info, raw.metadata, lambda: model.run(image()),
+    for call in (lambda: raw.call("forward", [image()[None], np.full(1, 300, np.int64)]), raw.info, raw.metadata, lambda: model.run(image()),
                  lambda: model.attention(image()), lambda: diffseg.segment(np.zeros((8, 8, 3), np.uint8), model)):
         with pytest.raises(ValueError, match="closed"):
             call()
@@ -533,7 +533,11 @@ gc.collect(); ran = rss() - base
 assert (sys.getrefcount(x), sys.getrefcount(m._model)) == refs, refs
 for _ in range(20):  # failing calls must not leak either
     try:
-        m._model.run(np.zeros((3, 64, 64), np.float32))
+        m._model.call("no_such_method", [x[None]])
+    except ValueError:
+        pass
+    try:
+        m._model.call("forward", [x[None], np.full(1, np.nan, np.float32)])
     except ValueError:
         pass
     try:

@@ -1,9 +1,10 @@
 /*
  * diffseg._torch: CPython bindings of the libtorch shim (csrc/torch/diffseg_torch.h).
  *
- * Only the shim's C header is used here; no C++ and no torch headers. Arrays
- * are validated while holding the GIL (float32, C-contiguous, shape, finite),
- * then the GIL is released around the model run. The friendlier API
+ * Only the shim's C header is used here; no C++ and no torch headers. Input
+ * arrays are validated while holding the GIL (dtype, rank, layout; the shim
+ * checks that float inputs are finite), then the GIL is released around the
+ * call. Which shapes a method accepts is checked in Python. The friendlier API
  * (images, preprocessing, dictionaries) is diffseg/sd/model.py.
  */
 #define PY_SSIZE_T_CLEAN
@@ -178,102 +179,124 @@ static PyObject *model_metadata(ModelObject *self, PyObject *Py_UNUSED(ignored))
     return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
-/* run(image: float32 (C, S, S), timestep: int = -1, eps: bool = False)
- *   -> (list of (n, n) float32 arrays, eps array or None) */
-static PyObject *model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"image", "timestep", "eps", NULL};
-    PyObject *image_obj;
-    int timestep = -1, want_eps = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|ip", kwlist, &image_obj, &timestep, &want_eps)) return NULL;
+#define RESULT_CAPSULE "diffseg._torch.result"
+
+static void free_result_capsule(PyObject *capsule) {
+    dseg_torch_result_free((dseg_torch_result *)PyCapsule_GetPointer(capsule, RESULT_CAPSULE));
+}
+
+/* call(method: str, inputs: sequence of float32/int64 arrays) -> list of arrays
+ *
+ * The outputs are NumPy views of the shim's host copies (no second copy);
+ * the arrays of one call share a capsule that frees the result with the
+ * last of them. */
+static PyObject *model_call(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"method", "inputs", NULL};
+    const char *method;
+    PyObject *inputs_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sO", kwlist, &method, &inputs_obj)) return NULL;
     if (!check_open(self) || !check_not_exiting()) return NULL;
-    const dseg_torch_info info = self->info; /* buffers below are sized from this copy */
-    const dseg_torch_info *in = &info;
-    if (!PyArray_Check(image_obj)) {
-        PyErr_Format(PyExc_TypeError, "image must be a numpy array, got %s", Py_TYPE(image_obj)->tp_name);
+    if (!PyList_Check(inputs_obj) && !PyTuple_Check(inputs_obj)) {
+        PyErr_Format(PyExc_TypeError, "inputs must be a list or tuple of numpy arrays, got %s",
+                     Py_TYPE(inputs_obj)->tp_name);
         return NULL;
     }
-    PyArrayObject *image = (PyArrayObject *)image_obj;
-    if (PyArray_TYPE(image) != NPY_FLOAT32) {
-        PyErr_SetString(PyExc_TypeError, "image must be float32");
+    /* A tuple copy: the caller's list cannot change under the released GIL,
+     * and it keeps the arrays alive during the call. */
+    PyObject *seq = PySequence_Tuple(inputs_obj);
+    if (!seq) return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    if (n > 64) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "inputs: at most 64 arrays, got %zd", n);
         return NULL;
     }
-    if (PyArray_NDIM(image) != 3 || PyArray_DIM(image, 0) != in->image_channels ||
-        PyArray_DIM(image, 1) != in->image_size || PyArray_DIM(image, 2) != in->image_size) {
-        PyErr_Format(PyExc_ValueError, "image must have shape (%d, %d, %d) for this bundle", in->image_channels,
-                     in->image_size, in->image_size);
-        return NULL;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(image) || !PyArray_ISALIGNED(image)) {
-        PyErr_SetString(PyExc_ValueError, "image must be C-contiguous and aligned");
-        return NULL;
-    }
-    const float *px = (const float *)PyArray_DATA(image);
-    const npy_intp n_px = PyArray_SIZE(image);
-    for (npy_intp i = 0; i < n_px; i++) {
-        if (!isfinite(px[i])) {
-            PyErr_Format(PyExc_ValueError, "image must be finite (bad value at flat index %zd)", (Py_ssize_t)i);
+    dseg_torch_tensor tensors[64];
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyTuple_GET_ITEM(seq, k);
+        if (!PyArray_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "inputs[%zd] must be a numpy array, got %s", k, Py_TYPE(item)->tp_name);
+            Py_DECREF(seq);
             return NULL;
         }
-    }
-    if (timestep > 100000) {
-        PyErr_SetString(PyExc_ValueError, "timestep must be in [0, 100000] (or < 0 for the bundle's default)");
-        return NULL;
-    }
-
-    PyObject *maps = PyList_New(in->n_maps);
-    if (!maps) return NULL;
-    float *ptrs[DSEG_TORCH_MAX_MAPS];
-    for (int i = 0; i < in->n_maps; i++) {
-        npy_intp n = (npy_intp)in->map_res[i] * in->map_res[i];
-        npy_intp dims[2] = {n, n};
-        PyObject *arr = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-        if (!arr) {
-            Py_DECREF(maps);
+        PyArrayObject *arr = (PyArrayObject *)item;
+        int type = PyArray_TYPE(arr);
+        if (type != NPY_FLOAT32 && type != NPY_INT64) {
+            PyErr_Format(PyExc_TypeError, "inputs[%zd] must be float32 or int64, got %s", k,
+                         PyArray_DESCR(arr)->typeobj->tp_name);
+            Py_DECREF(seq);
             return NULL;
         }
-        PyList_SET_ITEM(maps, i, arr);
-        ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)arr);
-    }
-    PyObject *eps = Py_None;
-    Py_INCREF(eps);
-    float *eps_ptr = NULL;
-    if (want_eps) {
-        npy_intp dims[3] = {in->latent_channels, in->latent_size, in->latent_size};
-        Py_DECREF(eps);
-        eps = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
-        if (!eps) {
-            Py_DECREF(maps);
+        if (PyArray_NDIM(arr) > DSEG_TORCH_MAX_DIMS) {
+            PyErr_Format(PyExc_ValueError, "inputs[%zd] must have at most %d dimensions, got %d", k,
+                         DSEG_TORCH_MAX_DIMS, PyArray_NDIM(arr));
+            Py_DECREF(seq);
             return NULL;
         }
-        eps_ptr = (float *)PyArray_DATA((PyArrayObject *)eps);
+        if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || !PyArray_ISNOTSWAPPED(arr)) {
+            PyErr_Format(PyExc_ValueError, "inputs[%zd] must be C-contiguous, aligned and in native byte order", k);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        tensors[k].dtype = type == NPY_FLOAT32 ? DSEG_TORCH_FLOAT32 : DSEG_TORCH_INT64;
+        tensors[k].ndim = PyArray_NDIM(arr);
+        for (int d = 0; d < tensors[k].ndim; d++) tensors[k].shape[d] = (int64_t)PyArray_DIM(arr, d);
+        tensors[k].data = PyArray_DATA(arr);
     }
-
-    /* Allocating the outputs may have run Python code (a GC pass, finalisers)
-     * that closed this model: check again, then count the run so that close()
-     * waits for it. Nothing below runs Python code until busy-- . */
-    if (!check_open(self) || !check_not_exiting() || memcmp(&info, &self->info, sizeof info) != 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Model was reopened during run()");
-        Py_DECREF(maps);
-        Py_DECREF(eps);
+    /* The checks above may have run Python code (__len__ of a list
+     * subclass, finalisers) that closed this model: check again, then count
+     * the call so that close() waits for it. */
+    if (!check_open(self) || !check_not_exiting()) {
+        Py_DECREF(seq);
         return NULL;
     }
     dseg_torch_model *model = self->model;
-    Py_INCREF(image); /* keep the input alive while the GIL is released */
+    dseg_torch_result *result = NULL;
     self->busy++;
     g_in_shim++;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dseg_torch_run(model, px, in->image_channels, in->image_size, in->image_size, timestep, ptrs, eps_ptr);
+    rc = dseg_torch_call(model, method, (int)n, tensors, &result);
     Py_END_ALLOW_THREADS
     g_in_shim--;
     self->busy--;
-    Py_DECREF(image);
-    if (rc != DSEG_TORCH_OK) {
-        Py_DECREF(maps);
-        Py_DECREF(eps);
-        return shim_error(rc);
+    Py_DECREF(seq);
+    if (rc != DSEG_TORCH_OK) return shim_error(rc);
+
+    PyObject *capsule = PyCapsule_New(result, RESULT_CAPSULE, free_result_capsule);
+    if (!capsule) {
+        dseg_torch_result_free(result);
+        return NULL;
     }
-    return Py_BuildValue("(NN)", maps, eps);
+    const int count = dseg_torch_result_count(result);
+    PyObject *outputs = PyList_New(count);
+    if (!outputs) {
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    for (int i = 0; i < count; i++) {
+        int64_t shape[DSEG_TORCH_MAX_DIMS];
+        npy_intp dims[DSEG_TORCH_MAX_DIMS];
+        const int ndim = dseg_torch_result_shape(result, i, shape);
+        for (int d = 0; d < ndim; d++) dims[d] = (npy_intp)shape[d];
+        const int type = dseg_torch_result_dtype(result, i) == DSEG_TORCH_FLOAT32 ? NPY_FLOAT32 : NPY_INT64;
+        PyObject *arr = PyArray_SimpleNewFromData(ndim, dims, type, dseg_torch_result_data(result, i));
+        if (!arr) {
+            Py_DECREF(outputs);
+            Py_DECREF(capsule);
+            return NULL;
+        }
+        Py_INCREF(capsule);
+        if (PyArray_SetBaseObject((PyArrayObject *)arr, capsule) < 0) { /* steals the reference */
+            Py_DECREF(arr);
+            Py_DECREF(outputs);
+            Py_DECREF(capsule);
+            return NULL;
+        }
+        PyList_SET_ITEM(outputs, i, arr);
+    }
+    Py_DECREF(capsule);
+    return outputs;
 }
 
 static PyObject *model_closed(ModelObject *self, void *Py_UNUSED(closure)) {
@@ -281,10 +304,12 @@ static PyObject *model_closed(ModelObject *self, void *Py_UNUSED(closure)) {
 }
 
 static PyMethodDef model_methods[] = {
-    {"run", (PyCFunction)(void (*)(void))model_run, METH_VARARGS | METH_KEYWORDS,
-     "run(image, timestep=-1, eps=False) -> (maps, eps)\n\n"
-     "image: float32 (C, S, S) in [-1, 1]. maps: list of (n, n) float32 arrays in the\n"
-     "order of info()['map_resolutions']; eps: (latent_channels, L, L) or None."},
+    {"call", (PyCFunction)(void (*)(void))model_call, METH_VARARGS | METH_KEYWORDS,
+     "call(method, inputs) -> list of arrays\n\n"
+     "Run the bundle's exported method (\"forward\", \"encode\", \"denoise\", ...) on\n"
+     "inputs, a list of C-contiguous float32 or int64 arrays (float32 ones finite).\n"
+     "Returns its output tensors as float32 (floating) or int64 (integer) arrays.\n"
+     "Shapes are not checked here: diffseg.Model does that."},
     {"info", (PyCFunction)model_info, METH_NOARGS, "Sizes and output layout of the bundle (dict)."},
     {"metadata", (PyCFunction)model_metadata, METH_NOARGS, "The bundle's diffseg.json extra file, unparsed (invalid UTF-8 replaced)."},
     {"close", (PyCFunction)model_close, METH_NOARGS,

@@ -147,6 +147,100 @@ int translate(const std::exception &e, const char *context) {
     return fail(DSEG_TORCH_ERUNTIME, std::string(context) + ": " + e.what());
 }
 
+
+// ------------------------------------------------ generic calls
+
+constexpr int kMaxInputs = 64;
+
+// A host tensor of the caller, checked and copied (the model must never
+// write to, or keep, the caller's buffer).
+at::Tensor host_input(const dseg_torch_tensor &in, int k) {
+    const std::string name = "input " + std::to_string(k);
+    if (in.dtype != DSEG_TORCH_FLOAT32 && in.dtype != DSEG_TORCH_INT64)
+        throw ShimError(DSEG_TORCH_EINVAL, name + ": dtype must be DSEG_TORCH_FLOAT32 or DSEG_TORCH_INT64, got " +
+                                               std::to_string(in.dtype));
+    if (in.ndim < 0 || in.ndim > DSEG_TORCH_MAX_DIMS)
+        throw ShimError(DSEG_TORCH_EINVAL, name + ": ndim must be in [0, " + std::to_string(DSEG_TORCH_MAX_DIMS) +
+                                               "], got " + std::to_string(in.ndim));
+    std::vector<int64_t> shape(in.shape, in.shape + in.ndim);
+    int64_t numel = 1;
+    for (int64_t d : shape) {
+        if (d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d))
+            throw ShimError(DSEG_TORCH_EINVAL, name + ": shape " + c10::str(at::IntArrayRef(shape)) +
+                                                   " is negative or too large");
+        numel *= d;
+    }
+    if (in.data == nullptr && numel > 0) throw ShimError(DSEG_TORCH_EINVAL, name + ": data must not be NULL");
+    const bool is_float = in.dtype == DSEG_TORCH_FLOAT32;
+    if (is_float) {
+        const float *p = static_cast<const float *>(in.data);
+        for (int64_t i = 0; i < numel; i++)
+            if (!std::isfinite(p[i]))
+                throw ShimError(DSEG_TORCH_EINVAL, name + " must be finite (NaN or Inf at flat index " +
+                                                       std::to_string(i) + ")");
+    }
+    auto options = torch::TensorOptions().dtype(is_float ? torch::kFloat32 : torch::kInt64);
+    if (numel == 0) return torch::empty(shape, options);
+    return torch::from_blob(const_cast<void *>(in.data), shape, options).clone();
+}
+
+// The message of an exception from the TorchScript interpreter in one line:
+// its last "...Error: message" line (the interpreter prepends a TorchScript
+// traceback), else its first non-empty line.
+std::string interpreter_what(const std::exception &e) {
+    const auto *c10e = dynamic_cast<const c10::Error *>(&e);
+    std::string full = c10e ? c10e->what_without_backtrace() : e.what();
+    std::string best;
+    size_t pos = 0;
+    while (pos <= full.size()) {
+        size_t nl = full.find('\n', pos);
+        std::string line = full.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+        size_t colon = line.find("Error: ");
+        if (colon != std::string::npos && line.find(' ') > colon) best = line.substr(colon + 7);
+        if (nl == std::string::npos) break;
+        pos = nl + 1;
+    }
+    return best.empty() ? short_what(e) : best;
+}
+
+// A method's return value as a flat list of tensors.
+void flatten(const c10::IValue &v, const char *method, std::vector<at::Tensor> *out) {
+    if (v.isTensor()) {
+        out->push_back(v.toTensor());
+    } else if (v.isTuple()) {
+        for (const auto &e : v.toTupleRef().elements()) flatten(e, method, out);
+    } else if (v.isList()) {
+        for (const auto &e : v.toListRef()) flatten(e, method, out);
+    } else {
+        throw ShimError(DSEG_TORCH_EFORMAT, std::string("method '") + method + "' returned a " +
+                                                v.tagKind() + ", not tensors (a tensor, tuple or list of tensors)");
+    }
+}
+
+// A host copy of output k (float32 or int64, C-contiguous), checked finite.
+at::Tensor host_output(const at::Tensor &t, size_t k) {
+    if (t.is_complex())
+        throw ShimError(DSEG_TORCH_EFORMAT, "bundle output " + std::to_string(k) + " is complex");
+    const bool is_float = t.is_floating_point();
+    at::Tensor host = t.to(torch::kCPU, is_float ? torch::kFloat32 : torch::kInt64, /*non_blocking=*/false,
+                           /*copy=*/true)
+                          .contiguous();
+    if (is_float) {
+        const float *src = host.data_ptr<float>();
+        const int64_t n = host.numel();
+        // NaN/Inf in the outputs: corrupt weights (a bundle whose tensor data
+        // was damaged still loads: TorchScript does not check the zip CRCs)
+        // or an overflow in a half-precision bundle.
+        for (int64_t i = 0; i < n; i++)
+            if (!std::isfinite(src[i]))
+                throw ShimError(DSEG_TORCH_ERUNTIME, "bundle output " + std::to_string(k) +
+                                                         " holds NaN or Inf (flat index " + std::to_string(i) +
+                                                         "): the bundle's weights may be corrupt (export it "
+                                                         "again) or a half-precision bundle overflowed");
+    }
+    return host;
+}
+
 }  // namespace
 
 struct dseg_torch_model {
@@ -155,6 +249,10 @@ struct dseg_torch_model {
     std::string metadata;  // the diffseg.json extra file, unparsed ("" if absent)
     dseg_torch_info info{};
     std::mutex mutex;
+};
+
+struct dseg_torch_result {
+    std::vector<at::Tensor> tensors;  // host, C-contiguous, float32 or int64
 };
 
 extern "C" {
@@ -251,80 +349,104 @@ const char *dseg_torch_metadata(const dseg_torch_model *model) {
     return model ? model->metadata.c_str() : "";
 }
 
-int dseg_torch_run(dseg_torch_model *model, const float *image, int channels, int height, int width,
-                   int timestep, float *const *maps, float *eps) {
+int dseg_torch_call(dseg_torch_model *model, const char *method, int n_inputs, const dseg_torch_tensor *inputs,
+                    dseg_torch_result **out) {
+    if (out == nullptr) return fail(DSEG_TORCH_EINVAL, "out must not be NULL");
+    *out = nullptr;
     if (model == nullptr) return fail(DSEG_TORCH_EINVAL, "model must not be NULL");
-    if (image == nullptr) return fail(DSEG_TORCH_EINVAL, "image must not be NULL");
-    const dseg_torch_info &info = model->info;
-    if (channels != info.image_channels || height != info.image_size || width != info.image_size) {
-        char msg[256];
-        std::snprintf(msg, sizeof msg,
-                      "image must be (%d, %d, %d) (channels, height, width) for this bundle, got (%d, %d, %d)",
-                      info.image_channels, info.image_size, info.image_size, channels, height, width);
-        return fail(DSEG_TORCH_EINVAL, msg);
-    }
-    const size_t n_pixels = static_cast<size_t>(channels) * static_cast<size_t>(height) * static_cast<size_t>(width);
-    for (size_t i = 0; i < n_pixels; i++) {
-        if (!std::isfinite(image[i])) return fail(DSEG_TORCH_EINVAL, "image must be finite (NaN or Inf at flat index " + std::to_string(i) + ")");
-    }
-    if (timestep < 0) timestep = info.default_timestep;
-    if (timestep > 100000) return fail(DSEG_TORCH_EINVAL, "timestep must be in [0, 100000]");
+    if (method == nullptr || method[0] == '\0') return fail(DSEG_TORCH_EINVAL, "method must be a non-empty string");
+    if (n_inputs < 0 || n_inputs > kMaxInputs)
+        return fail(DSEG_TORCH_EINVAL, "n_inputs must be in [0, " + std::to_string(kMaxInputs) + "]");
+    if (n_inputs > 0 && inputs == nullptr) return fail(DSEG_TORCH_EINVAL, "inputs must not be NULL");
     try {
-        std::lock_guard<std::mutex> lock(model->mutex);
-        torch::NoGradGuard no_grad;
-        // No profiling/optimising executor: it re-specialises the graph during
-        // the first runs (seconds each for SD) and gains nothing here, where
-        // the time goes into convolutions and matrix products.
-        torch::jit::GraphOptimizerEnabledGuard no_jit_opt(false);
-        at::Tensor x = torch::from_blob(const_cast<float *>(image), {1, channels, height, width}, torch::kFloat32)
-                           .to(model->device, /*non_blocking=*/false, /*copy=*/true);
-        at::Tensor t = torch::full({1}, static_cast<int64_t>(timestep),
-                                   torch::TensorOptions().dtype(torch::kInt64).device(model->device));
-        c10::IValue result = model->module.forward({x, t});
-        std::vector<c10::IValue> outputs;
-        if (result.isTuple()) {
-            outputs = result.toTupleRef().elements().vec();
-        } else if (result.isList()) {
-            for (const auto &v : result.toListRef()) outputs.push_back(v);
-        } else {
-            throw ShimError(DSEG_TORCH_EFORMAT, "bundle forward must return a tuple (eps, maps...)");
+        auto found = model->module.find_method(method);
+        if (!found) {
+            std::string names;
+            for (const auto &m : model->module.get_methods()) names += (names.empty() ? "" : ", ") + m.name();
+            throw ShimError(DSEG_TORCH_EINVAL, std::string("method '") + method +
+                                                   "': the bundle has no such method (it has: " + names + ")");
         }
-        if (outputs.size() != static_cast<size_t>(info.n_maps) + 1)
-            throw ShimError(DSEG_TORCH_EFORMAT, "bundle forward returned " + std::to_string(outputs.size()) +
-                                                    " outputs, its map_resolutions attribute promises " + std::to_string(info.n_maps + 1));
-        auto copy_out = [](const c10::IValue &v, std::vector<int64_t> shape, float *dst, const std::string &name) {
-            if (!v.isTensor()) throw ShimError(DSEG_TORCH_EFORMAT, "bundle output " + name + " is not a tensor");
-            at::Tensor tensor = v.toTensor();
-            if (tensor.sizes() != at::IntArrayRef(shape)) {
-                std::string got = c10::str(tensor.sizes());
-                throw ShimError(DSEG_TORCH_EFORMAT, "bundle output " + name + " has shape " + got +
-                                                        ", expected " + c10::str(at::IntArrayRef(shape)));
+        const c10::FunctionSchema &schema = found->function().getSchema();
+        // Arguments after self; those with defaults may be left out.
+        const size_t n_args = schema.arguments().size() - 1;
+        size_t n_required = 0;
+        for (size_t k = 1; k < schema.arguments().size(); k++)
+            if (!schema.arguments()[k].default_value()) n_required = k;
+        if (static_cast<size_t>(n_inputs) < n_required || static_cast<size_t>(n_inputs) > n_args)
+            throw ShimError(DSEG_TORCH_EINVAL, std::string("method '") + method + "' takes " +
+                                                   (n_required == n_args ? std::to_string(n_args)
+                                                                         : std::to_string(n_required) + " to " +
+                                                                               std::to_string(n_args)) +
+                                                   " inputs, got " + std::to_string(n_inputs));
+        std::vector<at::Tensor> hosts;
+        hosts.reserve(static_cast<size_t>(n_inputs));
+        for (int k = 0; k < n_inputs; k++) hosts.push_back(host_input(inputs[k], k));
+
+        auto result = std::make_unique<dseg_torch_result>();
+        {
+            std::lock_guard<std::mutex> lock(model->mutex);
+            torch::NoGradGuard no_grad;
+            // No profiling/optimising executor: it re-specialises the graph
+            // during the first runs (seconds each for SD) and gains nothing
+            // here, where the time goes into convolutions and matrix products.
+            torch::jit::GraphOptimizerEnabledGuard no_jit_opt(false);
+            std::vector<c10::IValue> args;
+            args.reserve(hosts.size());
+            for (auto &h : hosts) args.emplace_back(h.to(model->device));  // no copy when already there
+            hosts.clear();
+            c10::IValue value;
+            try {
+                value = (*found)(std::move(args));
+            } catch (const ShimError &) {
+                throw;
+            } catch (const std::bad_alloc &) {
+                throw;
+            } catch (const c10::OutOfMemoryError &) {
+                throw;
+            } catch (const std::exception &e) {
+                throw ShimError(DSEG_TORCH_ERUNTIME, std::string("method '") + method + "' failed: " + interpreter_what(e));
             }
-            if (dst == nullptr) return;
-            at::Tensor host = tensor.to(torch::kCPU, torch::kFloat32).contiguous();
-            const float *src = host.data_ptr<float>();
-            const size_t n = static_cast<size_t>(host.numel());
-            // NaN/Inf in the outputs: corrupt weights (a bundle whose tensor
-            // data was damaged still loads: TorchScript does not check the
-            // zip CRCs) or an overflow in a half-precision bundle.
-            for (size_t k = 0; k < n; k++)
-                if (!std::isfinite(src[k]))
-                    throw ShimError(DSEG_TORCH_ERUNTIME, "bundle output " + name +
-                                                             " holds NaN or Inf (flat index " + std::to_string(k) +
-                                                             "): the bundle's weights may be corrupt (export it "
-                                                             "again) or a half-precision bundle overflowed");
-            std::memcpy(dst, src, sizeof(float) * n);
-        };
-        copy_out(outputs[0], {1, info.latent_channels, info.latent_size, info.latent_size}, eps, "eps");
-        for (int i = 0; i < info.n_maps; i++) {
-            int64_t n = static_cast<int64_t>(info.map_res[i]) * info.map_res[i];
-            copy_out(outputs[static_cast<size_t>(i) + 1], {1, n, n}, maps ? maps[i] : nullptr,
-                     "map " + std::to_string(i));
+            std::vector<at::Tensor> outputs;
+            flatten(value, method, &outputs);
+            value = c10::IValue();
+            for (size_t k = 0; k < outputs.size(); k++) result->tensors.push_back(host_output(outputs[k], k));
         }
+        *out = result.release();
         g_error.clear();
         return DSEG_TORCH_OK;
     } catch (const std::exception &e) {
-        return translate(e, "model run failed");
+        return translate(e, "model call failed");
+    }
+}
+
+int dseg_torch_result_count(const dseg_torch_result *result) {
+    return result ? static_cast<int>(result->tensors.size()) : 0;
+}
+
+int dseg_torch_result_shape(const dseg_torch_result *result, int i, int64_t *shape) {
+    if (result == nullptr || i < 0 || static_cast<size_t>(i) >= result->tensors.size()) return -1;
+    const at::Tensor &t = result->tensors[static_cast<size_t>(i)];
+    if (shape)
+        for (int64_t d = 0; d < t.dim(); d++) shape[d] = t.size(d);
+    return static_cast<int>(t.dim());
+}
+
+int dseg_torch_result_dtype(const dseg_torch_result *result, int i) {
+    if (result == nullptr || i < 0 || static_cast<size_t>(i) >= result->tensors.size()) return -1;
+    return result->tensors[static_cast<size_t>(i)].scalar_type() == torch::kFloat32 ? DSEG_TORCH_FLOAT32
+                                                                                      : DSEG_TORCH_INT64;
+}
+
+void *dseg_torch_result_data(dseg_torch_result *result, int i) {
+    if (result == nullptr || i < 0 || static_cast<size_t>(i) >= result->tensors.size()) return nullptr;
+    return result->tensors[static_cast<size_t>(i)].data_ptr();
+}
+
+void dseg_torch_result_free(dseg_torch_result *result) {
+    try {
+        delete result;
+    } catch (...) {
+        // destructors of libtorch objects do not throw; nothing to report
     }
 }
 

@@ -4,7 +4,8 @@
  *
  * A bundle is the file written by `diffseg export` (diffseg_bundle.pt): a
  * TorchScript module whose forward(image, t) returns (eps, map_0, map_1, ...)
- * and whose attributes give its layout (format_version, image_size,
+ * for images of any batch size and of any height and width that are
+ * multiples of image_size / min(map_res), and whose attributes give its layout (format_version, image_size,
  * image_channels, latent_size, latent_channels, default_timestep,
  * map_resolutions, device_type), plus descriptive JSON metadata as an extra
  * file ("diffseg.json") that the shim hands out unparsed.
@@ -12,18 +13,20 @@
  * another backend (AOTInductor .pt2) can implement the same functions.
  *
  * Conventions
- *   - Buffers are dense, row-major (C-contiguous) float32.
+ *   - Buffers are dense, row-major (C-contiguous) float32 or int64.
  *   - Every function that can fail returns DSEG_TORCH_OK (0) or an error code;
  *     the message is available from dseg_torch_last_error() (thread-local).
  *     Nothing exits or aborts; C++ exceptions never cross this boundary.
  *   - A handle may be used from several threads; runs on one handle are
- *     serialised. Closing a handle while another thread uses it is an error
+ *     serialised (one mutex per handle). Closing a handle while another thread uses it is an error
  *     of the caller (the Python binding waits for runs in progress).
  *   - Error messages may quote bytes of a corrupt bundle as libtorch reports
  *     them: they are not guaranteed to be valid UTF-8.
  */
 #ifndef DIFFSEG_TORCH_H
 #define DIFFSEG_TORCH_H
+
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,13 +51,13 @@ typedef struct dseg_torch_model dseg_torch_model; /* opaque */
 
 typedef struct {
     int format_version;
-    int image_size;      /* input: (image_channels, image_size, image_size) */
+    int image_size;      /* side the bundle was traced at; map_res refer to it */
     int image_channels;  /* 3 */
-    int latent_size;     /* eps: (latent_channels, latent_size, latent_size) */
+    int latent_size;     /* latent side at image_size (image_size / 8 for SD) */
     int latent_channels;
     int default_timestep;
     int n_maps;                          /* attention maps per run */
-    int map_res[DSEG_TORCH_MAX_MAPS];    /* map i is (res^2, res^2) */
+    int map_res[DSEG_TORCH_MAX_MAPS];    /* map i: a res x res grid at image_size */
 } dseg_torch_info;
 
 /* Message of the last failed call on this thread ("" if none). */
@@ -89,20 +92,71 @@ int dseg_torch_info_get(const dseg_torch_model *model, dseg_torch_info *info);
  * ("" when absent), owned by the handle and valid until close. */
 const char *dseg_torch_metadata(const dseg_torch_model *model);
 
-/*
- * One DiffSeg pass: VAE-encode `image` (channels x height x width float32,
- * values in [-1, 1], already centre-cropped and resized to image_size),
- * run the UNet once at `timestep` (< 0: the bundle's default) with the
- * unconditional embedding, and copy the outputs:
- *   maps[i]: (map_res[i]^2 x map_res[i]^2) floats, row = query, rows sum to 1.
- *            A NULL entry skips that map; maps may be NULL to skip all.
- *   eps:     (latent_channels x latent_size x latent_size) floats, or NULL.
- * An output that holds NaN or Inf fails with DSEG_TORCH_ERUNTIME (corrupt
- * weights, or a half-precision overflow); the buffers are then unspecified.
+/* ------------------------------------------------ calling a method
+ * The shim is a thin, generic caller: it converts host tensors to the
+ * bundle's device, runs one exported method, and hands back host copies of
+ * the tensors it returns. What the inputs mean and which shapes are valid is
+ * the caller's business (diffseg/sd/model.py checks them); the shim checks
+ * only what keeps it safe (pointers, dtypes, ranks, sizes, finite floats).
+ *
+ * A diffseg bundle exports (latent grid h x w = height/8 x width/8 for SD,
+ * any batch size B, height and width multiples of image_size / min(map_res)):
+ *   forward(image (B,3,H,W) float32 in [-1,1], t (1,) int64)
+ *       -> [eps (B,latent_channels,h,w), map_0 (B,n_0,n_0), map_1, ...]
+ *   encode(image) -> latent (B,latent_channels,h,w)
+ *   denoise(latent, t) -> same as forward
+ * Map i covers a grid of (H*map_res[i]/image_size) x (W*map_res[i]/image_size)
+ * positions, n_i their product: row = query (row-major), rows sum to 1.
  */
-int dseg_torch_run(dseg_torch_model *model, const float *image, int channels,
-                   int height, int width, int timestep, float *const *maps,
-                   float *eps);
+#define DSEG_TORCH_MAX_DIMS 8
+
+enum {
+    DSEG_TORCH_FLOAT32 = 0,
+    DSEG_TORCH_INT64 = 1,
+};
+
+/* A dense, C-contiguous host tensor. The shim copies it before the call
+ * (the model never writes to the caller's buffer). */
+typedef struct {
+    int dtype;                         /* DSEG_TORCH_FLOAT32 or DSEG_TORCH_INT64 */
+    int ndim;                          /* 0..DSEG_TORCH_MAX_DIMS */
+    int64_t shape[DSEG_TORCH_MAX_DIMS];
+    const void *data;                  /* shape's product elements (not NULL) */
+} dseg_torch_tensor;
+
+typedef struct dseg_torch_result dseg_torch_result; /* opaque */
+
+/*
+ * Run method `method` ("forward", "encode", "denoise", ...) of the bundle on
+ * `inputs` (positional arguments, all tensors). A float32 input that holds
+ * NaN or Inf is refused (DSEG_TORCH_EINVAL). The outputs (a tensor, or a
+ * tuple/list of tensors, nested lists flattened in order) are copied to the
+ * host: floating tensors as float32, integer and bool tensors as int64, all
+ * C-contiguous. An output that holds NaN or Inf fails with
+ * DSEG_TORCH_ERUNTIME (corrupt weights, or a half-precision overflow).
+ * Calls on one handle are serialised. On success *out holds the outputs,
+ * to release with dseg_torch_result_free(); on failure *out is NULL.
+ */
+int dseg_torch_call(dseg_torch_model *model, const char *method, int n_inputs, const dseg_torch_tensor *inputs,
+                    dseg_torch_result **out);
+
+/* Number of output tensors (0 for NULL). */
+int dseg_torch_result_count(const dseg_torch_result *result);
+
+/* Shape of output i: returns its ndim (<= DSEG_TORCH_MAX_DIMS) and writes
+ * the sizes to shape (may be NULL); -1 when i is out of range. */
+int dseg_torch_result_shape(const dseg_torch_result *result, int i, int64_t *shape);
+
+/* DSEG_TORCH_FLOAT32 or DSEG_TORCH_INT64; -1 when i is out of range. */
+int dseg_torch_result_dtype(const dseg_torch_result *result, int i);
+
+/* Elements of output i (float * or int64_t * by its dtype), C-contiguous,
+ * owned by the result and valid (and writable) until it is freed; NULL when
+ * i is out of range. */
+void *dseg_torch_result_data(dseg_torch_result *result, int i);
+
+/* Release a result (NULL is ignored). */
+void dseg_torch_result_free(dseg_torch_result *result);
 
 /* Release a handle (NULL is ignored). */
 void dseg_torch_close(dseg_torch_model *model);

@@ -42,6 +42,7 @@ int main(int argc, char **argv) {
     float *image = NULL, *maps_data = NULL, *A = NULL, *proposals = NULL;
     int32_t *labels = NULL;
     dseg_torch_model *model = NULL;
+    dseg_torch_result *result = NULL;
 
     if (dseg_torch_open(argv[1], "cpu", threads, &model) != DSEG_TORCH_OK) {
         fprintf(stderr, "open failed: %s\n", dseg_torch_last_error());
@@ -66,15 +67,33 @@ int main(int argc, char **argv) {
             for (int x = 0; x < S; x++)
                 image[((size_t)c * S + y) * S + x] = (float)((x * 7 + y * 13 + c * 29 + (x / 16) * (y / 16) * 5) % 64) / 32.0f - 1.0f;
 
+    /* forward(image (1, C, S, S) float32, t (1,) int64) -> [eps, map_0, map_1, ...] */
+    const int64_t t = info.default_timestep;
+    dseg_torch_tensor inputs[2] = {
+        {DSEG_TORCH_FLOAT32, 4, {1, C, S, S}, image},
+        {DSEG_TORCH_INT64, 1, {1}, &t},
+    };
+    if (dseg_torch_call(model, "forward", 2, inputs, &result) != DSEG_TORCH_OK) {
+        fprintf(stderr, "call failed: %s\n", dseg_torch_last_error());
+        goto done;
+    }
+    if (dseg_torch_result_count(result) != info.n_maps + 1) {
+        fprintf(stderr, "expected %d outputs, got %d\n", info.n_maps + 1, dseg_torch_result_count(result));
+        goto done;
+    }
     float *maps[DSEG_TORCH_MAX_MAPS];
     size_t offset = 0;
     for (int i = 0; i < info.n_maps; i++) {
+        const size_t n = (size_t)info.map_res[i] * info.map_res[i];
+        int64_t shape[DSEG_TORCH_MAX_DIMS];
+        if (dseg_torch_result_shape(result, i + 1, shape) != 3 || shape[0] != 1 || (size_t)shape[1] != n ||
+            (size_t)shape[2] != n || dseg_torch_result_dtype(result, i + 1) != DSEG_TORCH_FLOAT32) {
+            fprintf(stderr, "map %d: unexpected shape or dtype\n", i);
+            goto done;
+        }
         maps[i] = maps_data + offset;
-        offset += (size_t)info.map_res[i] * info.map_res[i] * info.map_res[i] * info.map_res[i];
-    }
-    if (dseg_torch_run(model, image, C, S, S, -1, maps, NULL) != DSEG_TORCH_OK) {
-        fprintf(stderr, "run failed: %s\n", dseg_torch_last_error());
-        goto done;
+        memcpy(maps[i], dseg_torch_result_data(result, i + 1), sizeof(float) * n * n);
+        offset += n * n;
     }
     /* Row sums of the highest-resolution map. */
     {
@@ -120,18 +139,20 @@ int main(int argc, char **argv) {
     }
     printf("segments: %d proposals, %d labels on %dx%d\n", n_proposals, n_labels, S, S);
 
-    /* An error is reported, not fatal: a wrong image shape. */
-    if (dseg_torch_run(model, image, C, S, S / 2, -1, NULL, NULL) == DSEG_TORCH_OK) {
-        fprintf(stderr, "expected a shape error\n");
+    /* An error is reported, not fatal: a method the bundle does not have. */
+    dseg_torch_result *none = NULL;
+    if (dseg_torch_call(model, "no_such_method", 2, inputs, &none) == DSEG_TORCH_OK || none != NULL) {
+        fprintf(stderr, "expected an error\n");
         goto done;
     }
-    printf("shape error: %s\n", dseg_torch_last_error());
+    printf("call error: %s\n", dseg_torch_last_error());
 
     if (prefix && (write_file(prefix, ".attn", maps_data, sizeof(float) * total) ||
                    write_file(prefix, ".labels", labels, sizeof(int32_t) * (size_t)S * S)))
         goto done;
     status = 0;
 done:
+    dseg_torch_result_free(result);
     dseg_torch_close(model);
     free(image);
     free(maps_data);

@@ -1,9 +1,13 @@
 """Image loading and the DiffSeg preprocessing (centre crop to the short
-side, resize to 512, scale to [-1, 1]), shared by segmentation and datasets.
+side, resize to 512, scale to [-1, 1]), shared by segmentation and datasets,
+and the whole-frame preprocessing of non-square images.
 
-Resizing follows the official TF code: bilinear with half-pixel centres and no
-antialias for images, nearest-exact (``floor((i + 0.5) * in / out)``) for labels.
+The crop path follows the official TF code: bilinear with half-pixel centres
+and no antialias for images, nearest-exact (``floor((i + 0.5) * in / out)``)
+for labels. The whole-frame path (:func:`whole_frame_geometry`) shrinks with an
+antialiased filter (Lanczos) and pads to the model's grid.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +85,115 @@ def center_crop(array):
     return array[top : top + side, left : left + side]
 
 
-def preprocess_image(image, size=512):
-    """Image -> ``(3, size, size)`` float32 in [-1, 1] (crop, bilinear resize)."""
-    rgb = center_crop(load_image(image)).astype(np.float32)
-    resized = resize_bilinear(rgb, size, size, axes=(0, 1))
+FRAMES = ("crop", "whole")
+"""``"crop"``: the published protocol (centre square crop). ``"whole"``: the
+whole image, padded to a multiple of the model's grid (:func:`whole_frame_geometry`)."""
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where an image lies in its whole-frame working frame (see
+    :func:`whole_frame_geometry`). All sizes in pixels."""
+
+    height: int            # the input image
+    width: int
+    frame_height: int      # the working frame: multiples of ``multiple``
+    frame_width: int
+    resized_height: int    # the image resized inside the frame (short side = size)
+    resized_width: int
+    top: int               # padding of the frame around the resized image (edge replication)
+    bottom: int
+    left: int
+    right: int
+    scale: float           # size / short side of the input
+
+    @property
+    def inner(self):
+        """``(top, left, resized_height, resized_width)``: the image inside the frame."""
+        return self.top, self.left, self.resized_height, self.resized_width
+
+
+def _positive_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def whole_frame_geometry(height, width, size=512, multiple=64):
+    """Geometry of the whole-frame preprocessing of a ``height x width`` image.
+
+    The rule: resize keeping the aspect ratio so that the short side is
+    ``size`` (which must be a multiple of ``multiple``) and the long side
+    ``round(long * size / short)``; then pad the long side, by edge
+    replication split evenly (the extra pixel after), up to the next multiple
+    of ``multiple``. Nothing is cropped: every pixel of the image is in the
+    frame, and the padding is at most ``multiple - 1`` pixels of the long
+    side (at most 63 px at 512 px for SD). A square image gives the
+    ``size x size`` frame of the crop path with no padding.
+    """
+    height, width = _positive_int(height, "height"), _positive_int(width, "width")
+    size, multiple = _positive_int(size, "size"), _positive_int(multiple, "multiple")
+    if size % multiple:
+        raise ValueError(f"size must be a multiple of multiple={multiple}, got {size}")
+    short, long = min(height, width), max(height, width)
+    # Exact integer rounding (half up) of long * size / short.
+    resized_long = (2 * long * size + short) // (2 * short)  # >= size
+    frame_long = -(-resized_long // multiple) * multiple
+    pad = frame_long - resized_long
+    before, after = pad // 2, pad - pad // 2
+    scale = size / short
+    if height <= width:  # landscape (or square): the width is the long side
+        return FrameGeometry(height, width, size, frame_long, size, resized_long, 0, 0, before, after, scale)
+    return FrameGeometry(height, width, frame_long, size, resized_long, size, before, after, 0, 0, scale)
+
+
+def _resize_antialiased(rgb, height, width):
+    """uint8 (H, W, 3) -> (height, width, 3) uint8 with Pillow's Lanczos filter
+    (antialiased when shrinking: its support widens with the scale factor;
+    the filter diffusers' image processor uses)."""
+    from PIL import Image
+
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.LANCZOS))
+
+
+def preprocess_image(image, size=512, *, frame="crop", antialias=None, multiple=64):
+    """Image -> ``(3, H, W)`` float32 in [-1, 1].
+
+    ``frame="crop"`` (the published protocol, used by evaluation): centre
+    square crop, bilinear resize without antialiasing (as the official TF
+    code) to ``(3, size, size)``.
+
+    ``frame="whole"``: the whole image in the frame of
+    :func:`whole_frame_geometry` (``size``, ``multiple``): resized with an
+    antialiased Lanczos filter (Pillow, on uint8), then padded by edge
+    replication; ``H`` and ``W`` are multiples of ``multiple``.
+
+    ``antialias``: None (default) takes the frame's filter; True / False
+    chooses Lanczos (antialiased) / bilinear without antialiasing for either frame.
+    """
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if antialias is None:
+        antialias = frame == "whole"
+    if not isinstance(antialias, (bool, np.bool_)):
+        raise TypeError(f"antialias must be True, False or None, got {antialias!r}")
+    rgb = load_image(image)
+    pad = None
+    if frame == "crop":
+        rgb = center_crop(rgb)
+        height = width = _positive_int(size, "size")
+    else:
+        g = whole_frame_geometry(rgb.shape[0], rgb.shape[1], size, multiple)
+        height, width = g.resized_height, g.resized_width
+        pad = ((g.top, g.bottom), (g.left, g.right), (0, 0))
+    if antialias:
+        resized = _resize_antialiased(rgb, height, width).astype(np.float32)
+    else:
+        resized = resize_bilinear(rgb.astype(np.float32), height, width, axes=(0, 1))
+    if pad is not None:
+        resized = np.pad(resized, pad, mode="edge")
     return np.ascontiguousarray((resized / np.float32(127.5) - 1).transpose(2, 0, 1))
 
 

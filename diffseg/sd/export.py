@@ -4,7 +4,7 @@ A bundle is one TorchScript file (``diffseg_bundle.pt``) that the libtorch shim
 (``diffseg._torch``, csrc/torch/) runs without Python:
 
 * ``encode(image)``: VAE encoder, posterior **mean** x scaling factor (no
-  sampling, no noise), for a ``(1, 3, size, size)`` float32 image in [-1, 1];
+  sampling, no noise), for a ``(B, 3, H, W)`` float32 image in [-1, 1];
 * ``denoise(latent, t)``: one UNet pass with the unconditional (empty-prompt)
   text embedding, stored in the bundle, returning ``(eps, attn_64, attn_32,
   attn_16, attn_8)`` (SD 1.x at 512 px): every self-attention layer (``attn1``)
@@ -15,8 +15,16 @@ A bundle is one TorchScript file (``diffseg_bundle.pt``) that the libtorch shim
   order;
 * ``forward(image, t) = denoise(encode(image), t)``.
 
-Every map is ``(1, s*s, s*s)`` float32: row = query position (row-major),
-column = key, rows sum to 1. The layout the shim needs (sizes, map
+Every map is ``(B, n, n)`` float32 with ``n = h*w`` the positions of its
+grid: row = query position (row-major), column = key, rows sum to 1.
+
+Bundles are shape-polymorphic: traced at ``(1, 3, size, size)``, they run on
+any batch size ``B`` and any ``H x W`` that are multiples of ``size //
+min(resolutions)`` (64 for SD; map grids ``H*r/size x W*r/size`` for the
+resolutions ``r`` of the square trace): tracing records the sizes as
+operations on the input's shape (diffusers' UNet and VAE, and the capture
+processor, compute every size from their inputs), so no graph is specialised
+to the example's shape. Metadata ``input_multiple`` and ``grid`` say so. The layout the shim needs (sizes, map
 resolutions, device type, format version: ``bundle.SHIM_ATTRIBUTES``) is stored
 as attributes of the scripted module; the descriptive metadata (JSON) is the
 TorchScript extra file ``diffseg.json`` (also written beside the bundle as
@@ -201,6 +209,9 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         "embedding": "empty prompt, encoded with the checkpoint's tokenizer and text encoder",
         "dtype": dtype,
         "device": device,
+        # The traced graphs take their sizes from the inputs (tests/test_export.py checks it).
+        "input_multiple": size // min(output_res),
+        "grid": f"any height and width that are multiples of {size // min(output_res)} px, any batch size",
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

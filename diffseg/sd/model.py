@@ -5,12 +5,17 @@
 
     model = diffseg.load_model("bundle-dir")        # or a hub id: exported once, cached
     attn = model.attention("photo.jpg")             # {64: (4096, 4096), 32: ..., 16: ..., 8: ...}
+    attn = model.attention("photo.jpg", frame="whole")  # 4:3 -> {(64, 88): (5632, 5632), ...}
+    attns = model.attention_batch(["a.jpg", "b.jpg"])   # one UNet call
 
-The UNet pass runs in C++ (``diffseg._torch``); Python only prepares the image
-(centre crop to the short side, bilinear resize to the bundle's size, scale to
-[-1, 1]; see :mod:`diffseg.io.images`) and hands NumPy buffers to the shim. torch
-is not imported for inference (only :func:`load_model` with a model id that
-is not cached yet imports it, to export).
+The UNet pass runs in C++ (``diffseg._torch``, a generic ``call(method,
+inputs)``); Python prepares the image (centre crop to the short side, bilinear
+resize to the bundle's size, scale to [-1, 1]; or the whole frame; see
+:mod:`diffseg.io.images`), checks shapes and hands NumPy buffers to the shim.
+Bundles are shape-polymorphic: any batch size, any height and width that are
+multiples of :attr:`Model.multiple` (64 for SD) up to :data:`MAX_GRID_POSITIONS`.
+torch is not imported for inference (only :func:`load_model` with a model id
+that is not cached yet imports it, to export).
 
 Bundles and torch versions: export and inference should use the same torch.
 A bundle records the torch that wrote it (metadata ``torch_version``); opening
@@ -32,10 +37,16 @@ import numpy as np
 
 from .._util import file_lock
 from ..core import average_layers
-from ..io.images import preprocess_image
+from ..io.images import FRAMES, preprocess_image
 from .bundle import BUNDLE_FILE, DEFAULT_MODEL, FORMAT, FORMAT_VERSION, METADATA_NAME, read_metadata
 
 CACHE_ENV = "DIFFSEG_CACHE"
+
+MAX_GRID_POSITIONS = 64 * 128
+"""Most positions of the finest attention grid a run may have (64x128 latents
+for SD: a 512x1024 image, aspect 2:1). Memory grows with their square: at the
+bound, the finest map and the aggregated affinity A take 256 MiB each (per
+image of a batch), and a (h*w)^2 score buffer per head chunk in the UNet."""
 
 
 class BundleVersionWarning(UserWarning):
@@ -209,7 +220,8 @@ class Model:
     # -- properties -------------------------------------------------------
     @property
     def image_size(self):
-        """Side of the (square) image the bundle takes (512 for SD 1.x)."""
+        """Side of the square image of ``frame="crop"`` (512 for SD 1.x); the
+        short side of ``frame="whole"``."""
         return self.info["image_size"]
 
     @property
@@ -235,52 +247,164 @@ class Model:
     def __exit__(self, *exc):
         self.close()
 
-    # -- running ----------------------------------------------------------
-    def preprocess(self, image):
-        """Image (path, PIL, uint8 array) -> ``(3, S, S)`` float32 in [-1, 1].
+    # -- geometry ---------------------------------------------------------
+    @property
+    def multiple(self):
+        """Image heights and widths must be multiples of this (64 for SD):
+        ``image_size // min(map_resolutions)``, the image pixels per position
+        of the coarsest attention grid."""
+        return self.image_size // min(self.info["map_resolutions"])
 
-        A float array is taken as already preprocessed and must be
-        ``(3, S, S)`` (or ``(1, 3, S, S)``) with ``S`` the bundle's image size.
-        """
+    def grids(self, height, width):
+        """Attention grids ``[(h, w), ...]`` of a ``height x width`` input, in
+        the order of ``info["map_resolutions"]``.
+
+        Raises ValueError when the size is not a positive multiple of
+        :attr:`multiple` or its finest grid has more than
+        :data:`MAX_GRID_POSITIONS` positions."""
+        M = self.multiple
+        if height < M or width < M or height % M or width % M:
+            raise ValueError(f"image height and width must be positive multiples of {M} for this bundle, "
+                             f"got {height}x{width}")
         S = self.image_size
+        grids = [(height * r // S, width * r // S) for r in self.info["map_resolutions"]]
+        h, w = max(grids)
+        if h * w > MAX_GRID_POSITIONS:
+            raise ValueError(
+                f"a {height}x{width} image gives a {h}x{w} attention grid, above the bound of "
+                f"{MAX_GRID_POSITIONS} positions (diffseg.sd.model.MAX_GRID_POSITIONS; its maps take "
+                f"{(h * w) ** 2 * 4 / 2 ** 30:.1f} GiB each): use frame='crop', or an image whose aspect ratio "
+                f"is at most {MAX_GRID_POSITIONS / max(self.info['map_resolutions']) ** 2:g}:1 with frame='whole'")
+        return grids
+
+    @staticmethod
+    def _key(grid):
+        """Dictionary key of a grid: ``s`` for a square ``s x s``, else ``(h, w)``."""
+        return grid[0] if grid[0] == grid[1] else tuple(grid)
+
+    # -- running ----------------------------------------------------------
+    def preprocess(self, image, *, frame="crop"):
+        """Image (path, PIL, uint8 array) -> ``(3, H, W)`` float32 in [-1, 1].
+
+        ``frame="crop"``: centre crop, bilinear resize without antialiasing to
+        ``(3, S, S)`` with ``S`` the bundle's image size (the published
+        protocol). ``frame="whole"``: the whole image, short side ``S``, padded
+        to multiples of :attr:`multiple` (:func:`diffseg.io.images.whole_frame_geometry`).
+
+        A float array is taken as already preprocessed (``frame`` is then
+        ignored): ``(3, H, W)`` or ``(1, 3, H, W)``, finite, ``H`` and ``W``
+        positive multiples of :attr:`multiple` within :data:`MAX_GRID_POSITIONS`.
+        """
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
         if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
             x = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
-            if x.shape != (3, S, S):
-                raise ValueError(f"a float image must be preprocessed to shape (3, {S}, {S}) for this "
-                                 f"bundle (or be a uint8 (H, W, 3) image), got shape {image.shape}")
+            if x.ndim != 3 or x.shape[0] != self.info["image_channels"]:
+                raise ValueError(f"image: a float image must be preprocessed to shape (3, H, W) (or be a uint8 "
+                                 f"(H, W, 3) image), got shape {image.shape}")
+            self.grids(x.shape[1], x.shape[2])
             x = np.ascontiguousarray(x, dtype=np.float32)
             if not np.all(np.isfinite(x)):
                 raise ValueError("image contains NaN or Inf")
             return x
-        return preprocess_image(image, size=S)
+        x = preprocess_image(image, size=self.image_size, frame=frame, multiple=self.multiple)
+        self.grids(x.shape[1], x.shape[2])
+        return x
 
-    def run(self, image, timestep=None, *, eps=False):
-        """The raw bundle outputs: ``(maps, eps)`` with ``maps`` a list of
-        ``(n, n)`` float32 arrays in the order of ``info["map_resolutions"]``
-        and ``eps`` the ``(4, L, L)`` UNet output (or None unless ``eps=True``)."""
-        x = self.preprocess(image)
+    def _timestep(self, timestep):
         t = self.info["timestep"] if timestep is None else timestep
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= 100000:
             raise ValueError(f"timestep must be an integer in [0, 100000], got {timestep!r}")
-        return self._model.run(x, int(t), bool(eps))
+        return np.full((1,), int(t), dtype=np.int64)
 
-    def attention(self, image, timestep=None):
-        """Self-attention of one image: ``{resolution: (s*s, s*s) float32}``,
-        highest resolution first; head means averaged over the layers of each
-        resolution (``layers="all"`` bundles are averaged here)."""
-        maps, _ = self.run(image, timestep)
+    def _forward(self, x, t):
+        """One shim call of ``forward`` on a ``(B, 3, H, W)`` batch ->
+        ``(maps, eps)``: ``(B, n, n)`` arrays in the order of
+        ``info["map_resolutions"]`` and ``(B, C, h, w)``; shapes checked."""
+        from .. import _torch
+
+        B, _, H, W = x.shape
+        grids = self.grids(H, W)
+        outputs = self._model.call("forward", [x, t])
+        expected = [(B, self.info["latent_channels"], H * self.info["latent_size"] // self.image_size,
+                     W * self.info["latent_size"] // self.image_size)]
+        expected += [(B, h * w, h * w) for h, w in grids]
+        if len(outputs) != len(expected):
+            raise _torch.BundleError(f"bundle forward returned {len(outputs)} outputs, its map_resolutions "
+                                     f"attribute promises {len(expected)}")
+        for i, (out, shape) in enumerate(zip(outputs, expected)):
+            if out.shape != shape or out.dtype != np.float32:
+                name = "eps" if i == 0 else f"map {i - 1}"
+                raise _torch.BundleError(f"bundle output {name} has shape {list(out.shape)} ({out.dtype}), "
+                                         f"expected {list(shape)} (float32)")
+        return outputs[1:], outputs[0]
+
+    def run(self, image, timestep=None, *, eps=False, frame="crop"):
+        """The raw bundle outputs of one image: ``(maps, eps)`` with ``maps``
+        a list of ``(n, n)`` float32 arrays in the order of
+        ``info["map_resolutions"]`` (``n = h * w`` of :meth:`grids`) and
+        ``eps`` the ``(4, h, w)`` UNet output (or None unless ``eps=True``)."""
+        x = self.preprocess(image, frame=frame)
+        maps, e = self._forward(x[None], self._timestep(timestep))
+        return [m[0] for m in maps], (e[0] if eps else None)
+
+    def _attention_dict(self, maps, grids):
         groups = {}
-        for res, m in zip(self.info["map_resolutions"], maps):
-            groups.setdefault(res, []).append(m)
-        return {res: average_layers(groups[res]) for res in sorted(groups, reverse=True)}
+        for grid, m in zip(grids, maps):
+            groups.setdefault(grid, []).append(m)
+        return {self._key(g): average_layers(groups[g]) for g in sorted(groups, reverse=True)}
 
-    def layer_attention(self, image, timestep=None):
-        """Per-layer maps ``[(layer name, (s*s, s*s) float32), ...]`` in
+    def attention(self, image, timestep=None, *, frame="crop"):
+        """Self-attention of one image: ``{key: (n, n) float32}``, highest
+        resolution first, head means averaged over the layers of each
+        resolution (``layers="all"`` bundles are averaged here).
+
+        Keys: ``s`` for an ``s x s`` grid (``frame="crop"``: 64, 32, 16, 8 for
+        SD at 512 px), ``(h, w)`` for a non-square one (``frame="whole"`` on a
+        512x768 image: ``(64, 96), (32, 48), (16, 24), (8, 12)``); ``n = h * w``,
+        positions row-major. See :meth:`preprocess` for ``frame``."""
+        x = self.preprocess(image, frame=frame)
+        maps, _ = self._forward(x[None], self._timestep(timestep))
+        return self._attention_dict([m[0] for m in maps], self.grids(x.shape[1], x.shape[2]))
+
+    def _stack(self, images, frame):
+        """Preprocess a batch into one ``(B, 3, H, W)`` array (one grid)."""
+        if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__iter__"):
+            raise TypeError(f"images must be a sequence of images, got {type(images).__name__}")
+        xs = [self.preprocess(image, frame=frame) for image in images]
+        if not xs:
+            raise ValueError("images must not be empty")
+        for i, x in enumerate(xs):
+            if x.shape != xs[0].shape:
+                raise ValueError(
+                    f"images: one call runs one grid; image {i} preprocesses to {x.shape[1]}x{x.shape[2]}, image 0 "
+                    f"to {xs[0].shape[1]}x{xs[0].shape[2]} (frame={frame!r}): group the images by size "
+                    "(e.g. by whole_frame_geometry) or use frame='crop'")
+        return np.stack(xs)
+
+    def attention_batch(self, images, timestep=None, *, frame="crop"):
+        """:meth:`attention` of several images in ONE UNet call: a list of
+        dicts, one per image, equal to per-image :meth:`attention` (up to
+        float rounding of batched kernels: see tests/test_shim.py).
+
+        Every image must preprocess to the same size (always so with
+        ``frame="crop"``; with ``frame="whole"``, images of one aspect ratio
+        class): mixed sizes raise ValueError; group them by
+        :func:`diffseg.io.images.whole_frame_geometry`. Any batch size works
+        (bundles are shape-polymorphic); memory grows linearly with it. The
+        arrays of one call are views of shared batch buffers."""
+        x = self._stack(images, frame)
+        maps, _ = self._forward(x, self._timestep(timestep))
+        grids = self.grids(x.shape[2], x.shape[3])
+        return [self._attention_dict([m[b] for m in maps], grids) for b in range(x.shape[0])]
+
+    def layer_attention(self, image, timestep=None, *, frame="crop"):
+        """Per-layer maps ``[(layer name, (n, n) float32), ...]`` in
         execution order; needs a bundle exported with ``layers="all"``."""
         if self.metadata.get("layers") != "all":
             raise ValueError("this bundle averages layers per resolution; export it with layers='all' "
                              "(`diffseg export --layers all`) for per-layer maps")
-        maps, _ = self.run(image, timestep)
+        maps, _ = self.run(image, timestep, frame=frame)
         return list(zip(self.metadata["layer_names"], maps))
 
 
