@@ -166,8 +166,8 @@ def _check_images(images):
 
 
 def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                 timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", refine=False, gemm=None, ordered=True,
-                 detailed=False, return_exceptions=False, vocabulary=None, prompt=None, voting="mean",
+                 timestep=DEFAULT_TIMESTEP, weights=None, frame="whole", border="nearest", refine=False, gemm=None,
+                 ordered=True, detailed=False, return_exceptions=False, vocabulary=None, prompt=None, voting="mean",
                  captioner=None):
     """Segment many images, the UNet pass of one overlapping the post-processing of earlier ones.
 
@@ -188,7 +188,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     max_pending : images in flight at once, the memory bound (module
         docstring); default ``workers + 1``: one in the UNet, ``workers`` in
         post-processing.
-    kl_threshold, grid, timestep, weights, border, refine, gemm : as
+    kl_threshold, grid, timestep, weights, frame, border, refine, gemm : as
         :func:`diffseg.segment` (``timestep=None``: the bundle's default); the
         C core's threads are the process default (:func:`diffseg.set_num_threads`).
     ordered : yield in input order (default), else as images finish.
@@ -201,7 +201,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     Stopping early (``break``, closing the generator, Ctrl-C) waits for the
     UNet pass in progress, then stops; see :func:`pipelined`.
     """
-    from .pipeline import finish_detailed, resolve_model
+    from .pipeline import check_frame, finish_detailed, frame_attention, resolve_model
     from .semantic import naming
 
     _check_images(images)
@@ -213,6 +213,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral)
                                  or timestep < 0):
         raise ValueError(f"timestep must be a non-negative integer or None, got {timestep!r}")
+    check_frame(frame)
     if border != "nearest" and (isinstance(border, bool) or not isinstance(border, numbers.Integral)):
         raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
     owned = isinstance(model, (str, os.PathLike))
@@ -225,13 +226,13 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
 
         rgb = load_image(image)
         if namer is None:
-            return rgb, model.attention(rgb, timestep), None
-        return (rgb, *namer.attention(model, rgb, timestep))
+            return (rgb, *frame_attention(model, rgb, timestep, frame), None)
+        return (rgb, *namer.attention(model, rgb, timestep, frame=frame))
 
     def finish(produced):
-        rgb, attn, info = produced
-        result = finish_detailed(rgb, attn, kl_threshold=kl_threshold, grid=grid, weights=weights, border=border,
-                                 scores=detailed, refine=refine, gemm=gemm)
+        rgb, attn, geometry, info = produced
+        result = finish_detailed(rgb, attn, geometry=geometry, kl_threshold=kl_threshold, grid=grid,
+                                 weights=weights, border=border, scores=detailed, refine=refine, gemm=gemm)
         if namer is not None:
             namer.name(result, info)
             if not detailed:

@@ -134,7 +134,8 @@ class _Segmenter:
 
 def segment_dataset(data, model, *, batch_size=4, num_gpus=None, num_cpus=None, concurrency=1, device=None,
                     threads=None, workers=1, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP,
-                    weights=None, border="nearest", refine=False, detailed=False, postprocess=None, as_list=False):
+                    weights=None, frame="whole", border="nearest", refine=False, detailed=False, postprocess=None,
+                    as_list=False):
     """Segment images on Ray: one record per image with ``path`` and ``labels``
     (as :func:`diffseg.segment` gives) and the input's other columns.
 
@@ -149,7 +150,7 @@ def segment_dataset(data, model, *, batch_size=4, num_gpus=None, num_cpus=None, 
     concurrency : actors (an int, or ``(min, max)`` for an autoscaling pool).
     device : ``"cpu"`` or ``"cuda"`` (default: ``"cuda"`` with ``num_gpus``).
     threads : libtorch and C-core threads in each actor (default: leave as is).
-    workers, kl_threshold, grid, timestep, weights, border, refine : as :func:`diffseg.segment_many`.
+    workers, kl_threshold, grid, timestep, weights, frame, border, refine : as :func:`diffseg.segment_many`.
     detailed, postprocess : with ``postprocess``, a picklable callable run in
         the actors as ``postprocess(row, result)`` for each image, with
         ``result`` the :func:`segment_many` result (or the image's exception);
@@ -158,9 +159,12 @@ def segment_dataset(data, model, *, batch_size=4, num_gpus=None, num_cpus=None, 
     as_list : return the records as a list (sorted by ``index`` when there is
         one) instead of a lazy Dataset.
     """
+    from .pipeline import check_frame
+
     options = _actor_options(num_gpus, num_cpus, concurrency, batch_size)
     settings = {"workers": workers, "kl_threshold": kl_thresholds(kl_threshold), "grid": grid,
-                "timestep": timestep, "weights": weights, "border": border, "refine": bool(refine),
+                "timestep": timestep, "weights": weights, "frame": check_frame(frame), "border": border,
+                "refine": bool(refine),
                 "detailed": bool(detailed)}
     if postprocess is not None and not callable(postprocess):
         raise TypeError(f"postprocess must be callable, got {type(postprocess).__name__}")

@@ -5,19 +5,28 @@
 
     labels = diffseg.segment("photo.jpg", model)    # (H, W) int32, the input's size
 
-Labels outside the centre crop: DiffSeg segments the centred square crop of
-the image. :func:`segment` returns a label map of the full input size; pixels
-outside the crop (the left/right or top/bottom borders of a non-square image)
-take the label of the nearest pixel of the crop (edge labels extended
-outwards, row by row or column by column). ``segment(..., border=-1)`` labels
-them -1 instead.
+Two frames (``frame=``):
+
+* ``"whole"`` (default of :func:`segment`, :class:`MaskGenerator` and the CLI):
+  the whole image is segmented. It is resized with an antialiased filter so
+  that its short side is the bundle's size (512 px for SD) and padded by edge
+  replication to multiples of 64 px
+  (:func:`diffseg.io.images.whole_frame_geometry`); the UNet runs on the
+  resulting h x w latent grid (64 x 88 for a 4:3 photo), the anchors spread
+  over it, and the labels are computed at the image's own resolution from the
+  proposals of the whole grid.
+* ``"crop"``: the published protocol, which evaluation uses. DiffSeg segments
+  the centred square crop (bilinear resize without antialiasing, as the
+  official code); pixels outside the crop (the borders of a non-square image)
+  take the label of the nearest pixel of the crop (edge labels extended
+  outwards), or ``border=-1`` labels them -1.
 """
 import os
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, run_stages, segment_scores
-from .io.images import center_crop_box, load_image
+from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, nms, run_stages, segment_scores
+from .io.images import FRAMES, center_crop_box, load_image, whole_frame_geometry
 from .sd.bundle import DEFAULT_TIMESTEP
 from .sd.model import load_model
 
@@ -56,31 +65,61 @@ def paste_labels(labels, height, width, border="nearest"):
 
 
 def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                     timestep=DEFAULT_TIMESTEP, weights=None, border="nearest", scores=True,
+                     timestep=DEFAULT_TIMESTEP, weights=None, frame="whole", border="nearest", scores=True,
                      refine=False, workers=None, gemm=None, vocabulary=None, prompt=None, voting="mean",
                      captioner=None):
     """Segment one image and keep the intermediate results.
 
     Arguments as :func:`segment` (``model`` may also be any object with
-    ``.attention(image, timestep)``). Returns a dict: ``labels`` (H, W) int32
-    at the image's size, ``crop_labels`` (S, S) of the centre crop, ``crop``
-    ``(top, left, S)``, ``proposals`` (K, R, R), ``A`` (aggregated attention),
-    ``proposal`` (label -> proposal index), ``rgb``, and with ``scores`` the
-    per-label ``score`` and ``mean_kl`` (:func:`diffseg.core.segment_scores`).
-    With ``vocabulary``, ``prompt`` or ``captioner`` also ``names`` (one per
-    label), ``words``, ``prompt`` and ``caption`` (:class:`diffseg.semantic.Naming`).
+    ``.attention(image, timestep)`` for ``frame="crop"``; ``frame="whole"``
+    also needs ``.attention(image, timestep, frame="whole")``, ``.image_size``
+    and ``.multiple``, as :class:`diffseg.Model` has). Returns a dict:
+    ``labels`` (H, W) int32 at the image's size, ``frame``, ``proposals``
+    (K, h, w), ``A`` (aggregated attention), ``proposal`` (label -> proposal
+    index), ``seed`` (proposal -> row of ``A`` of its anchor), ``rgb``, and
+    with ``scores`` the per-label ``score`` and ``mean_kl``
+    (:func:`diffseg.core.segment_scores`). ``frame="crop"`` adds
+    ``crop_labels`` (S, S) of the centre crop and ``crop`` ``(top, left, S)``;
+    ``frame="whole"`` adds ``geometry``
+    (:class:`diffseg.io.images.FrameGeometry`). With ``vocabulary``,
+    ``prompt`` or ``captioner`` also ``names`` (one per label), ``words``,
+    ``prompt`` and ``caption`` (:class:`diffseg.semantic.Naming`).
     """
     from .semantic import naming
 
     namer = naming(vocabulary, prompt, voting, captioner)
     rgb = load_image(image)  # a bad image fails before any model is opened or exported
+    check_frame(frame)
     model = resolve_model(model)
-    kw = dict(kl_threshold=kl_threshold, grid=grid, weights=weights, border=border, scores=scores, refine=refine,
-              workers=workers, gemm=gemm)
     if namer is None:
-        return finish_detailed(rgb, model.attention(rgb, timestep), **kw)
-    attn, info = namer.attention(model, rgb, timestep)
-    return namer.name(finish_detailed(rgb, attn, **kw), info)
+        attn, geometry = frame_attention(model, rgb, timestep, frame)
+    else:
+        attn, geometry, info = namer.attention(model, rgb, timestep, frame=frame)
+    result = finish_detailed(rgb, attn, geometry=geometry, kl_threshold=kl_threshold, grid=grid,
+                             weights=weights, border=border, scores=scores, refine=refine, workers=workers,
+                             gemm=gemm)
+    return result if namer is None else namer.name(result, info)
+
+
+def check_frame(frame):
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {', '.join(map(repr, FRAMES))}, got {frame!r}")
+    return frame
+
+
+def frame_attention(model, rgb, timestep, frame):
+    """``(attention, geometry)`` of a loaded image: the model's self-attention
+    in ``frame`` and, for ``"whole"``, where the image lies in the working
+    frame (None for ``"crop"``)."""
+    if check_frame(frame) == "crop":
+        return model.attention(rgb, timestep), None
+    missing = [a for a in ("image_size", "multiple") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} and "
+                        f".attention(image, timestep, frame=...) (a diffseg.Model), not "
+                        f"{type(model).__name__}: pass frame='crop'")
+    geometry = whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+    return model.attention(rgb, timestep, frame="whole"), geometry
 
 
 def resolve_model(model):
@@ -93,19 +132,23 @@ def resolve_model(model):
     return model
 
 
-def finish_detailed(rgb, attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, weights=None, border="nearest",
-                    scores=True, refine=False, workers=None, gemm=None):
+def finish_detailed(rgb, attn, *, geometry=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, weights=None,
+                    border="nearest", scores=True, refine=False, workers=None, gemm=None):
     """The part of :func:`segment_detailed` after the UNet pass: ``rgb`` the
-    loaded image, ``attn`` its attention. :func:`diffseg.batch.segment_many`
-    runs it in worker threads."""
+    loaded image, ``attn`` its attention, ``geometry`` its whole-frame
+    geometry (None: the attention is of the centre crop).
+    :func:`diffseg.batch.segment_many` runs it in worker threads."""
     if kl_threshold is None:
         kl_threshold = DEFAULT_KL_THRESHOLD
+    if geometry is not None:
+        return _finish_whole(rgb, attn, geometry, kl_threshold=kl_threshold, grid=grid, weights=weights,
+                             scores=scores, refine=refine, workers=workers, gemm=gemm)
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
     stages = run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=(side, side), weights=weights,
                         refine=refine, workers=workers, gemm=gemm)
     crop_labels = stages["labels"]
-    result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border),
+    result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border), "frame": "crop",
               "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}
     if scores:
         result["score"], result["mean_kl"] = segment_scores(crop_labels, stages["proposals"], stages["A"],
@@ -113,9 +156,42 @@ def finish_detailed(rgb, attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, we
     return result
 
 
+def _frame_window(geometry):
+    """The image's window in a label map of the whole working frame drawn at
+    the image's own scale: ``(frame_height, frame_width, top, left)`` in image
+    pixels. Frame sizes are rounded to whole pixels (the window is then off
+    by less than one image pixel) and never smaller than the image."""
+    g = geometry
+    sy, sx = g.resized_height / g.height, g.resized_width / g.width  # frame px per image px
+    top, left = round(g.top / sy), round(g.left / sx)
+    return (max(round(g.frame_height / sy), top + g.height), max(round(g.frame_width / sx), left + g.width),
+            top, left)
+
+
+def _finish_whole(rgb, attn, geometry, *, kl_threshold, grid, weights, scores, refine, workers, gemm):
+    """Whole frame: the stages on the frame's grid, labels drawn at the
+    image's resolution over the whole frame (padding included, so labels
+    line up with the image), then the padding cut off and the labels that
+    only the padding held dropped (renumbered in proposal order)."""
+    frame_h, frame_w, top, left = _frame_window(geometry)
+    stages = run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=(frame_h, frame_w), weights=weights,
+                        refine=refine, workers=workers, gemm=gemm)
+    frame_labels = stages["labels"]
+    window = frame_labels[top:top + geometry.height, left:left + geometry.width]
+    present = np.unique(window)  # increasing: proposal order is kept
+    relabel = np.full(int(frame_labels.max()) + 1, -1, dtype=np.int32)
+    relabel[present] = np.arange(present.size, dtype=np.int32)
+    result = {**stages, "labels": np.ascontiguousarray(relabel[window]), "proposal": stages["proposal"][present],
+              "frame": "whole", "geometry": geometry, "rgb": rgb}
+    if scores:
+        score, mean_kl = segment_scores(frame_labels, stages["proposals"], stages["A"], index=stages["proposal"])
+        result["score"], result["mean_kl"] = score[present], mean_kl[present]
+    return result
+
+
 def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP, weights=None,
-            border="nearest", refine=False, workers=None, gemm=None, vocabulary=None, prompt=None, voting="mean",
-            captioner=None):
+            frame="whole", border="nearest", refine=False, workers=None, gemm=None, vocabulary=None, prompt=None,
+            voting="mean", captioner=None):
     """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size;
     with ``vocabulary``, ``prompt`` or ``captioner``: ``(labels, names)``,
     ``names[k]`` the word naming label k.
@@ -128,8 +204,11 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
     kl_threshold, grid, weights : see :func:`diffseg.merge` and :func:`diffseg.aggregate`
     timestep : int
         UNet timestep (300 as the official code).
+    frame : ``"whole"`` (default) or ``"crop"``
+        Segment the whole image, or the centred square crop as the published
+        protocol does (see the module docstring).
     border : ``"nearest"`` or int
-        Label of pixels outside the centre crop (see the module docstring).
+        ``frame="crop"`` only: label of pixels outside the centre crop.
     refine : bool
         The official k-means refinement after the merge (:func:`diffseg.refine`).
     workers, gemm : threads and GEMM backend of this call's post-processing
@@ -146,8 +225,9 @@ def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, ti
         :class:`diffseg.semantic.Naming` and :func:`diffseg.name_segments`.
     """
     result = segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                              weights=weights, border=border, scores=False, refine=refine, workers=workers,
-                              gemm=gemm, vocabulary=vocabulary, prompt=prompt, voting=voting, captioner=captioner)
+                              weights=weights, frame=frame, border=border, scores=False, refine=refine,
+                              workers=workers, gemm=gemm, vocabulary=vocabulary, prompt=prompt, voting=voting,
+                              captioner=captioner)
     return (result["labels"], result["names"]) if "names" in result else result["labels"]
 
 
@@ -158,22 +238,24 @@ def result_records(result, output_mode="coco_rle"):
     Each record: ``id`` (the label), ``segmentation`` (see ``output_mode`` in
     :func:`diffseg.io.records.masks_to_records`), ``area``, ``bbox`` (XYWH),
     ``point_coords`` (``[[x, y]]``: the image pixel of the anchor that seeded
-    the segment's proposal), ``crop_box`` (XYWH of the centre crop DiffSeg
-    segmented), and diffseg's own ``score`` (``exp(-mean_kl)``), ``mean_kl`` and
-    ``proposal`` (index among the merged proposals); ``name`` when the result
-    has names (``segment_detailed(..., vocabulary=...)``).
+    the segment's proposal; in the padding of a whole frame it is clipped to
+    the image), ``crop_box`` (XYWH of the part of the image DiffSeg
+    segmented: the whole image, or the centre crop with ``frame="crop"``), and
+    diffseg's own ``score`` (``exp(-mean_kl)``), ``mean_kl`` and ``proposal``
+    (index among the merged proposals); ``name`` when the result has names
+    (``segment_detailed(..., vocabulary=...)``).
     """
     from .io.records import masks_to_records
 
-    top, left, side = result["crop"]
-    R = result["proposals"].shape[1]
     records = masks_to_records(result["labels"], scores=result.get("score"), output_mode=output_mode)
+    to_image, crop_box = _anchor_to_image(result)
+    h, w = result["proposals"].shape[1:]
     for r in records:
         k = r["id"]
         proposal = int(result["proposal"][k])
-        i, j = divmod(int(result["seed"][proposal]), R)
-        r["point_coords"] = [[left + (j + 0.5) * side / R, top + (i + 0.5) * side / R]]
-        r["crop_box"] = [int(left), int(top), int(side), int(side)]
+        i, j = divmod(int(result["seed"][proposal]), w)
+        r["point_coords"] = [list(to_image((i + 0.5) / h, (j + 0.5) / w))]
+        r["crop_box"] = crop_box
         if "mean_kl" in result:
             kl = float(result["mean_kl"][k])
             r["mean_kl"] = kl if np.isfinite(kl) else None
@@ -181,6 +263,24 @@ def result_records(result, output_mode="coco_rle"):
         if "names" in result:
             r["name"] = result["names"][k]
     return records
+
+
+def _anchor_to_image(result):
+    """``(to_image, crop_box)``: ``to_image(v, u)`` maps a point of the
+    segmented grid (fractions of its height and width) to image pixels ``(x, y)``."""
+    height, width = result["rgb"].shape[:2]
+    if result.get("frame", "crop") == "crop":
+        top, left, side = result["crop"]
+        return (lambda v, u: (left + u * side, top + v * side)), [int(left), int(top), int(side), int(side)]
+    g = result["geometry"]
+    sy, sx = g.resized_height / g.height, g.resized_width / g.width
+
+    def to_image(v, u):
+        x = (u * g.frame_width - g.left) / sx
+        y = (v * g.frame_height - g.top) / sy
+        return min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+
+    return to_image, [0, 0, int(width), int(height)]
 
 
 class MaskGenerator:
@@ -195,8 +295,10 @@ class MaskGenerator:
     ----------
     model : Model, bundle path, model id, or None (the default model)
     kl_threshold : merge threshold(s); 1.1 (COCO-Stuff) by default, 0.9 for Cityscapes
-    grid : anchors per side (16: 256 anchors), SAM's ``points_per_side``
-    timestep, weights, refine : see :func:`segment`
+    grid : anchors along the short side (16: 256 anchors on a square grid),
+        SAM's ``points_per_side``
+    timestep, weights, frame, refine : see :func:`segment` (``frame="whole"``:
+        masks of the whole image)
     output_mode : ``"binary_mask"`` (default, as SAM), ``"uncompressed_rle"`` or ``"coco_rle"``
 
     Unlike SAM's masks, DiffSeg's partition the image: every pixel belongs to
@@ -204,7 +306,7 @@ class MaskGenerator:
     """
 
     def __init__(self, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP,
-                 weights=None, output_mode="binary_mask", refine=False):
+                 weights=None, frame="whole", output_mode="binary_mask", refine=False):
         from .io.records import OUTPUT_MODES
 
         if output_mode not in OUTPUT_MODES:
@@ -216,11 +318,13 @@ class MaskGenerator:
         self.grid = int(grid)
         self.timestep = timestep
         self.weights = weights
+        self.frame = check_frame(frame)
         self.output_mode = output_mode
         self.refine = bool(refine)
 
     def generate(self, image):
         """Masks of one image (path, PIL image or uint8 array), as displayed."""
         result = segment_detailed(image, self.model, kl_threshold=self.kl_threshold, grid=self.grid,
-                                  timestep=self.timestep, weights=self.weights, refine=self.refine)
+                                  timestep=self.timestep, weights=self.weights, frame=self.frame,
+                                  refine=self.refine)
         return result_records(result, self.output_mode)

@@ -353,11 +353,16 @@ def name_segments(labels, cross_logits, tokens, words, voting="mean"):
     return _vote(labels, maps, words, voting)
 
 
-def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None):
+def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None, *, frame=None):
     """:func:`name_segments` straight from the per-resolution cross-attention
     (:meth:`diffseg.Model.cross_attention`), aggregated at the labels' size
     for the words' tokens only (less memory than the ``(H, W, 77)`` logits;
-    the same names)."""
+    the same names).
+
+    ``frame=(frame_h, frame_w, top, left)``: the cross-attention covers a
+    larger frame (e.g. the padded whole frame) of which ``labels`` is the
+    window at ``(top, left)``; it is aggregated at the frame's size and cut.
+    Memory: ``frame_h * frame_w * (tokens of the words)`` float32 values."""
     if voting not in VOTING:
         raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
     labels = _check_labels(labels)
@@ -369,7 +374,14 @@ def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None):
     positions = word_token_indices(tokens, words)
     sel = sorted({p for pos in positions for p in pos})
     column = {p: i for i, p in enumerate(sel)}
-    logits = aggregate_cross_attention(cross, labels.shape, weights, tokens=sel)
+    if frame is None:
+        logits = aggregate_cross_attention(cross, labels.shape, weights, tokens=sel)
+    else:
+        frame_h, frame_w, top, left = (int(v) for v in frame)
+        H, W = labels.shape
+        if top < 0 or left < 0 or top + H > frame_h or left + W > frame_w:
+            raise ValueError(f"frame {frame!r}: labels {labels.shape} at ({top}, {left}) do not fit in it")
+        logits = aggregate_cross_attention(cross, (frame_h, frame_w), weights, tokens=sel)[top:top + H, left:left + W]
     maps = _normalised_maps(logits.reshape(-1, len(sel)), [[column[p] for p in pos] for pos in positions], words)
     return _vote(labels, maps, words, voting)
 
@@ -539,21 +551,48 @@ class Naming:
             raise ValueError(f"no nouns found in the prompt {prompt!r}: pass vocabulary=[...]")
         return prompt, words, caption
 
-    def attention(self, model, rgb, timestep=None, **kwargs):
-        """One conditional UNet pass, ``model.prompt_attention(rgb, prompt,
-        timestep, **kwargs)``: ``(self-attention, info)``; ``info`` holds
-        what :meth:`name` needs. Words absent from the prompt fail before the
-        pass when the model can tokenize."""
+    def attention(self, model, rgb, timestep=None, frame="crop"):
+        """One conditional UNet pass (``model.prompt_attention``) in
+        ``frame`` (as :func:`diffseg.pipeline.frame_attention`):
+        ``(self-attention, geometry, info)``; ``geometry`` is None for
+        ``"crop"``; ``info`` holds what :meth:`name` needs. Words absent from
+        the prompt fail before the pass when the model can tokenize."""
+        from .io.images import whole_frame_geometry
+        from .pipeline import check_frame
+
+        check_frame(frame)
         prompt, words, caption = self.prompt_and_words(rgb)
         if callable(getattr(model, "tokenize", None)):
             word_token_indices(model.tokenize(prompt)[1], words)
-        attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep, **kwargs)
-        return attn, {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption}
+        if frame == "crop":
+            geometry = None
+            attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep)
+        else:
+            missing = [a for a in ("image_size", "multiple") if not hasattr(model, a)]
+            if missing:
+                raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} "
+                                f"(a diffseg.Model), not {type(model).__name__}: pass frame='crop'")
+            geometry = whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+            attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep, frame="whole")
+        info = {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption}
+        return attn, geometry, info
 
     def name(self, result, info):
-        """Add ``names`` (one per label of ``result["crop_labels"]``),
-        ``words``, ``prompt`` and ``caption`` to a segmentation result."""
-        names = name_from_cross(result["crop_labels"], info["cross"], info["tokens"], info["words"], self.voting)
+        """Add ``names`` (one per label of ``result["labels"]``), ``words``,
+        ``prompt`` and ``caption`` to a segmentation result of
+        :func:`diffseg.pipeline.finish_detailed`. The cross-attention is
+        aggregated on the label map the stages drew: the centre crop
+        (``crop_labels``), or the whole working frame at the image's scale,
+        whose window on the image is ``labels``."""
+        if result.get("geometry") is not None:
+            from .pipeline import _frame_window
+
+            frame_h, frame_w, top, left = _frame_window(result["geometry"])
+            names = name_from_cross(result["labels"], info["cross"], info["tokens"], info["words"], self.voting,
+                                    frame=(frame_h, frame_w, top, left))
+        else:
+            names = name_from_cross(result["crop_labels"], info["cross"], info["tokens"], info["words"],
+                                    self.voting)
         result.update(names=names, words=info["words"], prompt=info["prompt"], caption=info["caption"])
         return result
 

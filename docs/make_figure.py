@@ -20,13 +20,15 @@ from diffseg.synthetic import planted_attention, planted_partition
 
 
 def painted_image(truth, size, seed=0):
-    """Flat muted colours per region, a soft light gradient and grain."""
+    """Flat muted colours per region, a soft light gradient and grain;
+    ``size``: a side or ``(height, width)``."""
     rng = np.random.default_rng(seed)
     colours = np.array([[96, 140, 190], [120, 160, 80], [200, 170, 110], [150, 90, 70],
                         [90, 110, 100], [220, 210, 190], [70, 80, 120], [170, 150, 160]], np.float64)
-    big = resize_nearest(truth, size, size)
+    height, width = (size, size) if np.isscalar(size) else size
+    big = resize_nearest(truth, height, width)
     img = colours[big % len(colours)]
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
     img *= (0.8 + 0.3 * (1 - yy) * (0.6 + 0.4 * xx))[:, :, None]
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)

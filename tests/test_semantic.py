@@ -333,25 +333,25 @@ def test_segment_with_vocabulary_names_planted_regions(planted_model):
     import diffseg
     from diffseg.pipeline import result_records, segment_detailed
 
-    labels, names = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
+    labels, names = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8, frame="crop")
     assert planted_model.prompts == ["sky, tree, grass"]
     assert labels.shape == (64, 64) and len(names) == labels.max() + 1
     truth = np.kron(planted_model.truth, np.ones((4, 4), np.int32))
     for k, name in enumerate(names):  # each segment named after the region most of it covers
         region = np.bincount(truth[labels == k]).argmax()
         assert name == planted_model.region_words[region]
-    result = segment_detailed(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
+    result = segment_detailed(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8, frame="crop")
     assert result["names"] == names and result["prompt"] == "sky, tree, grass" and result["caption"] is None
     assert [r["name"] for r in result_records(result)] == [names[r["id"]] for r in result_records(result)]
     # Without a vocabulary: plain labels, records without names.
-    plain = segment_detailed(_image(), planted_model, grid=8)
+    plain = segment_detailed(_image(), planted_model, grid=8, frame="crop")
     assert "names" not in plain and "name" not in result_records(plain)[0]
 
 
 def test_segment_with_prompt_and_captioner(planted_model):
     import diffseg
 
-    _, names = diffseg.segment(_image(), planted_model, prompt="a sky over a tree and grass", grid=8)
+    _, names = diffseg.segment(_image(), planted_model, prompt="a sky over a tree and grass", grid=8, frame="crop")
     assert set(names) <= {"sky", "tree", "grass"}
     seen = []
 
@@ -359,13 +359,13 @@ def test_segment_with_prompt_and_captioner(planted_model):
         seen.append(rgb.shape)
         return "a tree next to the grass under a blue sky"
 
-    _, names2 = diffseg.segment(_image(), planted_model, captioner=captioner, grid=8)
+    _, names2 = diffseg.segment(_image(), planted_model, captioner=captioner, grid=8, frame="crop")
     assert seen == [(64, 64, 3)] and names2 == names
     assert planted_model.prompts[-1] == "a tree next to the grass under a blue sky"
     # A vocabulary word must be in an explicit prompt: refused before the UNet pass.
     n = len(planted_model.prompts)
     with pytest.raises(ValueError, match="'car' is not in the prompt"):
-        diffseg.segment(_image(), planted_model, prompt="a tree", vocabulary=["tree", "car"])
+        diffseg.segment(_image(), planted_model, prompt="a tree", vocabulary=["tree", "car"], frame="crop")
     assert len(planted_model.prompts) == n
 
 
@@ -373,8 +373,9 @@ def test_segment_many_with_vocabulary(planted_model):
     import diffseg
     from diffseg.batch import segment_many
 
-    want = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8)
-    got = list(segment_many([_image(), _image()], planted_model, vocabulary=["sky", "tree", "grass"], grid=8))
+    want = diffseg.segment(_image(), planted_model, vocabulary=["sky", "tree", "grass"], grid=8, frame="crop")
+    got = list(segment_many([_image(), _image()], planted_model, vocabulary=["sky", "tree", "grass"], grid=8,
+                           frame="crop"))
     assert [i for i, _ in got] == [0, 1]
     for _, (labels, names) in got:
         np.testing.assert_array_equal(labels, want[0])
@@ -394,10 +395,14 @@ def test_segment_naming_bad_inputs(planted_model):
         diffseg.segment(_image(), planted_model, prompt="  ")
     with pytest.raises(TypeError, match="captioner must be callable"):
         diffseg.segment(_image(), planted_model, captioner="blip")
+    with pytest.raises(TypeError, match="frame='whole' needs a model with .image_size"):
+        diffseg.segment(_image(), planted_model, vocabulary=["sky"])  # frame="whole" by default
+    with pytest.raises(ValueError, match="frame must be one of"):
+        diffseg.segment(_image(), planted_model, vocabulary=["sky"], frame="both")
     with pytest.raises(ValueError, match="no nouns"):
-        diffseg.segment(_image(), planted_model, prompt="the of and")
+        diffseg.segment(_image(), planted_model, prompt="the of and", frame="crop")
     with pytest.raises(ValueError, match="captioner must return a non-empty string"):
-        diffseg.segment(_image(), planted_model, captioner=lambda rgb: None)
+        diffseg.segment(_image(), planted_model, captioner=lambda rgb: None, frame="crop")
 
 
 def test_named_overlay_groups_names_and_draws_a_legend():
@@ -434,7 +439,7 @@ def test_cli_segment_vocabulary_writes_names(planted_model, monkeypatch, tmp_pat
     monkeypatch.setattr(_common, "open_model", lambda args: planted_model)
     Image.fromarray(_image()).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q",
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q", "--frame", "crop",
                  "--vocabulary", "sky, tree,grass", "--voting", "majority"]) == 0
     doc = json.loads((out / "a.json").read_text())
     assert doc["prompt"] == "sky, tree, grass" and doc["words"] == ["sky", "tree", "grass"]
@@ -445,7 +450,7 @@ def test_cli_segment_vocabulary_writes_names(planted_model, monkeypatch, tmp_pat
     assert overlay.shape == (64, 64, 3)
     # --prompt alone: its nouns; --skip-existing redoes outputs made with other words.
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q", "--skip-existing",
-                 "--prompt", "grass and sky"]) == 0
+                 "--frame", "crop", "--prompt", "grass and sky"]) == 0
     doc = json.loads((out / "a.json").read_text())
     assert doc["words"] == ["grass", "sky"] and doc["settings"]["prompt"] == "grass and sky"
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--vocabulary", " , "]) == 2
@@ -587,6 +592,12 @@ def test_name_from_cross_equals_name_segments_on_full_logits(voting):
         name_segments(labels, full, tokens, words, voting)
     with pytest.raises(ValueError, match="76 entries"):
         semantic.name_from_cross(labels, cross, tokens[:76], words, voting)
+    # A window of a larger frame: the frame's logits, cut.
+    big = aggregate_cross_attention(cross, (50, 60))[3:43, 12:52]
+    assert semantic.name_from_cross(labels, cross, tokens, words, voting, frame=(50, 60, 3, 12)) == \
+        name_segments(labels, big, tokens, words, voting)
+    with pytest.raises(ValueError, match="do not fit"):
+        semantic.name_from_cross(labels, cross, tokens, words, voting, frame=(50, 60, 20, 12))
 
 
 # ---------------------------------------------------------------- through the libtorch shim
@@ -644,13 +655,32 @@ def test_names_from_the_shim_model(cross_model):
 
     rgb = np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     words = ["tabby cat", "grass", "sky"]
-    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8)
+    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, frame="crop")
     assert result["prompt"] == "tabby cat, grass, sky"
     attn, cross, tokens = cross_model.prompt_attention(rgb, "tabby cat, grass, sky")
     np.testing.assert_array_equal(diffseg.segment_attention(attn, grid=8, size=(128, 128)), result["crop_labels"])
     logits = diffseg.semantic.aggregate_cross_attention(cross, (128, 128))
     assert result["names"] == diffseg.name_segments(result["crop_labels"], logits, tokens, words)
     assert set(result["names"]) <= set(words)
+
+
+def test_names_from_the_shim_model_whole_frame(cross_model):
+    """frame="whole" on a non-square image: the cross-attention is aggregated
+    on the padded working frame and cut to the image, as the labels are."""
+    import diffseg
+    from diffseg.pipeline import _frame_window, segment_detailed
+
+    rgb = np.random.default_rng(4).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    words = ["cat", "grass"]
+    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, frame="whole")
+    assert result["labels"].shape == (96, 160) and len(result["names"]) == result["labels"].max() + 1
+    _, cross, tokens = cross_model.prompt_attention(rgb, "cat, grass", frame="whole")
+    frame_h, frame_w, top, left = _frame_window(result["geometry"])
+    logits = diffseg.semantic.aggregate_cross_attention(cross, (frame_h, frame_w))[top:top + 96, left:left + 160]
+    assert result["names"] == diffseg.name_segments(result["labels"], logits, tokens, words)
+    labels, names = diffseg.segment(rgb, cross_model, vocabulary=words, grid=8)  # frame="whole" is the default
+    np.testing.assert_array_equal(labels, result["labels"])
+    assert names == result["names"]
 
 
 def test_bundle_without_cross_attention_refuses_prompts(tiny_model):

@@ -12,7 +12,7 @@ extension; for files found in a folder, the path below that folder) it writes
 * ``OUT/NAME.labels.png`` -- single-channel label map at the image's size
   (8-bit; 16-bit when a label exceeds 255), pixel value = segment id;
 * ``OUT/NAME.overlay.png`` -- the image with the segments in colour;
-* ``OUT/NAME.json`` -- image size, crop, settings and one mask record per
+* ``OUT/NAME.json`` -- image size, crop or frame, settings and one mask record per
   segment with the keys of SAM's automatic mask generator (see
   :func:`diffseg.pipeline.result_records`): ``id``, ``area``, ``bbox`` (XYWH),
   ``segmentation`` (``--output-mode``: ``coco_rle`` compressed string counts,
@@ -35,8 +35,10 @@ Files that cannot be read are reported, skipped and counted; the exit status
 is 0 when every input was segmented, 1 when some failed, 2 for a usage error
 (no inputs, a model that cannot be opened, bad options).
 
-DiffSeg segments the centred square crop of an image; pixels outside it take
-the label of the nearest crop pixel (see :mod:`diffseg.pipeline`).
+The whole image is segmented (``--frame whole``, default): it runs on a
+latent grid of its own aspect ratio. ``--frame crop`` segments the centred
+square crop as the published protocol; pixels outside it take the label of
+the nearest crop pixel (see :mod:`diffseg.pipeline`).
 """
 import argparse
 import contextlib
@@ -63,17 +65,29 @@ SCORE_DEFINITION = ("score = exp(-mean_kl); mean_kl = mean symmetric KL between 
 def build_document(path, result, records, settings):
     """The JSON document of one image (see the module docstring)."""
     rgb = result["rgb"]
-    top, left, side = result["crop"]
     return {
         "image": str(path),
         "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
-        "crop": {"top": int(top), "left": int(left), "size": int(side)},
+        **_frame_entry(result),
         "settings": settings,
         "n_segments": len(records),
         "score": SCORE_DEFINITION,
         "annotations": records,
         **({"prompt": result["prompt"], "words": result["words"]} if "names" in result else {}),
     }
+
+
+def _frame_entry(result):
+    """What part of the image was segmented: ``crop`` (top, left, size) of the
+    centre crop, or the whole ``frame`` (working size, padding, scale)."""
+    if result.get("frame", "crop") == "crop":
+        top, left, side = result["crop"]
+        return {"crop": {"top": int(top), "left": int(left), "size": int(side)}}
+    g = result["geometry"]
+    return {"frame": {"height": g.frame_height, "width": g.frame_width,
+                      "grid": list(result["proposals"].shape[1:]),
+                      "padding": {"top": g.top, "bottom": g.bottom, "left": g.left, "right": g.right},
+                      "scale": g.scale}}
 
 
 def _json_records(result, output_mode):
@@ -146,7 +160,8 @@ def _run(args):
         # The UNet pass of the next image overlaps the post-processing and writing of earlier ones.
         results = segment_many([path for path, _, _ in todo], model, workers=args.workers,
                                kl_threshold=args.kl_threshold, grid=args.grid, timestep=args.timestep,
-                               refine=args.refine, detailed=True, return_exceptions=True, **_naming(args))
+                               frame=args.frame, refine=args.refine, detailed=True, return_exceptions=True,
+                               **_naming(args))
         try:
             with contextlib.closing(results):
                 t0 = time.perf_counter()
@@ -227,7 +242,8 @@ def _run_ray(args, todo):
             for i, (path, _, paths) in enumerate(todo)]
     records = segment_dataset(rows, args.model, concurrency=args.actors, num_gpus=args.gpus_per_actor or None,
                               threads=args.threads, workers=args.workers, kl_threshold=args.kl_threshold,
-                              grid=args.grid, timestep=args.timestep, refine=args.refine, detailed=True,
+                              grid=args.grid, timestep=args.timestep, frame=args.frame, refine=args.refine,
+                              detailed=True,
                               postprocess=_RayWriter(args.rle, settings), as_list=True)
     errors = [r["output"] for r in records if r["output"]]
     return len(records) - len(errors), errors
@@ -237,8 +253,8 @@ def _requested(args):
     """The settings of this run that are known before the model is opened."""
     return {"kl_threshold": list(args.kl_threshold), "grid": args.grid,
             "timestep": DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
-            "model_arg": args.model, "refine": bool(args.refine), "vocabulary": args.vocabulary,
-            "prompt": args.prompt, "voting": args.voting}
+            "model_arg": args.model, "refine": bool(args.refine), "frame": args.frame,
+            "vocabulary": args.vocabulary, "prompt": args.prompt, "voting": args.voting}
 
 
 def _naming(args):
@@ -256,7 +272,7 @@ def _vocabulary(text):
 
 
 # Settings added after outputs were first saved: the value older outputs were made with.
-_OLDER_OUTPUTS = {"refine": False, "vocabulary": None, "prompt": None, "voting": "mean"}
+_OLDER_OUTPUTS = {"refine": False, "frame": "crop", "vocabulary": None, "prompt": None, "voting": "mean"}
 
 
 def _done_with(paths, wanted):
@@ -327,7 +343,11 @@ def register_cli(subparsers):
     add_model_arguments(p)
     p.add_argument("--kl-threshold", type=kl_setting, default=kl_setting("1.1"), metavar="T",
                    help=f"merge threshold: {KL_HELP} (default 1.1, COCO-Stuff; 0.9 for Cityscapes)")
-    p.add_argument("--grid", type=positive_int, default=16, metavar="N", help="anchors per side (default 16)")
+    p.add_argument("--grid", type=positive_int, default=16, metavar="N",
+                   help="anchors along the short side (default 16; proportionally more on the long side)")
+    p.add_argument("--frame", choices=("whole", "crop"), default="whole",
+                   help="segment the whole image (default), or its centred square crop as the published "
+                        "protocol (pixels outside take the nearest crop pixel's label)")
     p.add_argument("--refine", action="store_true",
                    help="k-means refinement of the merged proposals, as the official refine=True "
                         "(off by default, as in the official benchmarks)")
