@@ -704,3 +704,23 @@ def test_prompt_bad_inputs(cross_model):
         cross_model.cross_attention(rgb, "a cat", timestep=-1)
     with pytest.raises(ValueError, match="frame must be one of"):
         cross_model.cross_attention(rgb, "a cat", frame="middle")
+
+
+def test_cli_segment_vocabulary_with_the_tiny_bundle(cross_bundle, tiny_bundle, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from diffseg.cli import main
+
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--model", cross_bundle, "--grid", "8", "-q",
+                 "--vocabulary", "cat,grass"]) == 0
+    doc = json.loads((out / "a.json").read_text())
+    assert doc["prompt"] == "cat, grass" and {r["name"] for r in doc["annotations"]} <= {"cat", "grass"}
+    assert np.asarray(Image.open(out / "a.overlay.png")).shape == (96, 128, 3)
+    # A bundle without cross-attention: a usage error before any image.
+    assert main(["segment", str(tmp_path / "a.png"), "-o", str(tmp_path / "out2"), "--model", tiny_bundle, "-q",
+                 "--vocabulary", "cat"]) == 2
+    assert not (tmp_path / "out2").exists()

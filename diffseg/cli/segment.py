@@ -152,6 +152,10 @@ def _run(args):
         failed += len(errors)
     elif todo:
         model = _common.open_model(args)
+        if _naming(args) and getattr(model, "has_cross_attention", True) is False:
+            model.close()
+            raise UserError(f"--vocabulary/--prompt need a bundle exported with --cross-attention; {model.path} "
+                            "has none: export it again (`diffseg export SOURCE DIR --cross-attention`)")
         settings = {**_requested(args),
                     "model": getattr(model, "metadata", {}).get("model_id"),
                     "bundle": getattr(model, "path", None)}
