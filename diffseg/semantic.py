@@ -131,7 +131,10 @@ def aggregate_cross_attention(cross, size, weights=None, *, tokens=None):
             raise ValueError(f"weights must have the keys of cross {keys}, got {sorted(weights, key=str)}")
         w = {k: float(weights[k]) for k in keys}
     else:
-        weights = list(weights)
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise TypeError(f"weights must be a sequence or a dict, got {type(weights).__name__}") from None
         if len(weights) != len(keys):
             raise ValueError(f"weights must have one entry per resolution ({len(keys)}), got {len(weights)}")
         w = {k: float(v) for k, v in zip(keys, weights)}

@@ -97,6 +97,8 @@ def test_aggregate_cross_attention_bad_inputs(cross, size, kw, match):
 def test_aggregate_cross_attention_int_dtype():
     with pytest.raises(TypeError, match="float"):
         aggregate_cross_attention({2: np.ones((4, 3), np.int64)}, 4)
+    with pytest.raises(TypeError, match="weights must be a sequence"):
+        aggregate_cross_attention({2: np.ones((4, 3), np.float32)}, 4, weights=1.0)
 
 
 # ---------------------------------------------------------------- word <-> token alignment
