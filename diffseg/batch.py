@@ -201,7 +201,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     Stopping early (``break``, closing the generator, Ctrl-C) waits for the
     UNet pass in progress, then stops; see :func:`pipelined`.
     """
-    from .pipeline import check_frame, finish_detailed, frame_attention, resolve_model
+    from .pipeline import check_border, finish_detailed, frame_attention, resolve_model
     from .semantic import naming
 
     _check_images(images)
@@ -213,9 +213,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral)
                                  or timestep < 0):
         raise ValueError(f"timestep must be a non-negative integer or None, got {timestep!r}")
-    check_frame(frame)
-    if border != "nearest" and (isinstance(border, bool) or not isinstance(border, numbers.Integral)):
-        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
+    check_border(border, frame)
     owned = isinstance(model, (str, os.PathLike))
     model = resolve_model(model)
     if not callable(getattr(model, "attention", None)):

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, nms, run_stages, segment_scores
+from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, run_stages, segment_scores
 from .io.images import FRAMES, center_crop_box, load_image, whole_frame_geometry
 from .sd.bundle import DEFAULT_TIMESTEP
 from .sd.model import load_model
@@ -89,7 +89,7 @@ def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, gr
 
     namer = naming(vocabulary, prompt, voting, captioner)
     rgb = load_image(image)  # a bad image fails before any model is opened or exported
-    check_frame(frame)
+    check_border(border, frame)
     model = resolve_model(model)
     if namer is None:
         attn, geometry = frame_attention(model, rgb, timestep, frame)
@@ -105,6 +105,16 @@ def check_frame(frame):
     if frame not in FRAMES:
         raise ValueError(f"frame must be one of {', '.join(map(repr, FRAMES))}, got {frame!r}")
     return frame
+
+
+def check_border(border, frame):
+    """``border`` is ``"nearest"`` or an int label, and only given for the crop frame."""
+    check_frame(frame)
+    if border != "nearest" and (isinstance(border, bool) or not isinstance(border, (int, np.integer))):
+        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
+    if border != "nearest" and frame == "whole":
+        raise ValueError("border labels the pixels outside the centre crop: it applies to frame='crop' only "
+                         "(the whole frame labels every pixel)")
 
 
 def frame_attention(model, rgb, timestep, frame):

@@ -97,10 +97,12 @@ def overlay(image, labels, alpha=0.5, boundary_color=(255, 255, 255)):
         rgb = load_image(image)
     labels = _match_size(labels, *rgb.shape[:2])
     colours = colorize(labels).astype(np.float32)
-    out = rgb.astype(np.float32)
-    inside = labels >= 0
-    out[inside] = (1 - alpha) * out[inside] + alpha * colours[inside]
-    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    blended = np.float32(1 - alpha) * rgb + np.float32(alpha) * colours
+    # Whole-array arithmetic (no boolean-mask copies: photos have ~10^7 pixels).
+    out = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    if labels.size and labels.min() < 0:
+        outside = labels < 0
+        out[outside] = rgb[outside]
     if boundary_color is not None:
         out[boundaries(labels)] = np.asarray(boundary_color, np.uint8)
     return out

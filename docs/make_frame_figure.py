@@ -19,13 +19,23 @@ import numpy as np
 
 from diffseg import viz
 from diffseg.evaluation.metrics import match_labels
-from diffseg.io.images import center_crop_box, resize_nearest, whole_frame_geometry
+from diffseg.io.images import center_crop_box, whole_frame_geometry
 from diffseg.pipeline import finish_detailed
-from diffseg.synthetic import planted_attention, planted_partition
+from diffseg.synthetic import planted_attention
 from make_figure import painted_image  # a sibling script: one definition of the painted image
 
 HEIGHT, WIDTH = 480, 640  # a 4:3 photo
 SIZE, MULTIPLE = 512, 64  # an SD bundle: short side 512 px, sides multiples of 64 px
+# Segment centres (x, y): four inside the centre crop, two in the strips
+# beside it (x < 80 or x >= 560), which the crop frame cannot see.
+CENTRES = [(200, 120), (420, 110), (260, 360), (450, 330), (35, 250), (610, 180)]
+
+
+def voronoi(height, width, centres):
+    """Label of the nearest centre for every pixel (the image's true segments)."""
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    d = [(xx - x) ** 2 + (yy - y) ** 2 for x, y in centres]
+    return np.argmin(d, axis=0).astype(np.int32)
 
 
 def sample(truth, ys, xs):
@@ -52,7 +62,7 @@ def grid_truth_crop(truth, R):
 
 def main(out=None):
     out = Path(out) if out else Path(__file__).with_name("frame.png")
-    truth = resize_nearest(planted_partition(shape=(48, 64), n_segments=8, seed=2), HEIGHT, WIDTH)
+    truth = voronoi(HEIGHT, WIDTH, CENTRES)
     image = painted_image(truth, (HEIGHT, WIDTH), seed=2)
 
     g = whole_frame_geometry(HEIGHT, WIDTH, SIZE, MULTIPLE)

@@ -7,22 +7,26 @@ import pytest
 import diffseg
 from diffseg.batch import pipelined, segment_many
 from diffseg.synthetic import planted_example
+from planted_model import PlantedModel as _PlantedModel
 
 
-class PlantedModel:
-    """A model whose attention is planted (diffseg.synthetic) with a seed
-    given by the image's first pixel, so each image gets its own segments."""
+class PlantedModel(_PlantedModel):
+    """Planted attention (tests/planted_model.py) with a seed given by the
+    image's first pixel, so each image gets its own segments."""
 
-    def __init__(self, R=16, fail_on=()):
-        self.R, self.fail_on, self.calls, self.threads = R, set(fail_on), 0, set()
+    def __init__(self, fail_on=()):
+        super().__init__()
+        self.fail_on, self.threads = set(fail_on), set()
 
-    def attention(self, image, timestep=300):
-        self.calls += 1
-        self.threads.add(threading.current_thread().name)
+    def planted(self, image):
         seed = int(np.asarray(image)[0, 0, 0])
-        if seed in self.fail_on:
-            raise RuntimeError(f"planted failure {seed}")
-        return planted_example(R=self.R, n_segments=3 + seed % 4, seed=seed)[0]
+        return 3 + seed % 4, seed
+
+    def attention(self, image, timestep=300, frame="crop"):
+        self.threads.add(threading.current_thread().name)
+        if self.planted(image)[1] in self.fail_on:
+            raise RuntimeError(f"planted failure {self.planted(image)[1]}")
+        return super().attention(image, timestep, frame)
 
 
 def images(n, shape=(40, 32, 3)):

@@ -11,27 +11,23 @@ from PIL import Image
 import diffseg
 from diffseg import cli
 from diffseg.cli import _common
-from diffseg.synthetic import planted_example
+from planted_model import PlantedModel as _PlantedModel
 
 
-class PlantedModel:
-    """Stands in for diffseg.Model; reads the image like the real one, and
-    can raise KeyboardInterrupt on a given call (Ctrl-C)."""
+class PlantedModel(_PlantedModel):
+    """Stands in for diffseg.Model (tests/planted_model.py); reads the image
+    like the real one, and can raise KeyboardInterrupt on a given call (Ctrl-C)."""
 
     def __init__(self, interrupt_at=None):
-        self.attn, _ = planted_example(R=16, n_segments=4, seed=0)
-        self.info, self.metadata, self.path = {"timestep": 300}, {"model_id": "planted"}, "planted"
-        self.calls, self.interrupt_at, self.closed = 0, interrupt_at, False
+        super().__init__()
+        self.interrupt_at = interrupt_at
 
-    def attention(self, image, timestep=None):
-        self.calls += 1
-        if self.calls == self.interrupt_at:
+    def attention(self, image, timestep=None, frame="crop"):
+        if self.calls + 1 == self.interrupt_at:
+            self.calls += 1
             raise KeyboardInterrupt
         diffseg.load_image(image)
-        return self.attn
-
-    def close(self):
-        self.closed = True
+        return super().attention(image, timestep, frame)
 
 
 @pytest.fixture

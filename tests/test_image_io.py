@@ -135,18 +135,9 @@ def test_segment_viz_and_cli_follow_exif(tmp_path, monkeypatch):
     from diffseg import cli
     from diffseg.cli import _common
     from diffseg.evaluation.datasets import Sample
-    from diffseg.synthetic import planted_example
     from diffseg.viz import overlay
 
-    class Planted:
-        info, metadata, path = {"timestep": 300}, {}, "planted"
-        attn = planted_example(R=16, n_segments=3)[0]
-
-        def attention(self, image, timestep=None):
-            return self.attn
-
-        def close(self):
-            pass
+    from planted_model import PlantedModel as Planted
 
     path = _phone_jpeg(tmp_path / "phone.jpg")
     labels = diffseg.segment(path, Planted())

@@ -6,18 +6,18 @@ import pytest
 import diffseg
 from diffseg.io.records import decode_rle
 from diffseg.synthetic import planted_example
+from planted_model import PlantedModel as _PlantedModel
 
 R, GRID = 16, 4
 
 
-class PlantedModel:
-    """Stands in for a Stable Diffusion model: the same planted attention for any image."""
+class PlantedModel(_PlantedModel):
+    """Stands in for a Stable Diffusion model (tests/planted_model.py): the
+    same planted segments for any image; ``attn`` is the crop frame's."""
 
     def __init__(self, n_segments=4, seed=0):
+        super().__init__(n_segments, seed)
         self.attn, self.truth = planted_example(R, n_segments, seed)
-
-    def attention(self, image, timestep=None):
-        return self.attn
 
 
 def anchor_rows():
@@ -54,11 +54,12 @@ def test_seeds_follow_the_greedy_order():
     assert positions == sorted(set(positions))
 
 
+@pytest.mark.parametrize("frame, crop_box", [("crop", [15, 0, 60, 60]), ("whole", [0, 0, 90, 60])])
 @pytest.mark.parametrize("mode", ["binary_mask", "uncompressed_rle", "coco_rle"])
-def test_generate_records(mode):
+def test_generate_records(mode, frame, crop_box):
     height, width = 60, 90
     image = np.zeros((height, width, 3), np.uint8)
-    generator = diffseg.MaskGenerator(PlantedModel(), grid=GRID, output_mode=mode)
+    generator = diffseg.MaskGenerator(PlantedModel(), grid=GRID, output_mode=mode, frame=frame)
     masks = generator.generate(image)
     assert len(masks) >= 2
     covered = np.zeros((height, width), int)
@@ -69,9 +70,10 @@ def test_generate_records(mode):
         assert m["area"] == mask.sum()
         ys, xs = np.nonzero(mask)
         assert m["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-        assert m["crop_box"] == [15, 0, 60, 60]  # the centred square crop, XYWH
+        assert m["crop_box"] == crop_box  # the centred square crop or the whole image, XYWH
         (x, y), = m["point_coords"]
-        assert 15 <= x < 75 and 0 <= y < 60
+        left, top, w, h = crop_box
+        assert left <= x < left + w and top <= y < top + h
         assert 0 < m["score"] <= 1 and m["mean_kl"] >= 0
     assert (covered == 1).all()  # DiffSeg's masks partition the image
 
@@ -85,6 +87,20 @@ def test_point_coords_are_anchor_pixels():
     for m in generator.generate(np.zeros((side, side, 3), np.uint8)):
         i, j = divmod(m["proposal"], GRID)
         assert m["point_coords"] == [[(coords[j] + 0.5) * side / R, (coords[i] + 0.5) * side / R]]
+
+
+def test_point_coords_in_a_whole_frame():
+    """Whole frame of a 64x96 image: a 16x24 grid (128x192 px frame, no
+    padding); anchor (i, j) of anchor_grid maps to image pixels by the
+    frame's scale."""
+    model = PlantedModel()
+    generator = diffseg.MaskGenerator(model, grid=GRID, kl_threshold=1e-12)
+    rows, cols = diffseg.anchor_grid((16, 24), GRID)
+    masks = generator.generate(np.zeros((64, 96, 3), np.uint8))
+    assert {m["proposal"] for m in masks} <= set(range(rows.size * cols.size))
+    for m in masks:
+        i, j = divmod(m["proposal"], cols.size)
+        assert m["point_coords"] == [[(cols[j] + 0.5) * 96 / 24, (rows[i] + 0.5) * 64 / 16]]
 
 
 def test_cli_records_use_the_same_keys():

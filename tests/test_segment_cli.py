@@ -15,26 +15,7 @@ from diffseg.cli import _common
 from diffseg.io.images import save_label_png
 from diffseg.cli import main
 from diffseg.io.records import records_to_labels
-from diffseg.synthetic import planted_example
-
-
-class PlantedModel:
-    """Stands in for diffseg.Model: the same planted attention for every image."""
-
-    def __init__(self):
-        self.attn, _ = planted_example(R=16, n_segments=4, seed=0)
-        self.info = {"timestep": 300}
-        self.metadata = {"model_id": "planted"}
-        self.path = "planted"
-        self.closed = False
-        self.calls = 0
-
-    def attention(self, image, timestep=None):
-        self.calls += 1
-        return self.attn
-
-    def close(self):
-        self.closed = True
+from planted_model import PlantedModel
 
 
 @pytest.fixture
@@ -77,7 +58,10 @@ def test_folder(fake_model, photos, tmp_path, capsys):
     assert labels.shape == (40, 70) and labels.dtype == np.uint8
     assert labels.max() >= 2  # planted segments found
     assert doc["height"] == 40 and doc["width"] == 70
-    assert doc["crop"] == {"top": 0, "left": 15, "size": 40}
+    # the whole frame: short side 40 -> 128 px, long 70 -> 224 px padded to 256 (16 px each side)
+    assert "crop" not in doc and doc["settings"]["frame"] == "whole"
+    assert doc["frame"] == {"height": 128, "width": 256, "grid": [16, 32], "scale": 3.2,
+                            "padding": {"top": 0, "bottom": 0, "left": 16, "right": 16}}
     assert doc["settings"]["kl_threshold"] == [1.1, 1.1, 1.1]
     assert doc["n_segments"] == len(doc["annotations"]) == labels.max() + 1
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)

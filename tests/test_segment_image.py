@@ -1,6 +1,7 @@
 """diffseg.segment(image) end to end on a tiny random SD bundle: label maps at
 the input's size (non-square images included), the border outside the centre
-crop, image kinds, the model cache, and `diffseg attention`."""
+crop (frame="crop"; the whole frame: tests/test_whole_frame.py), image kinds,
+the model cache, and `diffseg attention`."""
 import os
 
 import numpy as np
@@ -37,9 +38,9 @@ def check_labels(labels, height, width):
 
 
 @pytest.mark.parametrize("height, width", [(96, 160), (150, 70), (128, 128), (40, 41)])
-def test_segment_non_square(tiny_model, height, width):
+def test_segment_non_square_crop_frame(tiny_model, height, width):
     img = test_image(height, width)
-    labels = diffseg.segment(img, tiny_model, kl_threshold=FINE)
+    labels = diffseg.segment(img, tiny_model, kl_threshold=FINE, frame="crop")
     check_labels(labels, height, width)
     top, left, side = center_crop_box(height, width)
     crop = labels[top:top + side, left:left + side]
@@ -58,15 +59,17 @@ def test_segment_non_square(tiny_model, height, width):
 
 def test_segment_border_value(tiny_model):
     img = test_image(80, 120, seed=1)
-    labels = diffseg.segment(img, tiny_model, kl_threshold=FINE, border=-1)
+    labels = diffseg.segment(img, tiny_model, kl_threshold=FINE, frame="crop", border=-1)
     top, left, side = center_crop_box(80, 120)
     assert labels.shape == (80, 120)
     assert (labels[:, :left] == -1).all() and (labels[:, left + side:] == -1).all()
     assert (labels[:, left:left + side] >= 0).all()
-    nearest = diffseg.segment(img, tiny_model, kl_threshold=FINE)
+    nearest = diffseg.segment(img, tiny_model, kl_threshold=FINE, frame="crop")
     np.testing.assert_array_equal(labels[:, left:left + side], nearest[:, left:left + side])
     with pytest.raises(ValueError, match="border"):
-        diffseg.segment(img, tiny_model, border="wrap")
+        diffseg.segment(img, tiny_model, frame="crop", border="wrap")
+    with pytest.raises(ValueError, match="border.*crop"):  # the whole frame has no border
+        diffseg.segment(img, tiny_model, border=-1)
 
 
 def test_segment_defaults_and_parameters(tiny_model):
@@ -173,4 +176,12 @@ def test_cli_attention(tiny_bundle, tiny_model, tmp_path):
         assert list(attn) == list(ref) == [16, 8, 4, 2]
         for s in ref:
             np.testing.assert_array_equal(attn[s], ref[s])
+    # --frame whole: non-square grids, keyed (h, w) after a round trip through the file
+    whole = tmp_path / "whole"
+    assert main(["attention", paths[0], "-o", str(whole), "-m", tiny_bundle, "--frame", "whole"]) == 0
+    attn = load_attention(whole / "im0.npz")
+    ref = tiny_model.attention(paths[0], frame="whole")
+    assert list(attn) == list(ref) == [(16, 32), (8, 16), (4, 8), (2, 4)]  # 64x100 -> 128x200 -> 128x256 px
+    for key in ref:
+        np.testing.assert_array_equal(attn[key], ref[key])
     assert main(["attention", str(tmp_path / "nope.png"), "-o", str(out), "-m", tiny_bundle]) == 2

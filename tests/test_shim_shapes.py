@@ -220,7 +220,7 @@ def test_layers_all_on_a_non_square_grid(tmp_path_factory, tiny_sd_dir, tiny_pip
         assert rel_diff(batch[1][k], attn[k]) <= 2e-4
 
 
-def test_bad_sizes_and_batches(tiny_model):
+def test_bad_sizes_and_batches(tiny_model, monkeypatch):
     M = tiny_model.multiple
     assert M == 64
     for shape in [(3, 96, 128), (3, 128, 100), (3, 0, 128)]:
@@ -236,6 +236,10 @@ def test_bad_sizes_and_batches(tiny_model):
     wide = np.zeros((4, 200, 3), np.uint8)  # 50:1 in frame="whole": refused before any run
     with pytest.raises(ValueError, match="use frame='crop'"):
         tiny_model.attention(wide, frame="whole")
+    with monkeypatch.context() as m:  # a 1:5000 image is refused before a 128x640000 resize
+        m.setattr("diffseg.sd.model.preprocess_image", lambda *a, **k: pytest.fail("resized before the size check"))
+        with pytest.raises(ValueError, match="above the bound"):
+            tiny_model.attention(np.zeros((1, 5000, 3), np.uint8), frame="whole")
     assert list(tiny_model.attention(wide)) == [16, 8, 4, 2]  # the crop is fine
     with pytest.raises(ValueError, match=r"image: a float image must be preprocessed to shape \(3, H, W\)"):
         tiny_model.attention(np.zeros((4, 128, 128), np.float32))

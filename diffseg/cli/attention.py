@@ -15,8 +15,8 @@ def register_cli(subparsers):
         "attention",
         help="write the self-attention maps of images (.npz, one per image)",
         description="Run the model bundle on each image and write its self-attention maps "
-                    "(keys attn_<res>, (s*s, s*s)) to DIR/<image name>.npz. Exit status: 0 all written, "
-                    "1 some inputs failed, 2 usage error.",
+                    "(keys attn_<res>, (s*s, s*s); attn_<h>x<w> for the non-square grids of --frame whole) "
+                    "to DIR/<image name>.npz. Exit status: 0 all written, 1 some inputs failed, 2 usage error.",
     )
     p.add_argument("images", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
@@ -25,6 +25,10 @@ def register_cli(subparsers):
     p.add_argument("--stored-orientation", action="store_true",
                    help="ignore EXIF orientation: the image as stored, like evaluation datasets "
                         "(their labels are stored that way); default: as displayed")
+    p.add_argument("--frame", choices=("crop", "whole"), default="crop",
+                   help="crop (default: the centre crop of the published protocol, which diffseg eval "
+                        "--attention-dir expects) or whole (the whole image on a grid of its aspect ratio, "
+                        "as diffseg segment uses)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored precision: float32 (default, ~72 MB per 512 px image) or float16 "
                         "(half the size; see docs/evaluation.md for its effect on labels)")
@@ -53,7 +57,9 @@ def _run(args):
             target = out / f"{name}.npz"
             try:
                 rgb = load_image(image, exif_transpose=not args.stored_orientation)
-                save_attention(target, model.attention(rgb, args.timestep), dtype=args.dtype)
+                attn = (model.attention(rgb, args.timestep) if args.frame == "crop"
+                        else model.attention(rgb, args.timestep, frame="whole"))
+                save_attention(target, attn, dtype=args.dtype)
             except (ValueError, OSError) as e:  # unreadable image, unwritable output
                 failed += 1
                 report("attention", f"skipped {image}: {e}")

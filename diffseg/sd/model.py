@@ -37,7 +37,7 @@ import numpy as np
 
 from .._util import file_lock
 from ..core import average_layers
-from ..io.images import FRAMES, preprocess_image
+from ..io.images import FRAMES, load_image, preprocess_image, whole_frame_geometry
 from .bundle import BUNDLE_FILE, DEFAULT_MODEL, FORMAT, FORMAT_VERSION, METADATA_NAME, read_metadata
 
 CACHE_ENV = "DIFFSEG_CACHE"
@@ -310,9 +310,11 @@ class Model:
             if not np.all(np.isfinite(x)):
                 raise ValueError("image contains NaN or Inf")
             return x
-        x = preprocess_image(image, size=self.image_size, frame=frame, multiple=self.multiple)
-        self.grids(x.shape[1], x.shape[2])
-        return x
+        if frame == "whole":  # check the frame's size before resizing (a 100:1 image would be huge)
+            image = load_image(image)
+            g = whole_frame_geometry(image.shape[0], image.shape[1], self.image_size, self.multiple)
+            self.grids(g.frame_height, g.frame_width)
+        return preprocess_image(image, size=self.image_size, frame=frame, multiple=self.multiple)
 
     def _timestep(self, timestep):
         t = self.info["timestep"] if timestep is None else timestep
