@@ -57,11 +57,12 @@ def test_planted_equals_one_at_a_time(workers):
     assert model.threads == {"MainThread", "diffseg-producer"}  # the UNet ran in the producer
 
 
-def test_detailed_equals_segment_detailed():
+@pytest.mark.parametrize("frame, border", [("crop", -1), ("whole", "nearest")])
+def test_detailed_equals_segment_detailed(frame, border):
     model = PlantedModel()
     imgs = images(3)
-    for (i, got), im in zip(segment_many(imgs, model, detailed=True, grid=4, border=-1), imgs):
-        want = diffseg.segment_detailed(im, model, grid=4, border=-1)
+    for (i, got), im in zip(segment_many(imgs, model, detailed=True, grid=4, frame=frame, border=border), imgs):
+        want = diffseg.segment_detailed(im, model, grid=4, frame=frame, border=border)
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
