@@ -6,13 +6,15 @@
         ...   # in input order, labels as diffseg.segment(paths[index], model) gives
 
 One producer thread runs the model (``model.attention``: VAE encode + UNet in
-the libtorch shim) image after image; a pool of ``workers`` threads runs the
+the libtorch shim) image after image, or ``batch_size`` images per UNet call
+(``model.attention_batch``); a pool of ``workers`` threads runs the
 C core (aggregate, merge, NMS) on the attention it produced. Both release the
 GIL, so on a GPU the UNet pass of image i+1 runs while the CPU post-processes
 image i; on a CPU the two share the cores (libtorch and OpenMP threads), which
 fills each other's serial sections.
 
-Memory is bounded by ``max_pending``: at most that many images are between
+Memory is bounded by ``max_pending``: at most that many batches (of
+``batch_size`` images, default 1) are between
 the start of their UNet pass and the moment their result is handed to the
 caller (computed ahead, in post-processing, or finished and waiting for an
 earlier image in ordered mode). At 512 px one pending image holds its
@@ -24,6 +26,7 @@ the peak. The producer blocks while ``max_pending`` images are pending.
 :func:`pipelined` is the engine, for any two-stage job (the evaluation runner
 uses it to compute the attention of image i+1 while image i is scored).
 """
+import itertools
 import numbers
 import os
 import queue
@@ -168,7 +171,7 @@ def _check_images(images):
 def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
                  timestep=DEFAULT_TIMESTEP, weights=None, frame="whole", border="nearest", refine=False, gemm=None,
                  ordered=True, detailed=False, return_exceptions=False, vocabulary=None, prompt=None, voting="mean",
-                 captioner=None):
+                 captioner=None, batch_size=1):
     """Segment many images, the UNet pass of one overlapping the post-processing of earlier ones.
 
     Yields ``(index, labels)`` -- ``labels`` exactly as :func:`diffseg.segment`
@@ -185,9 +188,17 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     workers : post-processing threads (default 1: each C core call already
         uses all of the core's threads; more helps when the UNet pass is
         shorter than the post-processing, e.g. on a GPU with many CPU cores).
-    max_pending : images in flight at once, the memory bound (module
+    max_pending : batches in flight at once, the memory bound (module
         docstring); default ``workers + 1``: one in the UNet, ``workers`` in
         post-processing.
+    batch_size : images per UNet call (``Model.attention_batch``; default 1).
+        Images of one batch that preprocess to different sizes (whole frames
+        of other aspect ratios) run in one call per size. On a GPU batches
+        raise throughput; on a CPU they barely do. Results equal
+        :func:`diffseg.segment`'s exactly with ``batch_size=1``; with larger
+        batches libtorch's convolutions sum in another order (attention
+        within ~2e-4 relative), so a pixel near a tie may take another label.
+        Semantic labels (``vocabulary``/``prompt``) run one image per call.
     kl_threshold, grid, timestep, weights, frame, border, refine, gemm : as
         :func:`diffseg.segment` (``timestep=None``: the bundle's default); the
         C core's threads are the process default (:func:`diffseg.set_num_threads`).
@@ -201,7 +212,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     Stopping early (``break``, closing the generator, Ctrl-C) waits for the
     UNet pass in progress, then stops; see :func:`pipelined`.
     """
-    from .pipeline import check_border, finish_detailed, frame_attention, resolve_model
+    from .pipeline import check_border, finish_detailed, frame_attention, frame_geometry, resolve_model
     from .semantic import naming
 
     _check_images(images)
@@ -219,15 +230,47 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     if not callable(getattr(model, "attention", None)):
         raise TypeError(f"model must have an .attention(image, timestep) method, got {type(model).__name__}")
 
-    def produce(image):
-        from .io.images import load_image
+    batch_size = _check_count(batch_size, "batch_size")
 
-        rgb = load_image(image)
+    def attend_one(rgb):
         if namer is None:
             return (rgb, *frame_attention(model, rgb, timestep, frame), None)
         return (rgb, *namer.attention(model, rgb, timestep, frame=frame))
 
-    def finish(produced):
+    def attend_batch(rgbs):
+        """One UNet call per preprocessed size; an error belongs to its call's images."""
+        out, groups = [None] * len(rgbs), {}
+        for i, rgb in enumerate(rgbs):
+            try:
+                geometry = frame_geometry(model, rgb, frame)
+            except Exception as e:  # noqa: BLE001 -- this image's error
+                out[i] = e
+                continue
+            key = None if geometry is None else (geometry.frame_height, geometry.frame_width)
+            groups.setdefault(key, []).append((i, geometry))
+        for members in groups.values():
+            try:
+                attns = model.attention_batch([rgbs[i] for i, _ in members], timestep, frame=frame)
+            except Exception as e:  # noqa: BLE001
+                attns = [e] * len(members)
+            for (i, geometry), attn in zip(members, attns):
+                out[i] = attn if isinstance(attn, Exception) else (rgbs[i], attn, geometry, None)
+        return out
+
+    batched = batch_size > 1 and namer is None and callable(getattr(model, "attention_batch", None))
+
+    def produce(chunk):
+        from .io.images import load_image
+
+        rgbs = [_attempt(load_image, image) for image in chunk]
+        if batched:
+            ok = [i for i, rgb in enumerate(rgbs) if not isinstance(rgb, Exception)]
+            for i, value in zip(ok, attend_batch([rgbs[i] for i in ok])):
+                rgbs[i] = value
+            return rgbs
+        return [rgb if isinstance(rgb, Exception) else _attempt(attend_one, rgb) for rgb in rgbs]
+
+    def finish_one(produced):
         rgb, attn, geometry, info = produced
         result = finish_detailed(rgb, attn, geometry=geometry, kl_threshold=kl_threshold, grid=grid,
                                  weights=weights, border=border, scores=detailed, refine=refine, gemm=gemm)
@@ -237,9 +280,47 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
                 return result["labels"], result["names"]
         return result if detailed else result["labels"]  # the rest (A: 64 MB at 512 px) is freed here
 
-    results = pipelined(images, produce, finish, workers=workers, max_pending=max_pending, ordered=ordered,
-                        return_exceptions=return_exceptions)
+    def finish(produced):
+        return [p if isinstance(p, Exception) else _attempt(finish_one, p) for p in produced]
+
+    chunks = pipelined(_chunks(images, batch_size), produce, finish, workers=workers, max_pending=max_pending,
+                       ordered=ordered, return_exceptions=True)
+    results = _per_image(chunks, batch_size, return_exceptions)
     return _closing(results, model) if owned else results
+
+
+def _attempt(fn, value):
+    """``fn(value)``, or the ``Exception`` it raised (an image's own error)."""
+    try:
+        return fn(value)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def _chunks(items, size):
+    """Lists of ``size`` consecutive items (the last may be shorter), lazily."""
+    iterator = iter(items)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _per_image(chunks, size, return_exceptions):
+    """``(chunk index, [result or exception, ...])`` -> ``(image index,
+    result)``; an image's exception is yielded or raised as
+    :func:`segment_many` says. Closing this closes ``chunks``."""
+    try:
+        for k, values in chunks:
+            if isinstance(values, Exception):  # the whole chunk failed
+                values = [values]
+            for j, value in enumerate(values):
+                if isinstance(value, Exception) and not return_exceptions:
+                    raise value
+                yield k * size + j, value
+    finally:
+        chunks.close()
 
 
 def _closing(results, model):

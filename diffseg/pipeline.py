@@ -117,18 +117,26 @@ def check_border(border, frame):
                          "(the whole frame labels every pixel)")
 
 
-def frame_attention(model, rgb, timestep, frame):
-    """``(attention, geometry)`` of a loaded image: the model's self-attention
-    in ``frame`` and, for ``"whole"``, where the image lies in the working
-    frame (None for ``"crop"``)."""
+def frame_geometry(model, rgb, frame):
+    """Where a loaded image lies in the working frame of ``model`` for
+    ``frame="whole"`` (:func:`diffseg.io.images.whole_frame_geometry`); None
+    for ``"crop"``."""
     if check_frame(frame) == "crop":
-        return model.attention(rgb, timestep), None
+        return None
     missing = [a for a in ("image_size", "multiple") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} and "
                         f".attention(image, timestep, frame=...) (a diffseg.Model), not "
                         f"{type(model).__name__}: pass frame='crop'")
-    geometry = whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+    return whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+
+
+def frame_attention(model, rgb, timestep, frame):
+    """``(attention, geometry)`` of a loaded image: the model's self-attention
+    in ``frame`` and :func:`frame_geometry`."""
+    geometry = frame_geometry(model, rgb, frame)
+    if geometry is None:
+        return model.attention(rgb, timestep), None
     return model.attention(rgb, timestep, frame="whole"), geometry
 
 

@@ -217,3 +217,49 @@ def test_interrupt_in_produce_ends_after_earlier_items():
         for i, value in pipelined(range(5), produce):
             seen.append(value)
     assert seen == [0, 1]
+
+
+class BatchedPlantedModel(PlantedModel):
+    """Also has ``attention_batch`` (one call for images of one preprocessed size), recording its calls."""
+
+    def __init__(self, fail_on=()):
+        super().__init__(fail_on)
+        self.batches = []
+
+    def attention_batch(self, images, timestep=None, frame="crop"):
+        self.batches.append([self.grid(image, frame) for image in images])
+        assert len(set(self.batches[-1])) == 1, "one call, one grid"
+        return [self.attention(image, timestep, frame) for image in images]
+
+
+@pytest.mark.parametrize("frame", ["crop", "whole"])
+def test_batches_equal_one_at_a_time(frame):
+    """batch_size=3: one attention_batch call per batch and preprocessed size;
+    results and order as one image at a time; errors stay with their image."""
+    imgs = images(7, (40, 32, 3))
+    imgs[2] = images(3, (32, 64, 3))[2]  # another aspect ratio: its own call in the whole frame
+    imgs[5] = "no-such-image.png"
+    model = BatchedPlantedModel(fail_on={6})
+    got = list(segment_many(imgs, model, batch_size=3, grid=4, frame=frame, return_exceptions=True))
+    assert [i for i, _ in got] == list(range(7))
+    sizes = [len(b) for b in model.batches]
+    assert sizes == ([3, 2, 1] if frame == "crop" else [2, 1, 2, 1])  # image 5 never reaches the model
+    for i, result in got:
+        if i == 5:
+            assert isinstance(result, (OSError, ValueError))
+        elif i == 6:
+            assert isinstance(result, RuntimeError)
+        else:
+            np.testing.assert_array_equal(result, diffseg.segment(imgs[i], PlantedModel(), grid=4, frame=frame))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(segment_many(imgs, model, batch_size=0))
+
+
+def test_batches_raise_in_order():
+    imgs = images(5)
+    imgs[3] = "no-such-image.png"
+    seen = []
+    with pytest.raises((OSError, ValueError)):
+        for i, _ in segment_many(imgs, BatchedPlantedModel(), batch_size=2, grid=4, frame="crop"):
+            seen.append(i)
+    assert seen == [0, 1, 2]

@@ -139,3 +139,15 @@ def test_cli_whole_and_crop_outputs(tiny_bundle, tmp_path):
                  "--kl-threshold", str(FINE), "--grid", "8", "--frame", "crop"]) == 0
     doc = json.loads((out / "wide.json").read_text())
     assert doc["crop"] == {"top": 0, "left": 52, "size": 96} and doc["settings"]["frame"] == "crop"
+
+
+def test_segment_many_batches_through_the_shim(tiny_model):
+    """batch_size=3: one UNet call per batch and size; labels as one image at a
+    time up to the batched kernels' rounding (see diffseg.segment_many)."""
+    images = [photo(128, 192, seed=s) for s in range(4)] + [photo(128, 128, seed=9)]
+    serial = [diffseg.segment(img, tiny_model, kl_threshold=FINE, grid=8) for img in images]
+    got = dict(diffseg.segment_many(images, tiny_model, kl_threshold=FINE, grid=8, batch_size=3))
+    assert sorted(got) == list(range(5))
+    for i, labels in got.items():
+        assert labels.shape == serial[i].shape
+        assert np.mean(labels == serial[i]) > 0.95

@@ -165,6 +165,7 @@ def _run(args):
         results = segment_many([path for path, _, _ in todo], model, workers=args.workers,
                                kl_threshold=args.kl_threshold, grid=args.grid, timestep=args.timestep,
                                frame=args.frame, refine=args.refine, detailed=True, return_exceptions=True,
+                               batch_size=args.batch_size,
                                **_naming(args))
         try:
             with contextlib.closing(results):
@@ -233,6 +234,8 @@ def _run_ray(args, todo):
     from ..sd.bundle import read_metadata
     from ..sd.model import _resolve_bundle
 
+    if args.batch_size != 1:
+        raise UserError("--batch-size is for runs without --ray (Ray's actors take one image per UNet call)")
     if args.model is None or _resolve_bundle(args.model) is None:
         raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
     if Path(args.ray).exists():  # `--ray photos/`: argparse took the input for the address
@@ -322,6 +325,9 @@ def add_throughput_arguments(p, workers=True):
     if workers:
         p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="post-processing threads beside the UNet pass (default 1)")
+        p.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
+                       help="images per UNet call (default 1; more helps on a GPU; labels may differ from "
+                            "single calls at near-tie pixels, see diffseg.segment_many)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray Data (pip install 'diffseg[ray]'): alone, a local Ray instance; with "
                         "ADDRESS (auto, ray://host:10001, host:6379), that cluster. Needs --model BUNDLE")
