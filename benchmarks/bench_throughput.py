@@ -1,5 +1,6 @@
 """Throughput of many images on the CPU: sequential ``diffseg.segment`` vs
-``diffseg.segment_many`` (UNet pass overlapped with post-processing) vs Ray
+``diffseg.segment_many`` (UNet pass overlapped with post-processing), the same
+with B images per UNet call (``batch_size``, mode ``batched-B``), vs Ray
 Data on this machine (``diffseg.distributed.segment_dataset``, one actor).
 
 Random-weight Stable Diffusion (masks meaningless, costs real), 512 x 512 images:
@@ -17,7 +18,7 @@ and the peak resident memory of the process (for Ray: the driver's; the
 actor's is in its own process and not counted). Targets: segment_many >=
 0.95 / U images/s, Ray <= 10 % slower than segment_many.
 
-    python benchmarks/bench_throughput.py [--full] [--images N] [--workers W] [--work DIR --keep]
+    python benchmarks/bench_throughput.py [--full] [--images N] [--workers W] [--batch-sizes 2,4] [--work DIR --keep]
 """
 import argparse
 import json
@@ -125,6 +126,8 @@ def worker(mode, bundle, paths, workers):
     t0 = time.perf_counter()
     if mode == "sequential":
         n = sum(1 for p in paths if diffseg.segment(p, model) is not None)
+    elif mode.startswith("batched"):  # "batched-B": B images per UNet call
+        n = sum(1 for _ in diffseg.segment_many(paths, model, workers=workers, batch_size=int(mode.split("-")[1])))
     else:
         n = sum(1 for _ in diffseg.segment_many(paths, model, workers=workers))
     return {"seconds": time.perf_counter() - t0, "open_s": open_s, "images": n, "peak_mb": peak_rss_mb()}
@@ -146,6 +149,7 @@ def main():
     ap.add_argument("--images", type=int, default=None, help="images per mode (default 12; --full: 3)")
     ap.add_argument("--workers", type=int, default=1, help="segment_many post-processing threads")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray mode")
+    ap.add_argument("--batch-sizes", default="4", help="segment_many batch sizes to time (comma-separated; '' none)")
     ap.add_argument("--work", default=None, help="folder for the checkpoint, bundle and images")
     ap.add_argument("--keep", action="store_true", help="keep --work (reused by later runs)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -161,7 +165,8 @@ def main():
     try:
         bundle = prepare(work, args.full)
         paths = write_images(os.path.join(work, "images"), n)
-        modes = ["unet", "sequential", "segment_many"] + ([] if args.no_ray else ["ray"])
+        batches = [f"batched-{int(b)}" for b in args.batch_sizes.split(",") if b.strip()]
+        modes = ["unet", "sequential", "segment_many"] + batches + ([] if args.no_ray else ["ray"])
         res = {}
         for mode in modes:
             res[mode] = run_worker(mode, bundle, paths, args.workers)
