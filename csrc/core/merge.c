@@ -568,7 +568,7 @@ static void pooled_stats(const dseg_exec *ex, const float *P, int rows, int Np,
     for (int i = 0; i < rows; i++) st[i].overflow = overflow[i];
 }
 
-/* need[g * ld + p] = may D(anchor g, row p) be < tau, from pooled rows. */
+/* need[g * rows + p] = may D(anchor g, row p) be < tau, from pooled rows. */
 static void pooled_need(const dseg_exec *ex, const float *pX, const float *logpX,
                         const row_stats *sx, int G, const float *pY, const float *logpY,
                         const row_stats *sy, int rows, int Np, double tau, float *cross,
