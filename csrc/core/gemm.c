@@ -416,16 +416,23 @@ static void plain_gemm_nt(int m, int n, int k, const float *X, int ldx, const fl
  * KC + 2 ceil(k / KC) roundings, and |error| <= gamma_chain sum |x_i y_i| with
  * gamma_n = n u / (1 - n u) (Higham, Lemma 3.1 and section 3.1). With the + 2
  * of slack kept: chain 290, gamma about 1.7e-5, for k = 4096; the chain grows by
- * 2 per KC of k. 1e-4 covers that with room for the log approximation (~2 ulp
- * of each log) and the rounding of the double sums. An external sgemm may sum
- * all 2k terms in one chain: gamma_2k, with the same 1e-4 floor.
+ * 2 per KC of k. An external sgemm may sum all 2k terms in one chain:
+ * gamma_2k. dseg_gemm_chain_error is 1.6 gamma_chain (the 1.6: room for the
+ * (1 + small) factors its callers drop); dseg_gemm_rel_error floors that at
+ * 1e-4, which covers the log approximation (~2 ulp of each log) and the
+ * rounding of double sums for callers that do not bound them separately
+ * (merge.c bounds them separately and uses the chain error).
  */
-double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
+double dseg_gemm_chain_error(const dseg_exec *ex, int k) {
     const double u = FLT_EPSILON / 2;
     const double slices = k > 0 ? (double)((k + KC - 1) / KC) : 1.0;
     const double chain = ex->sgemm ? 2.0 * k + 2 : KC + 2.0 * slices + 2;
-    const double gamma = chain * u / (1 - chain * u);
-    return gamma * 1.6 > 1e-4 ? gamma * 1.6 : 1e-4;
+    return 1.6 * chain * u / (1 - chain * u);
+}
+
+double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
+    const double g = dseg_gemm_chain_error(ex, k);
+    return g > 1e-4 ? g : 1e-4;
 }
 
 void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,

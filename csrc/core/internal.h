@@ -56,6 +56,9 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
 /* Relative error bound of a cross term computed by dseg_gemm_nt with k-term
  * GEMMs of ex's backend (see gemm.c). */
 double dseg_gemm_rel_error(const dseg_exec *ex, int k);
+/* The GEMM rounding part of it alone (no floor): |C - X Y^T| <= this times
+ * sum |x_i y_i| for an entry of a cross term (see gemm.c). */
+double dseg_gemm_chain_error(const dseg_exec *ex, int k);
 
 /* Bilinear source index pair and weight of each destination pixel
  * (half-pixel centres, edge clamp: torch align_corners=False). */

@@ -14,7 +14,8 @@
  * Before that, a pass on key maps pooled 4 x 4 (256 bins for 64 x 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
  * the full-resolution GEMM only computes tiles holding a pair the bound does
- * not rule out. On segment-like attention most pairs are ruled out.
+ * not rule out. On segment-like attention most pairs are ruled out; where a
+ * sample of rows shows that few would be, the pass is skipped.
  *
  * Exact zeros use the usual conventions: 0 log 0 = 0, and D = +inf when one
  * map has zero mass where the other has positive mass (never merged). The
@@ -41,6 +42,7 @@ typedef struct {
     double h;      /* sum x log x */
     double mass;   /* sum x */
     double maxlog; /* max |log x| over x > 0 */
+    double maxpos; /* max(0, max log x): 0 when every x <= 1 */
     int has_zero;
     uint64_t zeros; /* hash of the set of zero positions (0 when none) */
     int overflow;   /* a pooled bin beyond float range: no bound from this row */
@@ -86,16 +88,18 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
         logx[j] = x[j] > 0.0f ? l : 0.0f;
     }
     double h = 0.0, mass = 0.0;
-    float maxlog = 0.0f, minx = x[0];
-#pragma omp simd reduction(+ : h, mass) reduction(max : maxlog) reduction(min : minx)
+    float maxlog = 0.0f, maxpos = 0.0f, minx = x[0];
+#pragma omp simd reduction(+ : h, mass) reduction(max : maxlog, maxpos) reduction(min : minx)
     for (int j = 0; j < n; j++) {
         h += (double)x[j] * (double)logx[j];
         mass += (double)x[j];
         const float a = fabsf(logx[j]);
         maxlog = a > maxlog ? a : maxlog;
+        maxpos = logx[j] > maxpos ? logx[j] : maxpos;
         minx = x[j] < minx ? x[j] : minx;
     }
-    st->h = h, st->mass = mass, st->maxlog = maxlog, st->has_zero = !(minx > 0.0f);
+    st->h = h, st->mass = mass, st->maxlog = maxlog, st->maxpos = maxpos;
+    st->has_zero = !(minx > 0.0f);
     /* Two maps whose zero sets differ are at D = +inf (one has mass where
      * the other has none). Different hashes prove that; equal hashes prove
      * nothing (a collision only costs a recheck). */
@@ -145,18 +149,51 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
     return DSEG_OK;
 }
 
-/* Bound on |D estimate - D| for a float32 GEMM over the pair's terms.
- * rel: dseg_gemm_rel_error of the GEMMs. sum |terms| <= mass_p max|log q| +
- * mass_q max|log p|; |h| covers the final rounding of the cross term. */
-static double error_bound(const row_stats *sp, const row_stats *sq, double rel) {
-    return rel * (sp->mass * sq->maxlog + sq->mass * sp->maxlog + fabs(sp->h) + fabs(sq->h)) +
-           1e-12;
-}
-
 /* Relative error of log_positive against the float64 log, measured over
  * every positive finite float: at most 8.2e-8 (1.4 x 2^-24; exact at x = 1).
  * Bounded here with a margin of 3.7x. */
 #define LOG_REL_ERROR 3e-7
+
+/*
+ * Bound on |d - D|, d = (h_p + h_q - c) / 2 the fast estimate from the GEMM
+ * value c of the cross term, D the float64 value of sym_kl_exact.
+ *
+ * Let l_x be the float32 logs the GEMM and h_x used, T' = sum p_j lq_j +
+ * q_j lp_j the cross term they define and S' = sum p_j |lq_j| + q_j |lp_j|
+ * its sum of |terms|. The GEMM gives |c - T'| <= g S' (g: gemm_err, see
+ * gemm.c). Two bounds on S':
+ *   (a) S' <= mass_p max|lq| + mass_q max|lp|;
+ *   (b) all x >= 0 and |l| = -l + 2 max(l, 0), so S' = -T' + 2 E' with
+ *       E' = sum p_j max(lq_j, 0) + q_j max(lp_j, 0) <= E = mass_p maxpos_q
+ *       + mass_q maxpos_p; with T' >= c - g S': S' <= (2E - c) / (1 - g).
+ * (b) is the tight one on probability maps (every x <= 1: E = 0, S' = -c,
+ * about twice the cross entropy, where (a) can be ten times that); the
+ * smaller of the two is used. The float32 logs are within LOG_REL_ERROR of
+ * the float64 ones (relative, same sign), which moves T' and h_x by at most
+ * that times S' and sum x |l_x| <= |h_x| + 2 mass_x maxpos_x (same identity
+ * as (b)); the float64 sums of h_x and of sym_kl_exact each add at most
+ * (n + 4) eps64 relative to those same sums of |terms|. So, with
+ *   rho = g + 2 LOG_REL_ERROR + 8 (n + 4) eps64,
+ *   |d - D| <= rho / 2 (S' + H_p + H_q),  H_x = |h_x| + 2 mass_x maxpos_x,
+ * plus the rounding of d itself (a few eps64 of |h_p| + |h_q| + |c|). The
+ * factors of 2 on the log and double terms, and gemm_err's own 1.6x on its
+ * chain bound, cover the (1 + small) products dropped above.
+ */
+static double error_bound(const row_stats *sp, const row_stats *sq, double c, double rho) {
+    const double a = sp->mass * sq->maxlog + sq->mass * sp->maxlog;
+    const double e = sp->mass * sq->maxpos + sq->mass * sp->maxpos;
+    const double b = (2.0 * e - c) / (1.0 - rho);
+    const double s = b >= 0.0 && b < a ? b : a; /* b < 0: no bound from (b) (never on sound input) */
+    const double hp = fabs(sp->h) + 2.0 * sp->mass * sp->maxpos;
+    const double hq = fabs(sq->h) + 2.0 * sq->mass * sq->maxpos;
+    return 0.5 * rho * (s + hp + hq) + 8.0 * DBL_EPSILON * (fabs(sp->h) + fabs(sq->h) + fabs(c)) +
+           1e-12;
+}
+
+/* rho of error_bound for k-term GEMMs of ex's backend. */
+static double estimate_rel_error(const dseg_exec *ex, int k) {
+    return dseg_gemm_chain_error(ex, k) + 2.0 * LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
+}
 
 /*
  * D(p, q) from the float32 logs, summed in float64 (same zero conventions as
@@ -203,7 +240,8 @@ static int below(float cross, const row_stats *sp, const row_stats *sq, const fl
                  recheck_counts *counts) {
     if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
     if (!sp->has_zero && !sq->has_zero) {
-        const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
+        const double d = 0.5 * (sp->h + sq->h - (double)cross);
+        const double bound = error_bound(sp, sq, (double)cross, rel);
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
@@ -233,7 +271,8 @@ static int surely_not_below(float cross, const row_stats *sp, const row_stats *s
     if (sp->overflow || sq->overflow) return 0;
     if (sp->zeros != sq->zeros) return 1; /* D = +inf */
     if (sp->has_zero || sq->has_zero) return 0;
-    const double d = 0.5 * (sp->h + sq->h - (double)cross), bound = error_bound(sp, sq, rel);
+    const double d = 0.5 * (sp->h + sq->h - (double)cross);
+    const double bound = error_bound(sp, sq, (double)cross, rel);
     return isfinite(d) && isfinite(bound) && d - bound >= tau;
 }
 
@@ -301,11 +340,22 @@ static int subset_predecessor(const unsigned char *mask, const int32_t *count, i
 
 /* acc[c0:c1] += the listed rows of A over columns c0..c1. Rows are added
  * four at a time, ((y0 + y1) + (y2 + y3)), in list order: a fixed order
- * (the caller cuts lists only at fixed row-block boundaries). */
+ * (the caller cuts lists only at fixed row-block boundaries). Two groups of
+ * four share one load and store of acc. */
 DSEG_CLONES
 static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
                             int c0, int c1) {
     int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
+        const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
+        const float *y4 = A + (size_t)list[i + 4] * N, *y5 = A + (size_t)list[i + 5] * N;
+        const float *y6 = A + (size_t)list[i + 6] * N, *y7 = A + (size_t)list[i + 7] * N;
+#pragma omp simd
+        for (int c = c0; c < c1; c++)
+            acc[c] = (acc[c] + (((double)y0[c] + (double)y1[c]) + ((double)y2[c] + (double)y3[c]))) +
+                     (((double)y4[c] + (double)y5[c]) + ((double)y6[c] + (double)y7[c]));
+    }
     for (; i + 4 <= n; i += 4) {
         const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
         const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
@@ -489,13 +539,14 @@ static int pool_factor(int H, int W) {
     return 1;
 }
 
-/* Sum f x f blocks of each H x W key map: (rows, H*W) -> (rows, (H/f)*(W/f)). */
-static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int rows, int H, int W,
-                      int f, float *out, unsigned char *overflow) {
+/* Sum f x f blocks of H x W key maps: rows which[i] of X (which NULL: row i),
+ * i < rows, -> (rows, (H/f)*(W/f)). */
+static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const int *which,
+                      int rows, int H, int W, int f, float *out, unsigned char *overflow) {
     const int Hp = H / f, Wp = W / f, Np = Hp * Wp;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * H * W))
     for (int i = 0; i < rows; i++) {
-        const float *x = X + (size_t)i * H * W;
+        const float *x = X + (size_t)(which ? which[i] : i) * H * W;
         float *o = out + (size_t)i * Np;
         overflow[i] = 0;
         for (int by = 0; by < Hp; by++)
@@ -510,12 +561,42 @@ static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, int row
     }
 }
 
+/* Pooled rows -> their logs and statistics (overflow flags included). */
+static void pooled_stats(const dseg_exec *ex, const float *P, int rows, int Np,
+                         const unsigned char *overflow, float *logP, row_stats *st) {
+    log_rows(ex, P, rows, Np, logP, st);
+    for (int i = 0; i < rows; i++) st[i].overflow = overflow[i];
+}
+
+/* need[g * rows + p] = may D(anchor g, row p) be < tau, from pooled rows. */
+static void pooled_need(const dseg_exec *ex, const float *pX, const float *logpX,
+                        const row_stats *sx, int G, const float *pY, const float *logpY,
+                        const row_stats *sy, int rows, int Np, double tau, float *cross,
+                        unsigned char *need) {
+    cross_terms(ex, pX, logpX, G, pY, logpY, rows, Np, cross, NULL);
+    const double rel = estimate_rel_error(ex, Np);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * rows))
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < rows; p++)
+            need[(size_t)g * rows + p] =
+                !surely_not_below(cross[(size_t)g * rows + p], sx + g, sy + p, rel, tau);
+}
+
+/* Rows of A in the sample that decides whether the pooled pass pays: one in
+ * SAMPLE_STRIDE, spread over the image. */
+#define SAMPLE_STRIDE 16
+
 /*
  * Pairs that may be closer than tau. Summing bins is a Markov map, so by the
  * data-processing inequality each KL, and so D, can only shrink under
  * pooling: a pair whose pooled distance is surely >= tau is surely >= tau at
  * full resolution. The pooled GEMMs are H*W/f^2 deep instead of H*W.
- * need: (G, N). Returns 0 on allocation failure.
+ * The pass costs about a quarter of the full GEMMs it may save, so it first
+ * runs on a sample of rows of A against every anchor, and when that rules
+ * out under a quarter of the sampled pairs (attention with no segment-like
+ * structure), every pair is marked needed without it. Either way the
+ * decisions are exact; only which pairs get a full-resolution estimate
+ * changes. need: (G, N). Returns 0 on allocation failure.
  */
 static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
                            const int *anchor_rows, int G, double tau, unsigned char *need) {
@@ -524,32 +605,37 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
         memset(need, 1, (size_t)G * N);
         return 1;
     }
-    const int Np = (H / f) * (W / f);
+    const int Np = (H / f) * (W / f), S = (N + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
     float *pA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *logpA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *pX = dseg_malloc(sizeof(float) * (size_t)G * Np);
     float *logpX = dseg_malloc(sizeof(float) * (size_t)G * Np);
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
-    unsigned char *overflow = malloc(N);
-    const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow;
+    unsigned char *overflow = malloc(N > G ? N : G);
+    int *sample = malloc(sizeof(int) * S);
+    const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow && sample;
     if (ok) {
-        pool_rows(ex, A, N, H, W, f, pA, overflow);
-        for (int g = 0; g < G; g++)
-            memcpy(pX + (size_t)g * Np, pA + (size_t)anchor_rows[g] * Np, sizeof(float) * Np);
-        log_rows(ex, pA, N, Np, logpA, sa);
-        log_rows(ex, pX, G, Np, logpX, sx);
-        for (int p = 0; p < N; p++) sa[p].overflow = overflow[p];
-        for (int g = 0; g < G; g++) sx[g].overflow = overflow[anchor_rows[g]];
-        cross_terms(ex, pX, logpX, G, pA, logpA, N, Np, cross, NULL);
-        const double rel = dseg_gemm_rel_error(ex, Np);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * N))
-        for (int g = 0; g < G; g++)
-            for (int p = 0; p < N; p++)
-                need[(size_t)g * N + p] =
-                    !surely_not_below(cross[(size_t)g * N + p], sx + g, sa + p, rel, tau);
+        pool_rows(ex, A, anchor_rows, G, H, W, f, pX, overflow);
+        pooled_stats(ex, pX, G, Np, overflow, logpX, sx);
+        for (int i = 0; i < S; i++) /* the middle row of each stride: 8, 24, ... */
+            sample[i] = i * SAMPLE_STRIDE + SAMPLE_STRIDE / 2 < N ? i * SAMPLE_STRIDE + SAMPLE_STRIDE / 2
+                                                                 : N - 1;
+        pool_rows(ex, A, sample, S, H, W, f, pA, overflow);
+        pooled_stats(ex, pA, S, Np, overflow, logpA, sa);
+        pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, S, Np, tau, cross, need);
+        int64_t kept = 0;
+        for (size_t i = 0; i < (size_t)G * S; i++) kept += need[i];
+        if (4 * ((int64_t)G * S - kept) < (int64_t)G * S) {
+            memset(need, 1, (size_t)G * N);
+        } else {
+            pool_rows(ex, A, NULL, N, H, W, f, pA, overflow);
+            pooled_stats(ex, pA, N, Np, overflow, logpA, sa);
+            pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
+        }
     }
     free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx), free(overflow);
+    free(sample);
     return ok;
 }
 
@@ -574,7 +660,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     log_rows(ex, A, N, N, logA, sa);
     cross_terms(ex, X, logX, G, A, logA, N, N, cross, mask);
 
-    const double rel = dseg_gemm_rel_error(ex, N);
+    const double rel = estimate_rel_error(ex, N);
     int64_t refined = 0, exact = 0, candidates = 0;
 #pragma omp parallel for schedule(dynamic, 4) reduction(+ : refined, exact, candidates) \
     num_threads(dseg_threads_for(ex, (double)G * N * 8))
@@ -634,7 +720,7 @@ static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, 
     }
     log_rows(ex, P, k, N, logP, st);
     cross_terms(ex, P, logP, k, P, logP, k, N, cross, NULL);
-    const double rel = dseg_gemm_rel_error(ex, N);
+    const double rel = estimate_rel_error(ex, N);
     int64_t refined = 0, exact = 0;
     /* D is symmetric (sym_kl_exact bit for bit too): decide each unordered
      * pair once, from the estimate of (i, j), j > i. A proposal is always
