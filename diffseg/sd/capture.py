@@ -81,39 +81,14 @@ class CaptureAttnProcessor:
                  *args, **kwargs):
         import torch
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
+        q, k, v, state = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+        batch, heads, n_q, head_dim = q.shape
+        n_k = k.shape[2]
         mask = None
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            mask = attn.prepare_attention_mask(attention_mask, n_k, batch)
             mask = mask.view(batch, heads, -1, mask.shape[-1]).float()
 
-        n_q, n_k = q.shape[2], k.shape[2]
         chunk = max(1, min(heads, SCORE_CHUNK_BYTES // max(1, 4 * batch * n_q * n_k)))
         # Scaling the (n, d) queries is cheaper than scaling the (n, n) scores.
         q = (q.float() * attn.scale).contiguous()
@@ -137,14 +112,60 @@ class CaptureAttnProcessor:
             acc.add_(head_sum, alpha=1.0 / heads)
 
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attention_output(attn, out, state)
+
+
+def attention_inputs(attn, hidden_states, encoder_hidden_states, temb):
+    """Diffusers' ``AttnProcessor`` up to the per-head projections: spatial
+    norm, ``(B, C, H, W) -> (B, HW, C)``, group norm, q from the hidden states
+    and k, v from the context (the hidden states themselves for
+    self-attention), split into heads, q/k norms. Returns ``(q, k, v, state)``,
+    each ``(B, heads, n, head_dim)``; ``state`` is what :func:`attention_output` needs."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = None
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        image_shape = (batch, channel, height, width)
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    value = attn.to_v(context)
+
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    return q, k, v, (residual, image_shape, query.dtype)
+
+
+def attention_output(attn, out, state):
+    """The rest of ``AttnProcessor`` after ``probabilities @ v`` (``out``:
+    ``(B, heads, n, head_dim)``): merge heads, output projection and dropout,
+    back to ``(B, C, H, W)``, residual, rescale."""
+    residual, image_shape, dtype = state
+    batch, heads, _, head_dim = out.shape
+    hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if image_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*image_shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 def install_capture(unet, mode="per-resolution"):

@@ -23,6 +23,7 @@ int used only as a dictionary key while tracing) and accumulates with
 out-of-place tensor additions (no tensor constructor takes a size read from a
 shape), so one traced graph serves any latent grid and batch size.
 """
+from .capture import attention_inputs, attention_output
 
 
 class CrossSink:
@@ -69,33 +70,8 @@ class CrossCaptureProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         import torch
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
+        q, k, v, state = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+        batch, heads = q.shape[:2]
         # (batch, heads, n, T); the cross score matrices are small (T = 77 keys): no chunking.
         scores = torch.matmul(q.float() * attn.scale, k.float().transpose(-1, -2))
         if attention_mask is not None:
@@ -103,16 +79,7 @@ class CrossCaptureProcessor:
             scores = scores + mask.view(batch, heads, -1, mask.shape[-1]).float()
         probs = torch.softmax(scores, dim=-1)
         self.sink.add(probs.mean(dim=1))
-        out = torch.matmul(probs.to(v.dtype), v)
-
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attention_output(attn, torch.matmul(probs.to(v.dtype), v), state)
 
 
 def install_cross_capture(unet):
