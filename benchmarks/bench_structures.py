@@ -32,23 +32,11 @@ import numpy as np
 
 import diffseg
 from diffseg import reference, synthetic
-from bench_core import extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition of the baseline
+from bench_core import best_time, extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition each
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = 16
 TAUS = (0.9, 1.1)
-
-
-def best_time(fn, repeat):
-    """Minimum wall time of `repeat` runs, and the last result. The pause lets
-    BLAS worker threads of the previous measurement go idle."""
-    times, result = [], None
-    for _ in range(repeat):
-        time.sleep(0.1)
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def planted(n, strength=6.0, seed=0):
