@@ -41,9 +41,9 @@ dseg_sgemm_fn dseg_get_sgemm(void) { return default_sgemm; }
  * skipped: coarser than the 4 x 4 the interface promises, never finer).
  */
 enum {
-    MR = 4, /* pack_x4 assumes 4 */
-    NR = 24,
-    KC = 256, /* Y panel NR x KC floats: 24 KiB, stays in L1 */
+    MR = DSEG_GEMM_MR, /* pack_x4 assumes 4 */
+    NR = DSEG_GEMM_NR,
+    KC = DSEG_GEMM_KC, /* Y panel NR x KC floats: 24 KiB, stays in L1 */
     MC = 256, /* X block MC x KC floats: 256 KiB, stays in L2 */
 };
 
@@ -320,13 +320,15 @@ static void dot_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, 
 /* 0 when the packing buffer cannot be had (the caller falls back). */
 static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X,
                            int ldx, const float *Y, int ldy, float *C, int ldc, int accumulate,
-                           const unsigned char *need) {
+                           const unsigned char *need, const dseg_pack_hook *hook) {
     const kernel_fn kernel = pick_kernel();
     const pack_fn pack_y = pick_pack();
     const int kk = k > 0 ? k : 1, slices = (kk + KC - 1) / KC;
     /* X is packed up front, slice-major ([slice][panel][k][MR]), a chunk of
      * rows at a time: one parallel loop per chunk and no barrier inside. */
-    const int chunk_max = (int)(((size_t)1 << 21) / kk) / MC * MC > MC
+    /* With a hook, chunks of one X block: each Y panel then has one task
+     * per chunk, so no two threads transform one block of Y at once. */
+    const int chunk_max = !hook && (int)(((size_t)1 << 21) / kk) / MC * MC > MC
                               ? (int)(((size_t)1 << 21) / kk) / MC * MC : MC;
     const int chunk = m < chunk_max ? m : chunk_max;
     const size_t chunk_panels = (size_t)(chunk + MR - 1) / MR;
@@ -337,24 +339,24 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
     for (int c0 = 0; c0 < m; c0 += chunk) {
         const int crows = m - c0 < chunk ? m - c0 : chunk;
         const int cpanels = (crows + MR - 1) / MR;
-        for (int s = 0; s < slices; s++) {
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)crows * k * 4))
+        for (int sp = 0; sp < slices * cpanels; sp++) { /* a copy: any thread, same bytes */
+            const int s = sp / cpanels, p = sp % cpanels;
             const int k0 = s * KC, len = k - k0 < KC ? k - k0 : KC;
-            for (int p = 0; p < cpanels; p++) {
-                const int rows = crows - p * MR < MR ? crows - p * MR : MR;
-                float *out = xpack + ((size_t)s * cpanels + p) * MR * kc;
+            const int rows = crows - p * MR < MR ? crows - p * MR : MR;
+            float *out = xpack + ((size_t)s * cpanels + p) * MR * kc;
 #if DSEG_GEMM_AVX2
-                pack_x4(X, ldx, c0 + p * MR, rows, k0, len, out);
+            pack_x4(X, ldx, c0 + p * MR, rows, k0, len, out);
 #else
-                pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR, out);
+            pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR, out);
 #endif
-            }
         }
         /* A task is one NR-wide panel of Y against a block of X panels (at
          * most MC rows; fewer when n has too few panels to share out): each
          * entry of C is summed by one thread, slice after slice. */
         const int per_block = MC / MR, want = 16;
         int blocks = (cpanels + per_block - 1) / per_block;
-        if (npanels * blocks < want) {
+        if (!hook && npanels * blocks < want) {
             const int more = (want + npanels - 1) / npanels;
             blocks = more < cpanels ? more : cpanels;
         }
@@ -363,7 +365,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
         const int tasks = npanels * blocks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)crows * n * k))
         for (int t = 0; t < tasks; t++) {
-            float ypack[KC * NR];
+            float ypack[KC * NR], transformed[NR * KC];
             const int q = t / blocks, p0 = t % blocks * bpanels;
             const int p1 = p0 + bpanels < cpanels ? p0 + bpanels : cpanels;
             const int j = q * NR, cols = n - j < NR ? n - j : NR;
@@ -374,7 +376,15 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                 for (int p = p0; p < p1; p++) {
                     const int i = c0 + p * MR, rows = m - i < MR ? m - i : MR;
                     if (!tile_needed(need, ldc, i, j, rows, cols)) continue;
-                    if (!packed) pack_y(Y, ldy, j, cols, k0, len, ypack), packed = 1;
+                    if (!packed) {
+                        if (hook) {
+                            hook->transform(hook->ctx, Y, ldy, j, cols, k0, len, transformed, KC);
+                            pack_y(transformed, KC, 0, cols, 0, len, ypack);
+                        } else {
+                            pack_y(Y, ldy, j, cols, k0, len, ypack);
+                        }
+                        packed = 1;
+                    }
                     kernel(len, xpack + ((size_t)s * cpanels + p) * MR * kc, ypack,
                            C + (size_t)i * ldc + j, ldc, rows, cols, add);
                 }
@@ -435,6 +445,14 @@ double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
     return g > 1e-4 ? g : 1e-4;
 }
 
+int dseg_gemm_nt_hooked(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                        const float *Y, int ldy, float *C, int ldc, int accumulate,
+                        const unsigned char *need, const dseg_pack_hook *hook) {
+    /* Only the packed built-in kernel has a packing step to hook. */
+    if (ex->sgemm || n < DOT_MAX_N || m <= 0 || k <= 0) return 0;
+    return builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need, hook);
+}
+
 void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
                   const float *Y, int ldy, float *C, int ldc, int accumulate,
                   const unsigned char *need) {
@@ -447,6 +465,6 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
     }
     if (n < DOT_MAX_N)
         dot_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
-    else if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need))
+    else if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need, NULL))
         plain_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }

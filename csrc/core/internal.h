@@ -53,6 +53,32 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
                   const float *Y, int ldy, float *C, int ldc, int accumulate,
                   const unsigned char *need);
 
+/*
+ * A transform of Y applied as the built-in kernel packs it: the GEMM then
+ * computes X f(Y)^T without f(Y) ever being stored whole. transform writes
+ * dst[a * ld_dst + i] = f(Y[r0 + a][k0 + i]) for a < rows, i < len; it may
+ * record per-row data as well. It is called for every block of Y that a
+ * needed tile uses, once or more (with identical arguments), from any thread,
+ * but never for one block from two threads at once; k0 is a multiple of
+ * DSEG_GEMM_KC and len at most DSEG_GEMM_KC.
+ */
+typedef struct {
+    void (*transform)(void *ctx, const float *Y, int ldy, int r0, int rows, int k0, int len,
+                      float *dst, int ld_dst);
+    void *ctx;
+} dseg_pack_hook;
+#define DSEG_GEMM_KC 256
+/* The built-in kernel's tile: rows of X x rows of Y (the granularity of need). */
+#define DSEG_GEMM_MR 4
+#define DSEG_GEMM_NR 24
+
+/* dseg_gemm_nt with C = X hook(Y)^T. Returns 0, computing nothing, when
+ * the backend cannot apply a hook (an external sgemm, few columns) or
+ * memory runs out: the caller then transforms Y itself. */
+int dseg_gemm_nt_hooked(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                        const float *Y, int ldy, float *C, int ldc, int accumulate,
+                        const unsigned char *need, const dseg_pack_hook *hook);
+
 /* Relative error bound of a cross term computed by dseg_gemm_nt with k-term
  * GEMMs of ex's backend (see gemm.c). */
 double dseg_gemm_rel_error(const dseg_exec *ex, int k);

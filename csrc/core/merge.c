@@ -37,6 +37,10 @@
 /* Rows per block of the selected-row sums: RBLOCK x COLS floats (256 KiB)
  * stay in L2. */
 #define RBLOCK 256
+/* Cost of a row added by conversion + addition (incremental sums) against a
+ * table addition (subset tables), measured with
+ * benchmarks/bench_structures.py under DIFFSEG_MERGE_SUMS. */
+#define INCREMENTAL_ROW_COST 1.5
 
 typedef struct {
     double h;      /* sum x log x */
@@ -79,9 +83,17 @@ static inline float log_positive(float x) {
     return (m + y) + 0.693359375f * fe;
 }
 
-/* logx[j] = log x[j] (0 where x[j] == 0) and the row's statistics. */
+/* Statistics of a span of a row (the row's sums are the spans' in order). */
+typedef struct {
+    double h, mass;
+    float maxlog, maxpos, minx;
+    uint64_t zeros;
+} span_stats;
+
+/* logx[j] = log x[j] (0 where x[j] == 0) over a span of n entries that
+ * starts at position j0 of its row, and the span's statistics. */
 DSEG_CLONES
-static void log_row(const float *x, int n, float *logx, row_stats *st) {
+static void log_span(const float *x, int n, int j0, float *logx, span_stats *st) {
 #pragma omp simd
     for (int j = 0; j < n; j++) {
         const float l = log_positive(x[j] > 0.0f ? x[j] : 1.0f);
@@ -98,20 +110,42 @@ static void log_row(const float *x, int n, float *logx, row_stats *st) {
         maxpos = logx[j] > maxpos ? logx[j] : maxpos;
         minx = x[j] < minx ? x[j] : minx;
     }
-    st->h = h, st->mass = mass, st->maxlog = maxlog, st->maxpos = maxpos;
-    st->has_zero = !(minx > 0.0f);
     /* Two maps whose zero sets differ are at D = +inf (one has mass where
      * the other has none). Different hashes prove that; equal hashes prove
-     * nothing (a collision only costs a recheck). */
+     * nothing (a collision only costs a recheck). A sum: spans add up. */
     uint64_t zeros = 0;
-    if (st->has_zero)
+    if (!(minx > 0.0f))
         for (int j = 0; j < n; j++)
             if (x[j] == 0.0f) {
-                const uint64_t k = (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ull;
+                const uint64_t k = (uint64_t)(j0 + j + 1) * 0x9E3779B97F4A7C15ull;
                 zeros += k ^ (k >> 29);
             }
+    st->h = h, st->mass = mass, st->maxlog = maxlog, st->maxpos = maxpos, st->minx = minx;
+    st->zeros = zeros;
+}
+
+/* A row's statistics from its spans, in order. */
+static void row_from_spans(const span_stats *sp, int n_spans, row_stats *st) {
+    double h = 0.0, mass = 0.0;
+    float maxlog = 0.0f, maxpos = 0.0f, minx = sp[0].minx;
+    uint64_t zeros = 0;
+    for (int s = 0; s < n_spans; s++) {
+        h += sp[s].h, mass += sp[s].mass, zeros += sp[s].zeros;
+        maxlog = sp[s].maxlog > maxlog ? sp[s].maxlog : maxlog;
+        maxpos = sp[s].maxpos > maxpos ? sp[s].maxpos : maxpos;
+        minx = sp[s].minx < minx ? sp[s].minx : minx;
+    }
+    st->h = h, st->mass = mass, st->maxlog = maxlog, st->maxpos = maxpos;
+    st->has_zero = !(minx > 0.0f);
     st->zeros = zeros;
     st->overflow = 0;
+}
+
+/* logx = log x (0 where x == 0) and the row's statistics. */
+static void log_row(const float *x, int n, float *logx, row_stats *st) {
+    span_stats sp;
+    log_span(x, n, 0, logx, &sp);
+    row_from_spans(&sp, 1, st);
 }
 
 /* Loops over rows use dynamic schedules: when another process holds a core,
@@ -235,9 +269,10 @@ typedef struct {
  * exact value, so it decides all but pairs within ~1e-6 of tau), and the
  * exact float64 distance.
  */
-static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
-                 const float *lp, const float *q, const float *lq, int n, double tau, double rel,
-                 recheck_counts *counts) {
+
+/* The first tier: 1 (D < tau) or 0 when the estimate decides, else -1. */
+static int estimate_below(float cross, const row_stats *sp, const row_stats *sq, double tau,
+                          double rel) {
     if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross);
@@ -245,6 +280,12 @@ static int below(float cross, const row_stats *sp, const row_stats *sq, const fl
         /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
+    return -1;
+}
+
+/* The float64 tiers. */
+static int refined_below(const float *p, const float *lp, const float *q, const float *lq, int n,
+                         double tau, recheck_counts *counts) {
     counts->refined++;
     double bound;
     const double d = sym_kl_from_logs(p, lp, q, lq, n, &bound);
@@ -255,6 +296,13 @@ static int below(float cross, const row_stats *sp, const row_stats *sq, const fl
     }
     counts->exact++;
     return sym_kl_exact(p, q, n) < tau;
+}
+
+static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
+                 const float *lp, const float *q, const float *lq, int n, double tau, double rel,
+                 recheck_counts *counts) {
+    const int r = estimate_below(cross, sp, sq, tau, rel);
+    return r >= 0 ? r : refined_below(p, lp, q, lq, n, tau, counts);
 }
 
 /* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T, where need says (NULL: all) */
@@ -370,6 +418,14 @@ static void add_listed_rows(double *acc, const float *A, int N, const int32_t *l
     }
 }
 
+/* Cost of a plan in double additions per column: each listed row costs a
+ * conversion and an addition, each base one addition. */
+static double incremental_cost(const sum_job *jobs, int n_jobs) {
+    double cost = 0.0;
+    for (int k = 0; k < n_jobs; k++) cost += INCREMENTAL_ROW_COST * jobs[k].n + (jobs[k].base >= 0);
+    return cost;
+}
+
 /* Quadtree levels over a gh x gw anchor grid: level l (1..levels) has
  * side(gh, l) x side(gw, l) nodes, each the anchors (a, b) with the same
  * (a >> l, b >> l). */
@@ -381,12 +437,14 @@ static int tree_levels(int gh, int gw) {
 
 static int level_side(int grid, int l) { return (grid + (1 << l) - 1) >> l; }
 
-/* Mean of the selected rows of A for each anchor, accumulated in float64.
- * Threads split the columns; every sum follows a fixed order, so the result
- * does not depend on the thread count. */
-static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int gh,
-                          int gw, const unsigned char *mask, const int32_t *count, double *acc,
-                          float *proposals) {
+/* Incremental sums (above): the mean of the selected rows of A for each
+ * anchor, accumulated in float64. Threads split the columns; every sum
+ * follows a fixed order, so the result does not depend on the thread count.
+ * When the plan would cost more than `budget` (double additions per column)
+ * it returns -1 and sums nothing; else 1, or 0 when out of memory. */
+static int incremental_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int gh,
+                             int gw, const unsigned char *mask, const int32_t *count,
+                             double budget, float *proposals) {
     const int G = gh * gw, levels = tree_levels(gh, gw);
     int first[32], n_nodes = 0; /* first node of each level (1-based levels) */
     for (int l = 1; l <= levels; l++)
@@ -398,6 +456,7 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
     unsigned char *inter = malloc((size_t)n_nodes * N + 1), *used = calloc(n_nodes + 1, 1);
     double *node_acc = dseg_malloc(sizeof(double) * ((size_t)n_nodes * N + 1));
     int *anchor_pred = malloc(sizeof(int) * G), *job_of_node = malloc(sizeof(int) * (n_nodes + 1));
+    double *acc = NULL;
     int ok = jobs && rows && isize && inter && used && node_acc && anchor_pred && job_of_node;
     if (!ok) goto done;
 
@@ -475,13 +534,22 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
         jobs[j].base_rows = pred >= 0    ? mask + (size_t)pred * N
                             : pred <= -2 ? inter + (size_t)node * N
                                          : NULL;
-        jobs[j].acc = acc + (size_t)g * N;
-        jobs[j].rows = rows + (size_t)j * N;
+        jobs[j].rows = rows + (size_t)j * N; /* acc: once the plan is taken */
     }
     const int n_jobs = j;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)n_jobs * N * 2))
     for (int k = 0; k < n_jobs; k++)
         jobs[k].n = rows_missing(jobs[k].now, jobs[k].base_rows, N, jobs[k].rows);
+    if (incremental_cost(jobs, n_jobs) > budget) {
+        ok = -1;
+        goto done;
+    }
+    acc = malloc(sizeof(double) * (size_t)G * N);
+    if (!acc) {
+        ok = 0;
+        goto done;
+    }
+    for (int k = anchor_job0; k < n_jobs; k++) jobs[k].acc = acc + (size_t)(k - anchor_job0) * N;
 
     /* Rows are scattered over A: a thread takes a slab of columns and walks
      * it in blocks of RBLOCK rows (kept in L2 while every job adds its rows
@@ -525,7 +593,228 @@ static int selected_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int
         mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
 done:
     free(jobs), free(rows), free(isize), free(inter), free(used), free(node_acc), free(anchor_pred);
-    free(job_of_node);
+    free(job_of_node), free(acc);
+    return ok;
+}
+
+/*
+ * Subset-table sums ("Four Russians"), for dense selections where many
+ * anchors select many rows with little nesting (attention with no segment
+ * structure: about half the rows each, thousands of distinct selections).
+ * The rows that some but not every anchor selects are cut into groups of t
+ * consecutive ones; for a slab of columns, a group's table holds the sum of
+ * every subset of its rows (2^t entries, one addition each), and an anchor
+ * adds the one entry its selection picks. So a row costs (2^t + G) / t
+ * additions instead of one conversion and addition per selecting anchor.
+ * Rows every anchor selects are summed once into a shared base. The order
+ * of every sum depends on the selections alone, not on the thread count.
+ */
+enum {
+    TABLE_COLS = 32,  /* columns per slab: a table entry is 8 AVX2 vectors */
+    TABLE_BLOCK = 8,  /* groups whose entries an anchor adds in one pass */
+    TABLE_MAX_BITS = 8,
+    PREFETCH_BLOCKS = 2, /* how far ahead rows are asked for */
+};
+
+typedef struct {
+    int t;                  /* rows per group (the last may have fewer) */
+    int n_common, n_varied; /* rows every anchor selects; rows some but not all select */
+    int32_t *common, *varied;
+    int n_groups, n_padded; /* groups, and rounded up to whole blocks (empty groups) */
+    unsigned char *pattern; /* (G, n_padded): bit b = the anchor selects the group's row b */
+    double cost;            /* double additions per column */
+} table_plan;
+
+static void table_plan_free(table_plan *tp) {
+    free(tp->common), free(tp->varied), free(tp->pattern);
+}
+
+/* Rows per group minimising the additions per row, (2^t + G) / t. */
+static int table_bits(int G) {
+    int best = 1;
+    for (int t = 2; t <= TABLE_MAX_BITS; t++)
+        if (((double)(1 << t) + G) / t < ((double)(1 << best) + G) / best) best = t;
+    return best;
+}
+
+/* Rows of group q (fewer in the last, none in padding). */
+static int group_rows(const table_plan *tp, int q) {
+    const int left = tp->n_varied - q * tp->t;
+    return left < 0 ? 0 : left < tp->t ? left : tp->t;
+}
+
+/* The plan for (G, N) selections. Returns 0 when out of memory. */
+static int table_plan_make(const dseg_exec *ex DSEG_OMP_ONLY, const unsigned char *mask, int G,
+                           int N, table_plan *tp) {
+    memset(tp, 0, sizeof *tp);
+    int32_t *selected_by = calloc((size_t)N, sizeof(int32_t));
+    tp->common = malloc(sizeof(int32_t) * N);
+    tp->varied = malloc(sizeof(int32_t) * N);
+    if (!selected_by || !tp->common || !tp->varied) goto oom;
+    for (int g = 0; g < G; g++) {
+        const unsigned char *m = mask + (size_t)g * N;
+#pragma omp simd
+        for (int p = 0; p < N; p++) selected_by[p] += m[p];
+    }
+    for (int p = 0; p < N; p++) {
+        if (selected_by[p] == G) tp->common[tp->n_common++] = p;
+        else if (selected_by[p] > 0) tp->varied[tp->n_varied++] = p;
+    }
+    tp->t = table_bits(G);
+    tp->n_groups = (tp->n_varied + tp->t - 1) / tp->t;
+    tp->n_padded = (tp->n_groups + TABLE_BLOCK - 1) / TABLE_BLOCK * TABLE_BLOCK;
+    tp->pattern = calloc((size_t)G * tp->n_padded + 1, 1);
+    if (!tp->pattern) goto oom;
+    /* Tables, one addition per entry; per block of groups, an anchor whose
+     * patterns are not all empty adds one entry per group. */
+    double cost = tp->n_common + G;
+    for (int q = 0; q < tp->n_groups; q++) cost += (1 << group_rows(tp, q)) - 1;
+    int64_t lookups = 0;
+#pragma omp parallel for schedule(dynamic, 8) reduction(+ : lookups) \
+    num_threads(dseg_threads_for(ex, (double)G * tp->n_varied))
+    for (int g = 0; g < G; g++) {
+        const unsigned char *m = mask + (size_t)g * N;
+        unsigned char *pat = tp->pattern + (size_t)g * tp->n_padded;
+        for (int q = 0; q < tp->n_groups; q++) {
+            const int32_t *rows = tp->varied + (size_t)q * tp->t;
+            unsigned bits = 0;
+            for (int b = 0; b < group_rows(tp, q); b++) bits |= (unsigned)m[rows[b]] << b;
+            pat[q] = (unsigned char)bits;
+        }
+        for (int q0 = 0; q0 < tp->n_padded; q0 += TABLE_BLOCK) {
+            int any = 0;
+            for (int b = 0; b < TABLE_BLOCK; b++) any |= pat[q0 + b];
+            lookups += any ? TABLE_BLOCK : 0;
+        }
+    }
+    tp->cost = cost + (double)lookups;
+    free(selected_by);
+    return 1;
+oom:
+    free(selected_by);
+    table_plan_free(tp);
+    return 0;
+}
+
+/* tab[s][0:w] = the sum of the rows in subset s of the group (tab[0] = 0),
+ * each entry its subset without the lowest row plus that row. Inlined into
+ * table_slab's clones. */
+static inline __attribute__((always_inline)) void build_table(const float *A, int N,
+                                                               const int32_t *rows, int n_rows,
+                                                               int c0, int w, double *tab) {
+    /* The group's rows, converted once; zero past w (the last slab), so
+     * that every loop below has the constant length TABLE_COLS. */
+    double row[TABLE_MAX_BITS][TABLE_COLS];
+    for (int b = 0; b < n_rows; b++) {
+        const float *y = A + (size_t)rows[b] * N + c0;
+        if (w == TABLE_COLS) {
+#pragma omp simd
+            for (int c = 0; c < TABLE_COLS; c++) row[b][c] = y[c];
+        } else {
+            for (int c = 0; c < TABLE_COLS; c++) row[b][c] = c < w ? y[c] : 0.0;
+        }
+    }
+    memset(tab, 0, sizeof(double) * TABLE_COLS);
+    for (int s = 1; s < 1 << n_rows; s++) {
+        const double *rest = tab + (size_t)(s & (s - 1)) * TABLE_COLS;
+        const double *y = row[__builtin_ctz((unsigned)s)];
+        double *out = tab + (size_t)s * TABLE_COLS;
+#pragma omp simd
+        for (int c = 0; c < TABLE_COLS; c++) out[c] = rest[c] + y[c];
+    }
+}
+
+/* acc += one block of table entries, summed as a balanced tree. */
+static inline __attribute__((always_inline)) void add_entries(double *acc,
+                                                               const double *const e[TABLE_BLOCK]) {
+#pragma omp simd
+    for (int c = 0; c < TABLE_COLS; c++)
+        acc[c] += ((e[0][c] + e[1][c]) + (e[2][c] + e[3][c])) +
+                  ((e[4][c] + e[5][c]) + (e[6][c] + e[7][c]));
+}
+
+/* Ask for the slab's part of the rows of the block of groups from q0 on:
+ * rows lie N floats apart, too far for the hardware prefetcher, and each
+ * group's table waits on its rows otherwise. */
+static void prefetch_rows(const float *A, int N, const table_plan *tp, int q0, int c0) {
+    const int r0 = q0 * tp->t, r1 = r0 + TABLE_BLOCK * tp->t;
+    for (int r = r0; r < r1 && r < tp->n_varied; r++)
+        for (int c = 0; c < TABLE_COLS; c += 16) /* 64-byte lines */
+            __builtin_prefetch(A + (size_t)tp->varied[r] * N + c0 + c);
+}
+
+/* The means of one slab of columns [c0, c0 + w) into proposals. acc:
+ * (G + 1) x TABLE_COLS, tabs: TABLE_BLOCK tables. */
+DSEG_CLONES
+static void table_slab(const table_plan *tp, const float *A, int N, int G, const int32_t *count,
+                       int c0, int w, double *acc, double *tabs, float *proposals) {
+    const size_t tab_size = (size_t)TABLE_COLS << tp->t;
+    double *base = acc + (size_t)G * TABLE_COLS; /* the common rows' sum */
+    memset(base, 0, sizeof(double) * TABLE_COLS);
+    add_listed_rows(base, A + c0, N, tp->common, tp->n_common, 0, w);
+    for (int g = 0; g < G; g++) memcpy(acc + (size_t)g * TABLE_COLS, base, sizeof(double) * TABLE_COLS);
+    for (int q0 = 0; q0 < tp->n_padded; q0 += TABLE_BLOCK) {
+        prefetch_rows(A, N, tp, q0 + PREFETCH_BLOCKS * TABLE_BLOCK, c0);
+        for (int b = 0; b < TABLE_BLOCK; b++)
+            build_table(A, N, tp->varied + (q0 + b) * tp->t, group_rows(tp, q0 + b), c0, w,
+                        tabs + b * tab_size);
+        for (int g = 0; g < G; g++) {
+            const unsigned char *pat = tp->pattern + (size_t)g * tp->n_padded + q0;
+            const double *entry[TABLE_BLOCK];
+            int any = 0;
+            for (int b = 0; b < TABLE_BLOCK; b++) {
+                entry[b] = tabs + b * tab_size + (size_t)pat[b] * TABLE_COLS;
+                any |= pat[b];
+            }
+            if (any) add_entries(acc + (size_t)g * TABLE_COLS, entry);
+        }
+    }
+    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
+        mean_into(acc + (size_t)g * TABLE_COLS, count[g], w, proposals + (size_t)g * N + c0);
+}
+
+/* Per-anchor means by subset tables; threads take slabs. 0: out of memory. */
+static int table_means(const dseg_exec *ex DSEG_OMP_ONLY, const table_plan *tp, const float *A,
+                       int N, int G, const int32_t *count, float *proposals) {
+    const int slabs = (N + TABLE_COLS - 1) / TABLE_COLS;
+    int ok = 1;
+#pragma omp parallel num_threads(dseg_threads_for(ex, tp->cost * N))
+    {
+        double *acc = dseg_malloc(sizeof(double) * (size_t)(G + 1) * TABLE_COLS);
+        double *tabs = dseg_malloc(sizeof(double) * TABLE_BLOCK * ((size_t)TABLE_COLS << tp->t));
+#pragma omp for schedule(dynamic, 1)
+        for (int sl = 0; sl < slabs; sl++) {
+            if (!acc || !tabs) continue;
+            const int c0 = sl * TABLE_COLS, w = N - c0 < TABLE_COLS ? N - c0 : TABLE_COLS;
+            table_slab(tp, A, N, G, count, c0, w, acc, tabs, proposals);
+        }
+        if (!acc || !tabs) {
+#pragma omp atomic write
+            ok = 0;
+        }
+        free(acc), free(tabs);
+    }
+    return ok;
+}
+
+/* Which way the per-anchor sums are made: "table", "incremental", or
+ * unset for the cheaper by the cost model. A test and benchmark knob. */
+static int forced_sums(void) {
+    const char *v = getenv("DIFFSEG_MERGE_SUMS");
+    if (!v) return 0;
+    return strcmp(v, "table") == 0 ? 1 : strcmp(v, "incremental") == 0 ? 2 : 0;
+}
+
+/* Per-anchor means of the selected rows, by the cheaper of the two ways. */
+static int selected_means(const dseg_exec *ex, const float *A, int N, int gh, int gw,
+                          const unsigned char *mask, const int32_t *count, float *proposals) {
+    const int G = gh * gw, force = forced_sums();
+    table_plan tp;
+    if (!table_plan_make(ex, mask, G, N, &tp)) return 0;
+    const double budget = force == 1 ? -1.0 : force == 2 ? INFINITY : tp.cost;
+    int ok = incremental_means(ex, A, N, gh, gw, mask, count, budget, proposals);
+    if (ok < 0) ok = table_means(ex, &tp, A, N, G, count, proposals);
+    table_plan_free(&tp);
     return ok;
 }
 
@@ -582,21 +871,48 @@ static void pooled_need(const dseg_exec *ex, const float *pX, const float *logpX
                 !surely_not_below(cross[(size_t)g * rows + p], sx + g, sy + p, rel, tau);
 }
 
-/* Rows of A in the sample that decides whether the pooled pass pays: one in
- * SAMPLE_STRIDE, spread over the image. */
+/* The sample that decides whether the pooled pass pays: one panel of
+ * rows of A (a GEMM tile's height) in SAMPLE_STRIDE, spread over the image. */
 #define SAMPLE_STRIDE 16
+
+/* Rows of the sampled panels into rows (room for N); their count. */
+static int sample_panels(int N, int *rows) {
+    const int panels = (N + DSEG_GEMM_NR - 1) / DSEG_GEMM_NR;
+    const int first = SAMPLE_STRIDE / 2 < panels ? SAMPLE_STRIDE / 2 : panels / 2;
+    int n = 0;
+    for (int q = first; q < panels; q += SAMPLE_STRIDE)
+        for (int r = q * DSEG_GEMM_NR; r < (q + 1) * DSEG_GEMM_NR && r < N; r++) rows[n++] = r;
+    return n;
+}
+
+/* Of the GEMM tiles (DSEG_GEMM_MR anchors x one sampled panel) in the
+ * sample, how many hold a pair the pooled bound keeps. need: (G, S). */
+static int64_t needed_tiles(const unsigned char *need, int G, int S, int64_t *tiles) {
+    int64_t kept = 0;
+    *tiles = 0;
+    for (int g0 = 0; g0 < G; g0 += DSEG_GEMM_MR)
+        for (int r0 = 0; r0 < S; r0 += DSEG_GEMM_NR) {
+            int any = 0;
+            for (int g = g0; g < g0 + DSEG_GEMM_MR && g < G; g++)
+                for (int r = r0; r < r0 + DSEG_GEMM_NR && r < S; r++) any |= need[(size_t)g * S + r];
+            kept += any;
+            ++*tiles;
+        }
+    return kept;
+}
 
 /*
  * Pairs that may be closer than tau. Summing bins is a Markov map, so by the
  * data-processing inequality each KL, and so D, can only shrink under
  * pooling: a pair whose pooled distance is surely >= tau is surely >= tau at
  * full resolution. The pooled GEMMs are H*W/f^2 deep instead of H*W.
- * The pass costs about a quarter of the full GEMMs it may save, so it first
- * runs on a sample of rows of A against every anchor, and when that rules
- * out under a quarter of the sampled pairs (attention with no segment-like
- * structure), every pair is marked needed without it. Either way the
- * decisions are exact; only which pairs get a full-resolution estimate
- * changes. need: (G, N). Returns 0 on allocation failure.
+ * The pass costs about a sixth of the full GEMMs, and saves only the GEMM
+ * tiles it clears whole; so it first runs on sampled panels of rows of A
+ * against every anchor, and when that would clear under a quarter of the
+ * tiles (attention with no segment-like structure, or soft segments), every
+ * pair is marked needed without it. Either way the decisions are exact; only
+ * which pairs get a full-resolution estimate changes. need: (G, N). Returns 0
+ * on allocation failure.
  */
 static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
                            const int *anchor_rows, int G, double tau, unsigned char *need) {
@@ -605,7 +921,7 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
         memset(need, 1, (size_t)G * N);
         return 1;
     }
-    const int Np = (H / f) * (W / f), S = (N + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
+    const int Np = (H / f) * (W / f);
     float *pA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *logpA = dseg_malloc(sizeof(float) * (size_t)N * Np);
     float *pX = dseg_malloc(sizeof(float) * (size_t)G * Np);
@@ -613,20 +929,18 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
     unsigned char *overflow = malloc(N > G ? N : G);
-    int *sample = malloc(sizeof(int) * S);
+    int *sample = malloc(sizeof(int) * N);
     const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow && sample;
     if (ok) {
         pool_rows(ex, A, anchor_rows, G, H, W, f, pX, overflow);
         pooled_stats(ex, pX, G, Np, overflow, logpX, sx);
-        for (int i = 0; i < S; i++) /* the middle row of each stride: 8, 24, ... */
-            sample[i] = i * SAMPLE_STRIDE + SAMPLE_STRIDE / 2 < N ? i * SAMPLE_STRIDE + SAMPLE_STRIDE / 2
-                                                                 : N - 1;
+        const int S = sample_panels(N, sample);
         pool_rows(ex, A, sample, S, H, W, f, pA, overflow);
         pooled_stats(ex, pA, S, Np, overflow, logpA, sa);
         pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, S, Np, tau, cross, need);
-        int64_t kept = 0;
-        for (size_t i = 0; i < (size_t)G * S; i++) kept += need[i];
-        if (4 * ((int64_t)G * S - kept) < (int64_t)G * S) {
+        int64_t tiles;
+        const int64_t kept = needed_tiles(need, G, S, &tiles);
+        if (4 * (tiles - kept) < tiles) {
             memset(need, 1, (size_t)G * N);
         } else {
             pool_rows(ex, A, NULL, N, H, W, f, pA, overflow);
@@ -639,6 +953,158 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
     return ok;
 }
 
+/* The log hook of iteration 0's GEMM: logs of a block of A as it is packed,
+ * and the block's statistics per row, part[row * slices + slice]. */
+typedef struct {
+    span_stats *part;
+    unsigned char *done; /* part entries written */
+    int slices;
+} log_pack_ctx;
+
+static void log_pack(void *ctx, const float *Y, int ldy, int r0, int rows, int k0, int len,
+                     float *dst, int ld_dst) {
+    const log_pack_ctx *c = ctx;
+    for (int a = 0; a < rows; a++) {
+        const size_t i = (size_t)(r0 + a) * c->slices + k0 / DSEG_GEMM_KC;
+        log_span(Y + (size_t)(r0 + a) * ldy + k0, len, k0, dst + (size_t)a * ld_dst, c->part + i);
+        c->done[i] = 1;
+    }
+}
+
+/* Statistics of the rows of A that some pair needs, from the hook's parts;
+ * computed afresh for a needed row the hook did not cover whole (never
+ * expected: a needed pair's tile has its row's every slice packed). */
+static int stats_from_parts(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int G,
+                            const unsigned char *mask, const log_pack_ctx *c, row_stats *sa) {
+    unsigned char *needed = calloc((size_t)N, 1);
+    if (!needed) return 0;
+    for (int g = 0; g < G; g++) {
+        const unsigned char *m = mask + (size_t)g * N;
+#pragma omp simd
+        for (int p = 0; p < N; p++) needed[p] |= m[p];
+    }
+    int ok = 1;
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)N * c->slices * 8))
+    {
+        float *scratch = NULL;
+#pragma omp for schedule(dynamic, 64)
+        for (int p = 0; p < N; p++) {
+            if (!needed[p]) continue;
+            int whole = 1;
+            for (int sl = 0; sl < c->slices; sl++) whole &= c->done[(size_t)p * c->slices + sl];
+            if (whole) {
+                row_from_spans(c->part + (size_t)p * c->slices, c->slices, sa + p);
+                continue;
+            }
+            if (!scratch) scratch = dseg_malloc(sizeof(float) * N);
+            if (scratch) log_row(A + (size_t)p * N, N, scratch, sa + p);
+            else {
+#pragma omp atomic write
+                ok = 0;
+            }
+        }
+        free(scratch);
+    }
+    free(needed);
+    return ok;
+}
+
+/*
+ * cross = X.log(A)^T + log(X).A^T where mask needs it, and the statistics
+ * sa of the rows of A it needs. The built-in GEMM takes log A as it packs A,
+ * so log A is never stored (*logA = NULL); otherwise log A is materialised
+ * into *logA. Returns 0 when out of memory.
+ */
+static int anchor_cross_terms(const dseg_exec *ex, const float *A, int N, const float *X,
+                              const float *logX, int G, const unsigned char *mask, float *cross,
+                              row_stats *sa, float **logA) {
+    const int slices = (N + DSEG_GEMM_KC - 1) / DSEG_GEMM_KC;
+    log_pack_ctx ctx = {malloc(sizeof(span_stats) * (size_t)N * slices),
+                        calloc((size_t)N * slices, 1), slices};
+    const dseg_pack_hook hook = {log_pack, &ctx};
+    int ok = 1;
+    *logA = NULL;
+    if (ctx.part && ctx.done &&
+        dseg_gemm_nt_hooked(ex, G, N, N, X, N, A, N, cross, N, 0, mask, &hook)) {
+        dseg_gemm_nt(ex, G, N, N, logX, N, A, N, cross, N, 1, mask);
+        ok = stats_from_parts(ex, A, N, G, mask, &ctx, sa);
+    } else {
+        *logA = dseg_malloc(sizeof(float) * (size_t)N * N);
+        ok = *logA != NULL;
+        if (ok) {
+            log_rows(ex, A, N, N, *logA, sa);
+            cross_terms(ex, X, logX, G, A, *logA, N, N, cross, mask);
+        }
+    }
+    free(ctx.part), free(ctx.done);
+    return ok;
+}
+
+typedef struct {
+    int32_t row, anchor;
+} pair_ref;
+
+static int by_row(const void *a, const void *b) {
+    const pair_ref *x = a, *y = b;
+    return x->row != y->row ? (x->row > y->row) - (x->row < y->row)
+                            : (x->anchor > y->anchor) - (x->anchor < y->anchor);
+}
+
+/*
+ * The float64 tiers for the pairs the estimates left open (mask entry 2),
+ * row by row of A, so that a row's logs are taken once (logA NULL: they
+ * were never stored).
+ */
+static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
+                             const float *logA, const float *X, const float *logX, int G, int N,
+                             double tau, int64_t n_open, unsigned char *mask,
+                             recheck_counts *counts) {
+    pair_ref *open = malloc(sizeof(pair_ref) * (size_t)(n_open + 1));
+    int32_t *run = malloc(sizeof(int32_t) * (size_t)(n_open + 1));
+    int ok = open && run;
+    if (!ok) goto done;
+    int64_t n = 0, runs = 0;
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < N; p++)
+            if (mask[(size_t)g * N + p] == 2) open[n].row = p, open[n].anchor = g, n++;
+    qsort(open, (size_t)n, sizeof(pair_ref), by_row);
+    for (int64_t i = 0; i < n; i++)
+        if (i == 0 || open[i].row != open[i - 1].row) run[runs++] = (int32_t)i;
+    run[runs] = (int32_t)n;
+    int64_t refined = 0, exact = 0;
+#pragma omp parallel reduction(+ : refined, exact) num_threads(dseg_threads_for(ex, (double)n * N * 4))
+    {
+        float *scratch = logA ? NULL : dseg_malloc(sizeof(float) * N);
+        recheck_counts c = {0, 0};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < runs; r++) {
+            const int p = open[run[r]].row;
+            const float *a = A + (size_t)p * N;
+            if (!logA && !scratch) continue;
+            const float *la = logA ? logA + (size_t)p * N : scratch;
+            if (!logA) {
+                span_stats unused;
+                log_span(a, N, 0, scratch, &unused);
+            }
+            for (int32_t i = run[r]; i < run[r + 1]; i++) {
+                const int g = open[i].anchor;
+                mask[(size_t)g * N + p] = (unsigned char)refined_below(
+                    X + (size_t)g * N, logX + (size_t)g * N, a, la, N, tau, &c);
+            }
+        }
+        if (!logA && !scratch) {
+#pragma omp atomic write
+            ok = 0;
+        }
+        refined += c.refined, exact += c.exact;
+        free(scratch);
+    }
+    counts->refined = refined, counts->exact = exact;
+done:
+    free(open), free(run);
+    return ok;
+}
+
 /* Iteration 0: each anchor averages every row of A closer than tau. */
 static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const int *anchor_rows,
                        int gh, int gw, double tau, float *proposals, dseg_merge_stats *stats) {
@@ -646,58 +1112,61 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
     float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
     float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
-    float *logA = dseg_malloc(sizeof(float) * (size_t)N * N);
+    float *logA = NULL;
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sx = malloc(sizeof(row_stats) * G), *sa = malloc(sizeof(row_stats) * N);
     int32_t *count = malloc(sizeof(int32_t) * G);
-    double *acc = NULL;
     int rc = DSEG_OK;
-    if (!mask || !X || !logX || !logA || !cross || !sx || !sa || !count) goto oom;
+    if (!mask || !X || !logX || !cross || !sx || !sa || !count) goto oom;
     if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask)) goto oom;
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
     log_rows(ex, X, G, N, logX, sx);
-    log_rows(ex, A, N, N, logA, sa);
-    cross_terms(ex, X, logX, G, A, logA, N, N, cross, mask);
+    if (!anchor_cross_terms(ex, A, N, X, logX, G, mask, cross, sa, &logA)) goto oom;
 
+    /* The estimates decide almost every pair; the rest are marked 2. */
     const double rel = estimate_rel_error(ex, N);
-    int64_t refined = 0, exact = 0, candidates = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : refined, exact, candidates) \
+    int64_t candidates = 0, n_open = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : candidates, n_open) \
     num_threads(dseg_threads_for(ex, (double)G * N * 8))
     for (int g = 0; g < G; g++) {
-        int32_t n_sel = 0;
-        recheck_counts rc_g = {0, 0};
         unsigned char *m = mask + (size_t)g * N;
-        const float *x = X + (size_t)g * N, *lx = logX + (size_t)g * N;
         const float *c = cross + (size_t)g * N;
         for (int p = 0; p < N; p++) {
             if (!m[p]) continue;
             candidates++;
-            m[p] = (unsigned char)below(c[p], sx + g, sa + p, x, lx, A + (size_t)p * N,
-                                        logA + (size_t)p * N, N, tau, rel, &rc_g);
-            n_sel += m[p];
+            const int r = estimate_below(c[p], sx + g, sa + p, tau, rel);
+            m[p] = (unsigned char)(r >= 0 ? r : 2);
+            n_open += r < 0;
         }
+    }
+    recheck_counts rechecks = {0, 0};
+    if (n_open && !refine_open_pairs(ex, A, logA, X, logX, G, N, tau, n_open, mask, &rechecks))
+        goto oom;
+    for (int g = 0; g < G; g++) {
+        const unsigned char *m = mask + (size_t)g * N;
+        int32_t n_sel = 0;
+#pragma omp simd reduction(+ : n_sel)
+        for (int p = 0; p < N; p++) n_sel += m[p];
         count[g] = n_sel;
-        refined += rc_g.refined, exact += rc_g.exact;
     }
     free(cross), cross = NULL;
     free(logA), logA = NULL;
     free(X), free(logX), X = logX = NULL;
 
-    acc = malloc(sizeof(double) * (size_t)G * N);
-    if (!acc || !selected_means(ex, A, N, gh, gw, mask, count, acc, proposals)) goto oom;
+    if (!selected_means(ex, A, N, gh, gw, mask, count, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
-        stats->refined += refined;
-        stats->exact_rechecks += exact;
+        stats->refined += rechecks.refined;
+        stats->exact_rechecks += rechecks.exact;
     }
     goto done;
 oom:
     rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
 done:
     free(X), free(logX), free(logA), free(cross), free(sx), free(sa);
-    free(mask), free(count), free(acc);
+    free(mask), free(count);
     return rc;
 }
 
@@ -719,7 +1188,10 @@ static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, 
         goto done;
     }
     log_rows(ex, P, k, N, logP, st);
-    cross_terms(ex, P, logP, k, P, logP, k, N, cross, NULL);
+    /* Only pairs j > i are read: the GEMM skips tiles below the diagonal. */
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) close[(size_t)i * k + j] = j > i;
+    cross_terms(ex, P, logP, k, P, logP, k, N, cross, close);
     const double rel = estimate_rel_error(ex, N);
     int64_t refined = 0, exact = 0;
     /* D is symmetric (sym_kl_exact bit for bit too): decide each unordered
