@@ -828,26 +828,52 @@ static int pool_factor(int H, int W) {
     return 1;
 }
 
+/* One H x W map's f x f block sums into o: each band of f rows summed
+ * down the columns first (vectorised along the row), then f columns per
+ * bin. Returns 1 when a bin is beyond float range: the row then gives no
+ * bound (its values are moot). */
+DSEG_CLONES
+static int pool_row(const float *x, int H, int W, int f, double *band, float *o) {
+    const int Hp = H / f, Wp = W / f;
+    int overflow = 0;
+    for (int by = 0; by < Hp; by++) {
+        const float *r = x + (size_t)by * f * W;
+#pragma omp simd
+        for (int c = 0; c < W; c++) band[c] = r[c];
+        for (int y = 1; y < f; y++)
+#pragma omp simd
+            for (int c = 0; c < W; c++) band[c] += r[(size_t)y * W + c];
+        for (int bx = 0; bx < Wp; bx++) {
+            double s = 0.0;
+            for (int j = 0; j < f; j++) s += band[bx * f + j];
+            o[by * Wp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
+            overflow |= !(s <= FLT_MAX);
+        }
+    }
+    return overflow;
+}
+
 /* Sum f x f blocks of H x W key maps: rows which[i] of X (which NULL: row i),
  * i < rows, -> (rows, (H/f)*(W/f)). */
-static void pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const int *which,
-                      int rows, int H, int W, int f, float *out, unsigned char *overflow) {
-    const int Hp = H / f, Wp = W / f, Np = Hp * Wp;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(dseg_threads_for(ex, (double)rows * H * W))
-    for (int i = 0; i < rows; i++) {
-        const float *x = X + (size_t)(which ? which[i] : i) * H * W;
-        float *o = out + (size_t)i * Np;
-        overflow[i] = 0;
-        for (int by = 0; by < Hp; by++)
-            for (int bx = 0; bx < Wp; bx++) {
-                double s = 0.0;
-                for (int y = by * f; y < by * f + f; y++)
-                    for (int xx = bx * f; xx < bx * f + f; xx++) s += x[(size_t)y * W + xx];
-                /* beyond float range: the row gives no bound (its value is moot) */
-                o[by * Wp + bx] = s <= FLT_MAX ? (float)s : 0.0f;
-                overflow[i] |= !(s <= FLT_MAX);
-            }
+static int pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const int *which,
+                     int rows, int H, int W, int f, float *out, unsigned char *overflow) {
+    const int Np = (H / f) * (W / f);
+    int ok = 1;
+#pragma omp parallel num_threads(dseg_threads_for(ex, (double)rows * H * W))
+    {
+        double *band = malloc(sizeof(double) * W);
+#pragma omp for schedule(dynamic, 64)
+        for (int i = 0; i < rows; i++)
+            if (band)
+                overflow[i] = (unsigned char)pool_row(X + (size_t)(which ? which[i] : i) * H * W, H,
+                                                      W, f, band, out + (size_t)i * Np);
+        if (!band) {
+#pragma omp atomic write
+            ok = 0;
+        }
+        free(band);
     }
+    return ok;
 }
 
 /* Pooled rows -> their logs and statistics (overflow flags included). */
@@ -930,12 +956,13 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
     unsigned char *overflow = malloc(N > G ? N : G);
     int *sample = malloc(sizeof(int) * N);
-    const int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow && sample;
+    int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow && sample;
     if (ok) {
-        pool_rows(ex, A, anchor_rows, G, H, W, f, pX, overflow);
-        pooled_stats(ex, pX, G, Np, overflow, logpX, sx);
+        ok = 0; /* until the pass is through */
         const int S = sample_panels(N, sample);
-        pool_rows(ex, A, sample, S, H, W, f, pA, overflow);
+        if (!pool_rows(ex, A, anchor_rows, G, H, W, f, pX, overflow)) goto done;
+        pooled_stats(ex, pX, G, Np, overflow, logpX, sx);
+        if (!pool_rows(ex, A, sample, S, H, W, f, pA, overflow)) goto done;
         pooled_stats(ex, pA, S, Np, overflow, logpA, sa);
         pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, S, Np, tau, cross, need);
         int64_t tiles;
@@ -943,11 +970,13 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
         if (4 * (tiles - kept) < tiles) {
             memset(need, 1, (size_t)G * N);
         } else {
-            pool_rows(ex, A, NULL, N, H, W, f, pA, overflow);
+            if (!pool_rows(ex, A, NULL, N, H, W, f, pA, overflow)) goto done;
             pooled_stats(ex, pA, N, Np, overflow, logpA, sa);
             pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
         }
+        ok = 1;
     }
+done:
     free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx), free(overflow);
     free(sample);
     return ok;
