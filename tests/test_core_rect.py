@@ -364,3 +364,15 @@ def test_bad_refine_shapes():
         diffseg.refine(A, P.reshape(len(P), 12, 8)[:, :6], shape=(8, 12))
     with pytest.raises(ValueError, match="shape"):
         diffseg.refine(A, P.reshape(len(P), -1))  # flat proposals, non-square A, no shape
+
+
+def test_merge_takes_the_shape_it_is_told_not_the_attention_keys():
+    # found by the rectangular fuzz test: a (2, 1) key merged as a 1 x 2 grid.
+    # The merge sees only A (N x N), so any H x W with H * W = N is a valid grid
+    attn = {(2, 1): np.array([[0.68427867, 0.31572133], [0.8329343, 0.16706571]], np.float32)}
+    A = diffseg.aggregate(attn)
+    for shape in ((1, 2), (2, 1)):
+        P = diffseg.merge(A, grid=1, kl_threshold=(1.0,), shape=shape)
+        assert P.shape[1:] == shape
+        np.testing.assert_allclose(P, reference.merge(A, grid=1, kl_threshold=(1.0,), shape=shape),
+                                   rtol=1e-6)

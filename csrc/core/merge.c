@@ -5,11 +5,17 @@
  *     D = 1/2 (h_p + h_q - p.log(q) - log(p).q),   h_x = sum x log x,
  * so all cross terms of a block are two float32 GEMMs. A float32 GEMM over
  * 2 * H*W terms carries rounding error, so a pair whose fast estimate lies
- * within a bound of the threshold is recomputed in float64 from the cached
- * float32 logs (a few ulp from exact), and the rare pair still within that
- * tier's bound exactly from scratch. Every merge decision is therefore that
- * of the exact float64 distance, whatever GEMM ran and however many threads
- * it used, and no structure of the attention makes the rechecks dominate.
+ * within a bound of the threshold is recomputed in float64 from the float32
+ * logs (a few ulp from exact), and the rare pair still within that tier's
+ * bound exactly from scratch. Every merge decision is therefore that of the
+ * exact float64 distance, whatever GEMM ran and however many threads it used,
+ * and no structure of the attention makes the rechecks dominate. The
+ * built-in GEMM takes log A as it packs A (log A is never stored); the pairs
+ * left open are then re-decided row by row of A, each row's logs taken once.
+ *
+ * Each anchor's mean of its selected rows is summed in float64 by additions
+ * only, incrementally on nested selections or by subset tables on dense
+ * unnested ones, whichever a cost model finds cheaper (see selected_means).
  *
  * Before that, a pass on key maps pooled 4 x 4 (256 bins for 64 x 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
@@ -609,9 +615,13 @@ done:
  * Rows every anchor selects are summed once into a shared base. The order
  * of every sum depends on the selections alone, not on the thread count.
  */
+#ifndef TABLE_COLS
+#define TABLE_COLS 32 /* columns per slab: a table entry is 8 AVX2 vectors */
+#endif
+#ifndef TABLE_BLOCK
+#define TABLE_BLOCK 8 /* groups whose entries an anchor adds in one pass: 4 or 8 */
+#endif
 enum {
-    TABLE_COLS = 32,  /* columns per slab: a table entry is 8 AVX2 vectors */
-    TABLE_BLOCK = 8,  /* groups whose entries an anchor adds in one pass */
     TABLE_MAX_BITS = 8,
     PREFETCH_BLOCKS = 2, /* how far ahead rows are asked for */
 };
@@ -729,8 +739,12 @@ static inline __attribute__((always_inline)) void add_entries(double *acc,
                                                                const double *const e[TABLE_BLOCK]) {
 #pragma omp simd
     for (int c = 0; c < TABLE_COLS; c++)
+#if TABLE_BLOCK == 8
         acc[c] += ((e[0][c] + e[1][c]) + (e[2][c] + e[3][c])) +
                   ((e[4][c] + e[5][c]) + (e[6][c] + e[7][c]));
+#else
+        acc[c] += (e[0][c] + e[1][c]) + (e[2][c] + e[3][c]);
+#endif
 }
 
 /* Ask for the slab's part of the rows of the block of groups from q0 on:
