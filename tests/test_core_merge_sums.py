@@ -1,25 +1,16 @@
-"""The two ways the merge sums each anchor's selected rows (issue 13):
-incremental sums (a subset predecessor or quadtree node plus the rows it
-lacks) and subset tables (groups of t rows, every subset summed once, an
-anchor adding one entry per group). The merge picks the cheaper by a cost
-model; DIFFSEG_MERGE_SUMS=table|incremental forces one. Both must give the
-float64 means diffseg.reference gives, bit-identical for any thread count,
-on every selection shape: dense and unnested (random-weight SD attention,
-noise), nested segments, rows every anchor selects, rows none selects,
-slabs and groups cut short by the size, and anchor counts that change the
-group size t."""
+"""How the merge sums each anchor's selected rows (issue 13): subset tables
+(groups of t rows, every subset summed once) whose entries are shared along
+a tree of alike selections, a node adding the groups where all its anchors
+agree. The means must be the float64 means diffseg.reference gives,
+bit-identical for any thread count, on every selection shape: dense and
+unnested (random-weight SD attention, noise), nested segments, identical
+selections, rows every anchor selects, rows none selects, slabs and groups
+cut short by the size, and anchor counts from 9 to 256."""
 import numpy as np
 import pytest
 
 import diffseg
 from diffseg import reference, synthetic
-
-METHODS = ("table", "incremental")
-
-
-def merge_with(monkeypatch, method, A, grid, tau, **kw):
-    monkeypatch.setenv("DIFFSEG_MERGE_SUMS", method)
-    return diffseg.merge(A, grid=grid, kl_threshold=tau, **kw)
 
 
 def anchor_taus(A, shape, grid, quantiles):
@@ -35,8 +26,9 @@ def anchor_taus(A, shape, grid, quantiles):
 
 
 CASES = {
-    # (attention maker, shape, grid): R = 20 leaves a 16-column slab; grid 3,
-    # 8 and 12 give 9, 64 and 144 anchors (groups of 3, 5 and 6 rows)
+    # (attention maker, shape, grid): R = 20 leaves a 16-column slab and a
+    # part-filled 64-bit word of selection bits; 15 x 15 a last group of one
+    # row; grids give 9 to 256 anchors (trees 4 to 9 levels deep)
     "noise-20": (lambda: synthetic.noise_attention((20, 10, 5), scale=1.0, seed=3), (20, 20), 8),
     "planted-20": (lambda: synthetic.planted_attention(synthetic.planted_partition(20, 5, 1),
                                                        (20, 10, 5), seed=1), (20, 20), 12),
@@ -44,6 +36,10 @@ CASES = {
                                                        (32, 16, 8), sharpness=3.0, seed=0),
                       (32, 32), 8),
     "uniform-16": (lambda: synthetic.uniform_attention((16, 8, 4), spread=0.05, seed=4), (16, 16), 3),
+    "noise-15": (lambda: synthetic.noise_attention((15, 5), scale=1.0, seed=6), (15, 15), 4),
+    "blobs-32-256-anchors": (lambda: synthetic.blob_attention(synthetic.blob_partition(32, 5, 2),
+                                                              (32, 16, 8), sharpness=5.0, seed=2),
+                             (32, 32), 16),
     "rect-16x24": (lambda: synthetic.planted_attention(
         synthetic.planted_partition(n_segments=4, seed=5, shape=(16, 24)),
         ((16, 24), (8, 12)), strength=2.0, seed=5), (16, 24), 8),
@@ -56,52 +52,56 @@ def case(request):
     return diffseg.aggregate(make()), shape, grid
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_way_matches_the_reference(monkeypatch, case, method):
+def test_means_match_the_reference(case):
     A, shape, grid = case
     for tau in anchor_taus(A, shape, grid, (0.05, 0.4, 0.9)):
         want = reference.merge(A, grid=grid, kl_threshold=(tau,), shape=shape)
-        got = merge_with(monkeypatch, method, A, grid, (tau,), shape=shape)
+        got = diffseg.merge(A, grid=grid, kl_threshold=(tau,), shape=shape)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-12, err_msg=f"tau={tau}")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_way_is_bit_identical_for_any_thread_count(monkeypatch, case, method):
+def test_bit_identical_for_any_thread_count(case):
     A, shape, grid = case
     tau = anchor_taus(A, shape, grid, (0.4,))[0]
-    want = merge_with(monkeypatch, method, A, grid, (tau, tau), shape=shape, workers=1)
+    want = diffseg.merge(A, grid=grid, kl_threshold=(tau, tau), shape=shape, workers=1)
     for workers in (2, 3):
         np.testing.assert_array_equal(
-            merge_with(monkeypatch, method, A, grid, (tau, tau), shape=shape, workers=workers), want)
+            diffseg.merge(A, grid=grid, kl_threshold=(tau, tau), shape=shape, workers=workers),
+            want)
 
 
-def test_both_ways_agree_to_float32_rounding(monkeypatch, case):
-    A, shape, grid = case
-    tau = anchor_taus(A, shape, grid, (0.4,))[0]
-    table = merge_with(monkeypatch, "table", A, grid, (tau,), shape=shape)
-    incremental = merge_with(monkeypatch, "incremental", A, grid, (tau,), shape=shape)
-    # both are float64 sums of the same rows, in different orders
-    np.testing.assert_array_max_ulp(table, incremental, maxulp=1)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_rows_every_anchor_selects_and_rows_none_selects(monkeypatch, method):
+def test_rows_every_anchor_selects_and_rows_none_selects():
     A = diffseg.aggregate(synthetic.uniform_attention((16, 8, 4), spread=0.05, seed=1))
-    # a huge threshold: every anchor selects every row (no varied rows at all)
-    got = merge_with(monkeypatch, method, A, 4, (1e6,))
+    # a huge threshold: every selection is every row, one shared sum
+    got = diffseg.merge(A, grid=4, kl_threshold=(1e6,))
     np.testing.assert_allclose(got, reference.merge(A, grid=4, kl_threshold=(1e6,)), rtol=2e-7)
     # a tiny one: each anchor selects itself alone, most rows nobody
-    got = merge_with(monkeypatch, method, A, 4, (1e-12,))
+    got = diffseg.merge(A, grid=4, kl_threshold=(1e-12,))
     rows, cols = reference.anchor_grid((16, 16), 4)
     anchors = (rows[:, None] * 16 + cols[None, :]).ravel()
     np.testing.assert_array_equal(got.reshape(len(anchors), -1), A[anchors])
 
 
-def test_unknown_method_falls_back_to_the_cost_model(monkeypatch):
-    A = diffseg.aggregate(synthetic.noise_attention((16, 8, 4), scale=1.0, seed=0))
-    want = diffseg.merge(A, grid=4, kl_threshold=(1.0,))
-    np.testing.assert_array_equal(merge_with(monkeypatch, "bogus", A, 4, (1.0,)), want)
+def test_identical_selections_share_one_sum():
+    # planted segments with a generous threshold: anchors in one segment
+    # select the same rows, so their proposals are one mean, bit for bit
+    labels = synthetic.planted_partition(24, 3, 0)
+    A = diffseg.aggregate(synthetic.planted_attention(labels, (24, 12, 6), strength=6.0, seed=0))
+    rows, cols = reference.anchor_grid((24, 24), 6)
+    D = reference.sym_kl(A[(rows[:, None] * 24 + cols[None, :]).ravel()], A)
+    tau = float(np.median(D)) / 4
+    got = diffseg.merge(A, grid=6, kl_threshold=(tau,))
+    want = reference.merge(A, grid=6, kl_threshold=(tau,))
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-12)
+    selections = D < tau
+    shared = 0
+    for a in range(len(selections)):
+        for b in range(a):
+            if np.array_equal(selections[a], selections[b]):
+                np.testing.assert_array_equal(got[a], got[b])
+                shared += 1
+    assert shared > 0  # the case must hold identical selections
 
 
 def test_small_maps_take_the_stored_log_path():

@@ -14,8 +14,8 @@
  * left open are then re-decided row by row of A, each row's logs taken once.
  *
  * Each anchor's mean of its selected rows is summed in float64 by additions
- * only, incrementally on nested selections or by subset tables on dense
- * unnested ones, whichever a cost model finds cheaper (see selected_means).
+ * only, from subset tables shared along a tree of alike selections (see
+ * "Subset-table sums").
  *
  * Before that, a pass on key maps pooled 4 x 4 (256 bins for 64 x 64) gives a
  * lower bound on every distance of iteration 0 (data-processing inequality);
@@ -36,17 +36,6 @@
 #include <string.h>
 
 #include "internal.h"
-
-/* Columns per accumulation pass: a (N x COLS) slab of A stays in cache while
- * every anchor adds its selected rows. */
-#define COLS 256
-/* Rows per block of the selected-row sums: RBLOCK x COLS floats (256 KiB)
- * stay in L2. */
-#define RBLOCK 256
-/* Cost of a row added by conversion + addition (incremental sums) against a
- * table addition (subset tables), measured with
- * benchmarks/bench_structures.py under DIFFSEG_MERGE_SUMS. */
-#define INCREMENTAL_ROW_COST 1.5
 
 typedef struct {
     double h;      /* sum x log x */
@@ -335,456 +324,394 @@ static void mean_into(const double *acc, int64_t count, int n, float *out) {
     for (int j = 0; j < n; j++) out[j] = (float)(acc[j] * inv);
 }
 
-/* Does selection b hold a row that selection a does not? */
-static int has_extra_row(const unsigned char *a, const unsigned char *b, int N) {
-    for (int p0 = 0; p0 < N; p0 += 1024) {
-        const int p1 = p0 + 1024 < N ? p0 + 1024 : N;
-        int extra = 0;
-#pragma omp simd reduction(| : extra)
-        for (int p = p0; p < p1; p++) extra |= b[p] & !a[p];
-        if (extra) return 1;
-    }
-    return 0;
-}
-
 /*
- * Per-anchor sums of the selected rows are built from additions only:
- * removing rows would cancel the small entries of the rows kept. A sum starts
- * from a "base" whose rows are a subset of its own and adds the rest:
- *   - an earlier anchor (among the `window` before it: the left and upper
- *     grid neighbours included) whose selection is a subset (neighbours in
- *     one segment select nearly the same rows);
- *   - a node of a quadtree over the anchor grid: the intersection of the
- *     selections of an aligned 2^l x 2^l block of anchors, itself its
- *     parent's sum plus the rows the parent lacks. When all maps are alike
- *     (near-uniform attention, every anchor selecting nearly every row) the
- *     root holds most rows and they are summed once, not once per anchor.
- * Each anchor takes the base that leaves it fewest rows to add; the nodes
- * on the way to a chosen one are summed. A job is one such sum.
- */
-typedef struct {
-    int base; /* job whose sum this one starts from; -1: zero */
-    const unsigned char *now, *base_rows; /* selections of this job and its base */
-    int32_t n; /* rows to add */
-    int32_t *rows;
-    double *acc; /* N sums */
-} sum_job;
-
-/* Rows in `now` and not in `base` (NULL: none) into list; their count. */
-static int32_t rows_missing(const unsigned char *now, const unsigned char *base, int N,
-                            int32_t *list) {
-    int32_t n = 0;
-    for (int p = 0; p < N; p++)
-        if (now[p] && !(base && base[p])) list[n++] = p;
-    return n;
-}
-
-/* The largest selection among the `window` anchors before g that is a subset
- * of g's: its index (-1: none) and size in *size. */
-static int subset_predecessor(const unsigned char *mask, const int32_t *count, int N, int g,
-                              int window, int32_t *size) {
-    const unsigned char *now = mask + (size_t)g * N;
-    int pred = -1;
-    *size = 0;
-    for (int h = g - 1; h >= 0 && h >= g - window; h--)
-        if (count[h] > *size && count[h] <= count[g] && !has_extra_row(now, mask + (size_t)h * N, N))
-            *size = count[h], pred = h;
-    return pred;
-}
-
-/* acc[c0:c1] += the listed rows of A over columns c0..c1. Rows are added
- * four at a time, ((y0 + y1) + (y2 + y3)), in list order: a fixed order
- * (the caller cuts lists only at fixed row-block boundaries). Two groups of
- * four share one load and store of acc. */
-DSEG_CLONES
-static void add_listed_rows(double *acc, const float *A, int N, const int32_t *list, int32_t n,
-                            int c0, int c1) {
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
-        const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
-        const float *y4 = A + (size_t)list[i + 4] * N, *y5 = A + (size_t)list[i + 5] * N;
-        const float *y6 = A + (size_t)list[i + 6] * N, *y7 = A + (size_t)list[i + 7] * N;
-#pragma omp simd
-        for (int c = c0; c < c1; c++)
-            acc[c] = (acc[c] + (((double)y0[c] + (double)y1[c]) + ((double)y2[c] + (double)y3[c]))) +
-                     (((double)y4[c] + (double)y5[c]) + ((double)y6[c] + (double)y7[c]));
-    }
-    for (; i + 4 <= n; i += 4) {
-        const float *y0 = A + (size_t)list[i] * N, *y1 = A + (size_t)list[i + 1] * N;
-        const float *y2 = A + (size_t)list[i + 2] * N, *y3 = A + (size_t)list[i + 3] * N;
-#pragma omp simd
-        for (int c = c0; c < c1; c++)
-            acc[c] += ((double)y0[c] + (double)y1[c]) + ((double)y2[c] + (double)y3[c]);
-    }
-    for (; i < n; i++) {
-        const float *y = A + (size_t)list[i] * N;
-#pragma omp simd
-        for (int c = c0; c < c1; c++) acc[c] += y[c];
-    }
-}
-
-/* Cost of a plan in double additions per column: each listed row costs a
- * conversion and an addition, each base one addition. */
-static double incremental_cost(const sum_job *jobs, int n_jobs) {
-    double cost = 0.0;
-    for (int k = 0; k < n_jobs; k++) cost += INCREMENTAL_ROW_COST * jobs[k].n + (jobs[k].base >= 0);
-    return cost;
-}
-
-/* Quadtree levels over a gh x gw anchor grid: level l (1..levels) has
- * side(gh, l) x side(gw, l) nodes, each the anchors (a, b) with the same
- * (a >> l, b >> l). */
-static int tree_levels(int gh, int gw) {
-    int l = 0;
-    while ((1 << l) < gh || (1 << l) < gw) l++;
-    return l;
-}
-
-static int level_side(int grid, int l) { return (grid + (1 << l) - 1) >> l; }
-
-/* Incremental sums (above): the mean of the selected rows of A for each
- * anchor, accumulated in float64. Threads split the columns; every sum
- * follows a fixed order, so the result does not depend on the thread count.
- * When the plan would cost more than `budget` (double additions per column)
- * it returns -1 and sums nothing; else 1, or 0 when out of memory. */
-static int incremental_means(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, int N, int gh,
-                             int gw, const unsigned char *mask, const int32_t *count,
-                             double budget, float *proposals) {
-    const int G = gh * gw, levels = tree_levels(gh, gw);
-    int first[32], n_nodes = 0; /* first node of each level (1-based levels) */
-    for (int l = 1; l <= levels; l++)
-        first[l] = n_nodes, n_nodes += level_side(gh, l) * level_side(gw, l);
-    const int J = n_nodes + G; /* jobs: nodes top-down, then the anchors */
-    sum_job *jobs = calloc((size_t)J, sizeof(sum_job));
-    int32_t *rows = malloc(sizeof(int32_t) * (size_t)J * N);
-    int32_t *isize = calloc(n_nodes + 1, sizeof(int32_t));
-    unsigned char *inter = malloc((size_t)n_nodes * N + 1), *used = calloc(n_nodes + 1, 1);
-    double *node_acc = dseg_malloc(sizeof(double) * ((size_t)n_nodes * N + 1));
-    int *anchor_pred = malloc(sizeof(int) * G), *job_of_node = malloc(sizeof(int) * (n_nodes + 1));
-    double *acc = NULL;
-    int ok = jobs && rows && isize && inter && used && node_acc && anchor_pred && job_of_node;
-    if (!ok) goto done;
-
-    /* Node intersections, bottom-up (level 1 from anchors, then children). */
-    for (int l = 1; l <= levels; l++) {
-        const int side_y = level_side(gh, l), side_x = level_side(gw, l);
-        const int child_y = level_side(gh, l - 1), child_x = level_side(gw, l - 1);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(dseg_threads_for(ex, (double)side_y * side_x * N * 4))
-        for (int node = 0; node < side_y * side_x; node++) {
-            unsigned char *I = inter + (size_t)(first[l] + node) * N;
-            memset(I, 1, N);
-            const int a = node / side_x, b = node % side_x;
-            for (int ca = 2 * a; ca < 2 * a + 2 && ca < child_y; ca++)
-                for (int cb = 2 * b; cb < 2 * b + 2 && cb < child_x; cb++) {
-                    const unsigned char *c =
-                        l == 1 ? mask + (size_t)(ca * gw + cb) * N
-                               : inter + (size_t)(first[l - 1] + ca * child_x + cb) * N;
-#pragma omp simd
-                    for (int p = 0; p < N; p++) I[p] &= c[p];
-                }
-            int32_t n = 0;
-#pragma omp simd reduction(+ : n)
-            for (int p = 0; p < N; p++) n += I[p];
-            isize[first[l] + node] = n;
-        }
-    }
-    /* Each anchor's base: the subset predecessor or its level-1 node. */
-    for (int g = 0; g < G; g++) {
-        int32_t pred_size;
-        const int pred = subset_predecessor(mask, count, N, g, gw + 1, &pred_size);
-        const int node = levels ? first[1] + (g / gw >> 1) * level_side(gw, 1) + (g % gw >> 1)
-                                : -1;
-        if (node >= 0 && isize[node] > pred_size) {
-            anchor_pred[g] = -2 - node; /* a node */
-            used[node] = 1;
-        } else {
-            anchor_pred[g] = pred;
-        }
-    }
-    /* A used node makes its non-empty parent worth summing: the parent's
-     * rows are then added once for all its children. */
-    for (int l = 1; l < levels; l++) {
-        const int side_x = level_side(gw, l), up_x = level_side(gw, l + 1);
-        for (int node = 0; node < level_side(gh, l) * side_x; node++)
-            if (used[first[l] + node]) {
-                const int parent = first[l + 1] + (node / side_x >> 1) * up_x + (node % side_x >> 1);
-                if (isize[parent] > 0) used[parent] = 1;
-            }
-    }
-    /* Jobs: nodes from the root down (a parent before its children), then
-     * the anchors in index order (a predecessor before its successor). */
-    int j = 0;
-    for (int l = levels; l >= 1; l--) {
-        const int side_x = level_side(gw, l), up_x = level_side(gw, l + 1);
-        for (int node = 0; node < level_side(gh, l) * side_x; node++) {
-            const int id = first[l] + node;
-            job_of_node[id] = -1;
-            if (!used[id]) continue;
-            const int parent =
-                l < levels ? first[l + 1] + (node / side_x >> 1) * up_x + (node % side_x >> 1) : -1;
-            const int from_parent = parent >= 0 && used[parent];
-            jobs[j].base = from_parent ? job_of_node[parent] : -1;
-            jobs[j].now = inter + (size_t)id * N;
-            jobs[j].base_rows = from_parent ? inter + (size_t)parent * N : NULL;
-            jobs[j].acc = node_acc + (size_t)id * N;
-            jobs[j].rows = rows + (size_t)j * N;
-            job_of_node[id] = j++;
-        }
-    }
-    const int anchor_job0 = j;
-    for (int g = 0; g < G; g++, j++) {
-        const int pred = anchor_pred[g], node = -2 - pred;
-        jobs[j].base = pred >= 0 ? anchor_job0 + pred : pred <= -2 ? job_of_node[node] : -1;
-        jobs[j].now = mask + (size_t)g * N;
-        jobs[j].base_rows = pred >= 0    ? mask + (size_t)pred * N
-                            : pred <= -2 ? inter + (size_t)node * N
-                                         : NULL;
-        jobs[j].rows = rows + (size_t)j * N; /* acc: once the plan is taken */
-    }
-    const int n_jobs = j;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)n_jobs * N * 2))
-    for (int k = 0; k < n_jobs; k++)
-        jobs[k].n = rows_missing(jobs[k].now, jobs[k].base_rows, N, jobs[k].rows);
-    if (incremental_cost(jobs, n_jobs) > budget) {
-        ok = -1;
-        goto done;
-    }
-    acc = malloc(sizeof(double) * (size_t)G * N);
-    if (!acc) {
-        ok = 0;
-        goto done;
-    }
-    for (int k = anchor_job0; k < n_jobs; k++) jobs[k].acc = acc + (size_t)(k - anchor_job0) * N;
-
-    /* Rows are scattered over A: a thread takes a slab of columns and walks
-     * it in blocks of RBLOCK rows (kept in L2 while every job adds its rows
-     * of the block), then adds each job's base, whose sum is complete by
-     * then (bases come first in job order). */
-    const int slabs = (N + COLS - 1) / COLS;
-#pragma omp parallel num_threads(dseg_threads_for(ex, (double)n_jobs * N * 4))
-    {
-        int32_t *cursor = malloc(sizeof(int32_t) * n_jobs);
-#pragma omp for schedule(dynamic, 1)
-        for (int sl = 0; sl < slabs; sl++) {
-            if (!cursor) continue;
-            const int c0 = sl * COLS, c1 = c0 + COLS < N ? c0 + COLS : N;
-            for (int k = 0; k < n_jobs; k++) {
-                memset(jobs[k].acc + c0, 0, sizeof(double) * (c1 - c0));
-                cursor[k] = 0;
-            }
-            for (int r1 = RBLOCK; r1 < N + RBLOCK; r1 += RBLOCK)
-                for (int k = 0; k < n_jobs; k++) {
-                    int32_t end = cursor[k];
-                    while (end < jobs[k].n && jobs[k].rows[end] < r1) end++;
-                    add_listed_rows(jobs[k].acc, A, N, jobs[k].rows + cursor[k], end - cursor[k],
-                                    c0, c1);
-                    cursor[k] = end;
-                }
-            for (int k = 0; k < n_jobs; k++)
-                if (jobs[k].base >= 0) {
-                    double *a = jobs[k].acc;
-                    const double *b = jobs[jobs[k].base].acc;
-                    for (int c = c0; c < c1; c++) a[c] += b[c];
-                }
-        }
-        if (!cursor) {
-#pragma omp atomic write
-            ok = 0;
-        }
-        free(cursor);
-    }
-    if (!ok) goto done;
-    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
-        mean_into(acc + (size_t)g * N, count[g], N, proposals + (size_t)g * N);
-done:
-    free(jobs), free(rows), free(isize), free(inter), free(used), free(node_acc), free(anchor_pred);
-    free(job_of_node), free(acc);
-    return ok;
-}
-
-/*
- * Subset-table sums ("Four Russians"), for dense selections where many
- * anchors select many rows with little nesting (attention with no segment
- * structure: about half the rows each, thousands of distinct selections).
- * The rows that some but not every anchor selects are cut into groups of t
- * consecutive ones; for a slab of columns, a group's table holds the sum of
- * every subset of its rows (2^t entries, one addition each), and an anchor
- * adds the one entry its selection picks. So a row costs (2^t + G) / t
- * additions instead of one conversion and addition per selecting anchor.
- * Rows every anchor selects are summed once into a shared base. The order
- * of every sum depends on the selections alone, not on the thread count.
+ * Subset-table sums ("Four Russians") along a tree of anchors.
+ *
+ * Rows are cut into groups of t consecutive ones (t = 1, 2 or 4). For a
+ * slab of columns, a group's table holds the sum of every subset of its rows
+ * (2^t entries, one addition each), and an anchor's sum takes from each group
+ * the entry its selection picks (its code there).
+ *
+ * Anchors with alike selections pick the same codes in most groups, so the
+ * entries are added along a tree: complete linkage on the Hamming distance
+ * between selections. A node owns the groups in which all of its anchors
+ * agree and its parent's anchors do not; it adds those entries once into its
+ * partial sum, and an anchor's sum is the partial sums on its path to the
+ * root. Each entry that one table per anchor would add is added at most
+ * once: on the attention of a random-weight SD UNet a third as many, on
+ * soft segments under a tenth; identical selections share every entry, and
+ * rows no anchor selects are never read. The t of least cost is taken.
+ *
+ * The tables of a chunk of groups (TABLE_CHUNK entries, in L2) are built,
+ * then every node adds its entries of the chunk in registers. The order of
+ * every sum depends on the selections alone, not on the thread count.
  */
 #ifndef TABLE_COLS
-#define TABLE_COLS 32 /* columns per slab: a table entry is 8 AVX2 vectors */
+#define TABLE_COLS 32 /* columns per slab: two cache lines of A's rows, 8 vectors of doubles */
 #endif
-#ifndef TABLE_BLOCK
-#define TABLE_BLOCK 8 /* groups whose entries an anchor adds in one pass: 4 or 8 */
+#ifndef TABLE_CHUNK
+#define TABLE_CHUNK 1024 /* table entries per chunk: 1024 x 32 doubles = 256 KiB */
 #endif
-enum {
-    TABLE_MAX_BITS = 8,
-    PREFETCH_BLOCKS = 2, /* how far ahead rows are asked for */
-};
+#if TABLE_COLS % 16 || TABLE_CHUNK % 256
+#error "TABLE_COLS: whole cache lines; TABLE_CHUNK: chunks of whole 64-bit words of rows for t <= 4"
+#endif
+enum { TABLE_MAX_BITS = 4 };
+/* Four doubles; GCC and Clang lower it to the vectors each clone has. */
+typedef double dvec __attribute__((vector_size(32)));
+#define TABLE_VECS (TABLE_COLS / 4)
+
+/* A node's entries within one chunk of groups: the next n of
+ * table_plan.entries. */
+typedef struct {
+    int32_t node, n;
+} table_op;
 
 typedef struct {
-    int t;                  /* rows per group (the last may have fewer) */
-    int n_common, n_varied; /* rows every anchor selects; rows some but not all select */
-    int32_t *common, *varied;
-    int n_groups, n_padded; /* groups, and rounded up to whole blocks (empty groups) */
-    unsigned char *pattern; /* (G, n_padded): bit b = the anchor selects the group's row b */
-    double cost;            /* double additions per column */
+    int t;                      /* rows per group: 1, 2 or 4 (fields of a 64-bit word) */
+    int n_rows, n_groups;       /* rows of A; groups of t rows (the last may have fewer) */
+    int chunk_groups, n_chunks; /* groups whose tables are built together */
+    int n_nodes;                /* 2G - 1: anchor g is node g, the root is the last */
+    int32_t *parent;            /* per node (-1: the root); above its children's index */
+    int64_t *chunk_op;          /* ops of chunk k: [chunk_op[k], chunk_op[k + 1]) */
+    int32_t *built;             /* the groups with an entry, in order */
+    int32_t *chunk_built;       /* chunk k's built groups: from chunk_built[k] */
+    table_op *ops;
+    uint16_t *entries; /* per op entry: its index in the chunk's tables */
+    double cost;       /* double additions per column */
 } table_plan;
 
 static void table_plan_free(table_plan *tp) {
-    free(tp->common), free(tp->varied), free(tp->pattern);
+    free(tp->parent), free(tp->chunk_op), free(tp->ops), free(tp->entries), free(tp->built);
+    free(tp->chunk_built);
 }
 
-/* Rows per group minimising the additions per row, (2^t + G) / t. */
-static int table_bits(int G) {
-    int best = 1;
-    for (int t = 2; t <= TABLE_MAX_BITS; t++)
-        if (((double)(1 << t) + G) / t < ((double)(1 << best) + G) / best) best = t;
-    return best;
-}
-
-/* Rows of group q (fewer in the last, none in padding). */
+/* Rows of group q (fewer in the last). */
 static int group_rows(const table_plan *tp, int q) {
-    const int left = tp->n_varied - q * tp->t;
-    return left < 0 ? 0 : left < tp->t ? left : tp->t;
+    const int left = tp->n_rows - q * tp->t;
+    return left < tp->t ? left : tp->t;
 }
 
-/* The plan for (G, N) selections. Returns 0 when out of memory. */
-static int table_plan_make(const dseg_exec *ex DSEG_OMP_ONLY, const unsigned char *mask, int G,
-                           int N, table_plan *tp) {
-    memset(tp, 0, sizeof *tp);
-    int32_t *selected_by = calloc((size_t)N, sizeof(int32_t));
-    tp->common = malloc(sizeof(int32_t) * N);
-    tp->varied = malloc(sizeof(int32_t) * N);
-    if (!selected_by || !tp->common || !tp->varied) goto oom;
+static void set_groups(table_plan *tp, int t) {
+    tp->t = t;
+    tp->n_groups = (tp->n_rows + t - 1) / t;
+    tp->chunk_groups = TABLE_CHUNK >> t;
+    tp->n_chunks = (tp->n_groups + tp->chunk_groups - 1) / tp->chunk_groups;
+}
+
+/* Each anchor's selection as bits (G x words, zero past N). */
+static void selection_bits(const dseg_exec *ex DSEG_OMP_ONLY, const unsigned char *mask, int G,
+                           int N, int words, uint64_t *bits) {
+#pragma omp parallel for schedule(static) num_threads(dseg_threads_for(ex, (double)G * N))
     for (int g = 0; g < G; g++) {
         const unsigned char *m = mask + (size_t)g * N;
-#pragma omp simd
-        for (int p = 0; p < N; p++) selected_by[p] += m[p];
-    }
-    for (int p = 0; p < N; p++) {
-        if (selected_by[p] == G) tp->common[tp->n_common++] = p;
-        else if (selected_by[p] > 0) tp->varied[tp->n_varied++] = p;
-    }
-    tp->t = table_bits(G);
-    tp->n_groups = (tp->n_varied + tp->t - 1) / tp->t;
-    tp->n_padded = (tp->n_groups + TABLE_BLOCK - 1) / TABLE_BLOCK * TABLE_BLOCK;
-    tp->pattern = calloc((size_t)G * tp->n_padded + 1, 1);
-    if (!tp->pattern) goto oom;
-    /* Tables, one addition per entry; per block of groups, an anchor whose
-     * patterns are not all empty adds one entry per group. */
-    double cost = tp->n_common + G;
-    for (int q = 0; q < tp->n_groups; q++) cost += (1 << group_rows(tp, q)) - 1;
-    int64_t lookups = 0;
-#pragma omp parallel for schedule(dynamic, 8) reduction(+ : lookups) \
-    num_threads(dseg_threads_for(ex, (double)G * tp->n_varied))
-    for (int g = 0; g < G; g++) {
-        const unsigned char *m = mask + (size_t)g * N;
-        unsigned char *pat = tp->pattern + (size_t)g * tp->n_padded;
-        for (int q = 0; q < tp->n_groups; q++) {
-            const int32_t *rows = tp->varied + (size_t)q * tp->t;
-            unsigned bits = 0;
-            for (int b = 0; b < group_rows(tp, q); b++) bits |= (unsigned)m[rows[b]] << b;
-            pat[q] = (unsigned char)bits;
-        }
-        for (int q0 = 0; q0 < tp->n_padded; q0 += TABLE_BLOCK) {
-            int any = 0;
-            for (int b = 0; b < TABLE_BLOCK; b++) any |= pat[q0 + b];
-            lookups += any ? TABLE_BLOCK : 0;
+        uint64_t *b = bits + (size_t)g * words;
+        for (int w = 0; w < words; w++) {
+            const int p0 = w * 64, n = N - p0 < 64 ? N - p0 : 64;
+            uint64_t x = 0;
+            for (int i = 0; i < n; i++) x |= (uint64_t)(m[p0 + i] != 0) << i;
+            b[w] = x;
         }
     }
-    tp->cost = cost + (double)lookups;
-    free(selected_by);
+}
+
+/* Hamming distances between every pair of selections into d (G x G); at
+ * most N <= 215^2 (the core's bound), so 16 bits hold them. */
+DSEG_CLONES
+static void selection_distances(const dseg_exec *ex DSEG_OMP_ONLY, const uint64_t *bits, int G,
+                                int words, uint16_t *d) {
+#pragma omp parallel for schedule(dynamic, 8) \
+    num_threads(dseg_threads_for(ex, (double)G * G * words / 2))
+    for (int a = 0; a < G; a++) {
+        const uint64_t *x = bits + (size_t)a * words;
+        d[(size_t)a * G + a] = 0;
+        for (int b = 0; b < a; b++) {
+            const uint64_t *y = bits + (size_t)b * words;
+            int n = 0;
+            for (int w = 0; w < words; w++) n += __builtin_popcountll(x[w] ^ y[w]);
+            d[(size_t)a * G + b] = d[(size_t)b * G + a] = (uint16_t)n;
+        }
+    }
+}
+
+/* Complete-linkage tree over the anchors (tp->parent), by the nearest-
+ * neighbour chain on the distances d (overwritten). Ties go to the chain's
+ * previous cluster, then to the lowest slot: the tree depends on the
+ * selections alone. 0: out of memory. */
+static int linkage_tree(uint16_t *d, int G, table_plan *tp) {
+    int *chain = malloc(sizeof(int) * G), *node_of = malloc(sizeof(int) * G);
+    unsigned char *active = malloc(G);
+    const int ok = chain && node_of && active;
+    if (ok) {
+        for (int g = 0; g < G; g++) active[g] = 1, node_of[g] = g;
+        int len = 0, next = G;
+        for (int left = G; left > 1;) {
+            if (len == 0) {
+                int s = 0;
+                while (!active[s]) s++;
+                chain[len++] = s;
+            }
+            const int a = chain[len - 1], prev = len > 1 ? chain[len - 2] : -1;
+            const uint16_t *da = d + (size_t)a * G;
+            int best = prev;
+            unsigned closest = prev >= 0 ? da[prev] : UINT32_MAX;
+            for (int k = 0; k < G; k++)
+                if (active[k] && k != a && da[k] < closest) best = k, closest = da[k];
+            if (best != prev) {
+                chain[len++] = best;
+                continue;
+            }
+            len -= 2; /* a and prev are each other's nearest: merge them */
+            const int lo = a < prev ? a : prev, hi = a < prev ? prev : a;
+            for (int k = 0; k < G; k++)
+                if (active[k] && k != lo && k != hi) {
+                    const uint16_t x = d[(size_t)lo * G + k], y = d[(size_t)hi * G + k];
+                    d[(size_t)lo * G + k] = d[(size_t)k * G + lo] = x > y ? x : y;
+                }
+            tp->parent[node_of[lo]] = tp->parent[node_of[hi]] = next;
+            node_of[lo] = next++;
+            active[hi] = 0;
+            left--;
+        }
+        tp->parent[next - 1] = -1;
+    }
+    free(chain), free(node_of), free(active);
+    return ok;
+}
+
+/* agree (n_nodes x words): bit p = all anchors under the node select row p
+ * alike (all ones on the anchors themselves); rep: an anchor under each node. */
+static void node_agreement(const table_plan *tp, int G, int words, const uint64_t *bits,
+                           uint64_t *agree, int32_t *rep, int32_t *first_child) {
+    for (int n = 0; n < tp->n_nodes; n++) first_child[n] = -1;
+    memset(agree, 0xff, sizeof(uint64_t) * (size_t)G * words);
+    for (int g = 0; g < G; g++) rep[g] = g;
+    for (int n = 0; n < tp->n_nodes - 1; n++) { /* children before parents */
+        const int up = tp->parent[n];
+        if (first_child[up] < 0) {
+            first_child[up] = n;
+            continue;
+        }
+        const int c0 = first_child[up];
+        const uint64_t *a0 = agree + (size_t)c0 * words, *a1 = agree + (size_t)n * words;
+        const uint64_t *b0 = bits + (size_t)rep[c0] * words, *b1 = bits + (size_t)rep[n] * words;
+        uint64_t *out = agree + (size_t)up * words;
+        for (int w = 0; w < words; w++) out[w] = a0[w] & a1[w] & ~(b0[w] ^ b1[w]);
+        rep[up] = rep[c0];
+    }
+}
+
+/* Per t-bit field of x (t = 1, 2, 4), at the field's lowest bit: whether
+ * all (all = 1) or any of its bits are set. */
+static uint64_t fields(uint64_t x, int t, int all) {
+    static const uint64_t lowest[5] = {0, ~0ull, 0x5555555555555555ull, 0, 0x1111111111111111ull};
+    for (int s = 1; s < t; s <<= 1) x = all ? x & (x >> s) : x | (x >> s);
+    return x & lowest[t];
+}
+
+/* Fields of word w at whose groups node n adds an entry: all of its anchors
+ * agree there, its parent's do not, and the subset is not empty. */
+static uint64_t node_adds(const table_plan *tp, int words, const uint64_t *bits,
+                          const uint64_t *agree, const int32_t *rep, int n, int w) {
+    const int up = tp->parent[n];
+    const uint64_t own = fields(agree[(size_t)n * words + w], tp->t, 1);
+    const uint64_t shared = up >= 0 ? fields(agree[(size_t)up * words + w], tp->t, 1) : 0;
+    return own & ~shared & fields(bits[(size_t)rep[n] * words + w], tp->t, 0);
+}
+
+/* The entries each node adds, chunk by chunk: counted into *n_entries and
+ * *n_ops, and written into tp's ops and entries when fill. */
+static void plan_entries(table_plan *tp, int words, const uint64_t *bits, const uint64_t *agree,
+                         const int32_t *rep, int fill, int64_t *n_entries_out, int64_t *n_ops_out,
+                         uint64_t *used) {
+    const int chunk_words = tp->chunk_groups * tp->t / 64; /* t | 64: whole words */
+    const uint64_t low = (1u << tp->t) - 1;
+    int64_t n_entries = 0, n_ops = 0;
+    for (int k = 0; k < tp->n_chunks; k++) {
+        if (fill) tp->chunk_op[k] = n_ops;
+        const int w0 = k * chunk_words, w1 = w0 + chunk_words < words ? w0 + chunk_words : words;
+        for (int n = 0; n < tp->n_nodes; n++) {
+            int32_t m = 0;
+            for (int w = w0; w < w1; w++) {
+                uint64_t adds = node_adds(tp, words, bits, agree, rep, n, w);
+                used[w] |= adds;
+                if (!fill) {
+                    m += __builtin_popcountll(adds);
+                    continue;
+                }
+                const uint64_t code = bits[(size_t)rep[n] * words + w];
+                for (; adds; adds &= adds - 1) {
+                    const int bit = __builtin_ctzll(adds);
+                    const int q = ((w - w0) * 64 + bit) / tp->t; /* group within the chunk */
+                    tp->entries[n_entries + m++] = (uint16_t)((q << tp->t) | ((code >> bit) & low));
+                }
+            }
+            if (m) {
+                if (fill) tp->ops[n_ops] = (table_op){n, m};
+                n_ops++, n_entries += m;
+            }
+        }
+    }
+    if (fill) tp->chunk_op[tp->n_chunks] = n_ops;
+    *n_entries_out = n_entries, *n_ops_out = n_ops;
+}
+
+/* Cost of a plan in double additions per column: the tables of the groups
+ * with an entry (used: a bit at each one's first row), one addition per
+ * entry; the entries; per op, its node's sum; per node, clearing its sum
+ * and adding its parent's. */
+static double plan_cost(const table_plan *tp, int words, const uint64_t *used, int64_t n_entries,
+                        int64_t n_ops) {
+    double cost = 2.0 * tp->n_nodes + (double)n_entries + (double)n_ops;
+    for (int w = 0; w < words; w++)
+        for (uint64_t u = used[w]; u; u &= u - 1)
+            cost += (1 << group_rows(tp, (w * 64 + __builtin_ctzll(u)) / tp->t)) - 1;
+    return cost;
+}
+
+/* The groups with an entry, in order, and where each chunk's start. */
+static int list_built(table_plan *tp, int words, const uint64_t *used) {
+    int n = 0;
+    for (int w = 0; w < words; w++) n += __builtin_popcountll(used[w]);
+    tp->built = malloc(sizeof(int32_t) * (n + 1));
+    tp->chunk_built = malloc(sizeof(int32_t) * (tp->n_chunks + 1));
+    if (!tp->built || !tp->chunk_built) return 0;
+    n = 0;
+    for (int w = 0; w < words; w++)
+        for (uint64_t u = used[w]; u; u &= u - 1) tp->built[n++] = (w * 64 + __builtin_ctzll(u)) / tp->t;
+    for (int k = 0, i = 0; k <= tp->n_chunks; k++) {
+        while (i < n && tp->built[i] < k * tp->chunk_groups) i++;
+        tp->chunk_built[k] = i;
+    }
     return 1;
-oom:
-    free(selected_by);
-    table_plan_free(tp);
-    return 0;
 }
 
-/* tab[s][0:w] = the sum of the rows in subset s of the group (tab[0] = 0),
- * each entry its subset without the lowest row plus that row. Inlined into
- * table_slab's clones. */
-static inline __attribute__((always_inline)) void build_table(const float *A, int N,
-                                                               const int32_t *rows, int n_rows,
-                                                               int c0, int w, double *tab) {
-    /* The group's rows, converted once; zero past w (the last slab), so
-     * that every loop below has the constant length TABLE_COLS. */
-    double row[TABLE_MAX_BITS][TABLE_COLS];
+/* The plan for (G, N) selections, with the t of least cost. Returns 0 when
+ * out of memory. */
+static int table_plan_make(const dseg_exec *ex, const unsigned char *mask, int G, int N,
+                           table_plan *tp) {
+    memset(tp, 0, sizeof *tp);
+    const int n_nodes = 2 * G - 1, words = (N + 63) / 64;
+    tp->n_rows = N, tp->n_nodes = n_nodes;
+    tp->parent = malloc(sizeof(int32_t) * n_nodes);
+    int32_t *rep = malloc(sizeof(int32_t) * n_nodes), *scratch = malloc(sizeof(int32_t) * n_nodes);
+    uint64_t *bits = malloc(sizeof(uint64_t) * (size_t)G * words);
+    uint64_t *agree = malloc(sizeof(uint64_t) * (size_t)n_nodes * words);
+    uint16_t *d = malloc(sizeof(uint16_t) * (size_t)G * G);
+    uint64_t *used = malloc(sizeof(uint64_t) * words);
+    int ok = tp->parent && rep && scratch && bits && agree && d && used;
+    if (!ok) goto done;
+    selection_bits(ex, mask, G, N, words, bits);
+    selection_distances(ex, bits, G, words, d);
+    ok = linkage_tree(d, G, tp);
+    if (!ok) goto done;
+    node_agreement(tp, G, words, bits, agree, rep, scratch);
+
+    int64_t n_entries = 0, n_ops = 0;
+    int best_t = 1;
+    double best = INFINITY;
+    for (int t = 1; t <= TABLE_MAX_BITS; t *= 2) {
+        set_groups(tp, t);
+        memset(used, 0, sizeof(uint64_t) * words);
+        plan_entries(tp, words, bits, agree, rep, 0, &n_entries, &n_ops, used);
+        const double cost = plan_cost(tp, words, used, n_entries, n_ops);
+        if (cost < best) best = cost, best_t = t;
+    }
+    set_groups(tp, best_t);
+    memset(used, 0, sizeof(uint64_t) * words);
+    plan_entries(tp, words, bits, agree, rep, 0, &n_entries, &n_ops, used);
+    tp->cost = best;
+    tp->chunk_op = malloc(sizeof(int64_t) * (tp->n_chunks + 1));
+    tp->ops = malloc(sizeof(table_op) * (size_t)(n_ops + 1));
+    tp->entries = malloc(sizeof(uint16_t) * (size_t)(n_entries + 1));
+    ok = tp->chunk_op && tp->ops && tp->entries && list_built(tp, words, used);
+    if (ok) plan_entries(tp, words, bits, agree, rep, 1, &n_entries, &n_ops, used);
+done:
+    free(rep), free(scratch), free(bits), free(agree), free(d), free(used);
+    if (!ok) table_plan_free(tp);
+    return ok;
+}
+
+/* tab[s] = the sum of the rows in subset s of the group (tab[0] = 0) over
+ * the slab's w columns (zero past w), each entry its subset without the
+ * lowest row plus that row. */
+static inline __attribute__((always_inline)) void build_table(const float *rows, int N,
+                                                               int n_rows, int c0, int w,
+                                                               dvec *tab) {
+    dvec row[TABLE_MAX_BITS][TABLE_VECS];
     for (int b = 0; b < n_rows; b++) {
-        const float *y = A + (size_t)rows[b] * N + c0;
+        const float *y = rows + (size_t)b * N + c0;
+        double x[TABLE_COLS];
         if (w == TABLE_COLS) {
 #pragma omp simd
-            for (int c = 0; c < TABLE_COLS; c++) row[b][c] = y[c];
+            for (int c = 0; c < TABLE_COLS; c++) x[c] = y[c];
         } else {
-            for (int c = 0; c < TABLE_COLS; c++) row[b][c] = c < w ? y[c] : 0.0;
+            for (int c = 0; c < TABLE_COLS; c++) x[c] = c < w ? y[c] : 0.0;
         }
+        memcpy(row[b], x, sizeof x);
     }
-    memset(tab, 0, sizeof(double) * TABLE_COLS);
+    for (int v = 0; v < TABLE_VECS; v++) tab[v] = (dvec){0.0, 0.0, 0.0, 0.0};
     for (int s = 1; s < 1 << n_rows; s++) {
-        const double *rest = tab + (size_t)(s & (s - 1)) * TABLE_COLS;
-        const double *y = row[__builtin_ctz((unsigned)s)];
-        double *out = tab + (size_t)s * TABLE_COLS;
-#pragma omp simd
-        for (int c = 0; c < TABLE_COLS; c++) out[c] = rest[c] + y[c];
+        const dvec *rest = tab + (size_t)(s & (s - 1)) * TABLE_VECS;
+        const dvec *y = row[__builtin_ctz((unsigned)s)];
+        dvec *out = tab + (size_t)s * TABLE_VECS;
+        for (int v = 0; v < TABLE_VECS; v++) out[v] = rest[v] + y[v];
     }
 }
 
-/* acc += one block of table entries, summed as a balanced tree. */
-static inline __attribute__((always_inline)) void add_entries(double *acc,
-                                                               const double *const e[TABLE_BLOCK]) {
-#pragma omp simd
-    for (int c = 0; c < TABLE_COLS; c++)
-#if TABLE_BLOCK == 8
-        acc[c] += ((e[0][c] + e[1][c]) + (e[2][c] + e[3][c])) +
-                  ((e[4][c] + e[5][c]) + (e[6][c] + e[7][c]));
-#else
-        acc[c] += (e[0][c] + e[1][c]) + (e[2][c] + e[3][c]);
-#endif
+/* sum += the n entries of an op, added in order into registers: each entry
+ * is TABLE_VECS independent additions, enough to overlap their latency. */
+static inline __attribute__((always_inline)) void add_op(dvec *sum, const dvec *tabs,
+                                                          const uint16_t *entry, int n) {
+    dvec part[TABLE_VECS];
+    for (int v = 0; v < TABLE_VECS; v++) part[v] = tabs[(size_t)entry[0] * TABLE_VECS + v];
+    for (int i = 1; i < n; i++) {
+        const dvec *x = tabs + (size_t)entry[i] * TABLE_VECS;
+        for (int v = 0; v < TABLE_VECS; v++) part[v] += x[v];
+    }
+    for (int v = 0; v < TABLE_VECS; v++) sum[v] += part[v];
 }
 
-/* Ask for the slab's part of the rows of the block of groups from q0 on:
- * rows lie N floats apart, too far for the hardware prefetcher, and each
- * group's table waits on its rows otherwise. */
-static void prefetch_rows(const float *A, int N, const table_plan *tp, int q0, int c0) {
-    const int r0 = q0 * tp->t, r1 = r0 + TABLE_BLOCK * tp->t;
-    for (int r = r0; r < r1 && r < tp->n_varied; r++)
+/* Ask for the slab's part of the rows of the i-th built group: rows lie N
+ * floats apart, too far for the hardware prefetcher. */
+static void prefetch_group(const float *A, int N, const table_plan *tp, int i, int c0) {
+    if (i >= tp->chunk_built[tp->n_chunks]) return;
+    const int q = tp->built[i];
+    for (int b = 0; b < group_rows(tp, q); b++)
         for (int c = 0; c < TABLE_COLS; c += 16) /* 64-byte lines */
-            __builtin_prefetch(A + (size_t)tp->varied[r] * N + c0 + c);
+            __builtin_prefetch(A + ((size_t)q * tp->t + b) * N + c0 + c);
 }
 
 /* The means of one slab of columns [c0, c0 + w) into proposals. acc:
- * (G + 1) x TABLE_COLS, tabs: TABLE_BLOCK tables. */
+ * n_nodes x TABLE_VECS, tabs: TABLE_CHUNK entries. */
 DSEG_CLONES
 static void table_slab(const table_plan *tp, const float *A, int N, int G, const int32_t *count,
-                       int c0, int w, double *acc, double *tabs, float *proposals) {
-    const size_t tab_size = (size_t)TABLE_COLS << tp->t;
-    double *base = acc + (size_t)G * TABLE_COLS; /* the common rows' sum */
-    memset(base, 0, sizeof(double) * TABLE_COLS);
-    add_listed_rows(base, A + c0, N, tp->common, tp->n_common, 0, w);
-    for (int g = 0; g < G; g++) memcpy(acc + (size_t)g * TABLE_COLS, base, sizeof(double) * TABLE_COLS);
-    for (int q0 = 0; q0 < tp->n_padded; q0 += TABLE_BLOCK) {
-        prefetch_rows(A, N, tp, q0 + PREFETCH_BLOCKS * TABLE_BLOCK, c0);
-        for (int b = 0; b < TABLE_BLOCK; b++)
-            build_table(A, N, tp->varied + (q0 + b) * tp->t, group_rows(tp, q0 + b), c0, w,
-                        tabs + b * tab_size);
-        for (int g = 0; g < G; g++) {
-            const unsigned char *pat = tp->pattern + (size_t)g * tp->n_padded + q0;
-            const double *entry[TABLE_BLOCK];
-            int any = 0;
-            for (int b = 0; b < TABLE_BLOCK; b++) {
-                entry[b] = tabs + b * tab_size + (size_t)pat[b] * TABLE_COLS;
-                any |= pat[b];
-            }
-            if (any) add_entries(acc + (size_t)g * TABLE_COLS, entry);
+                       int c0, int w, dvec *acc, dvec *tabs, float *proposals) {
+    const int root = tp->n_nodes - 1, ahead = 1 + 16 / tp->t; /* groups: about 16 rows */
+    memset(acc, 0, sizeof(dvec) * (size_t)tp->n_nodes * TABLE_VECS);
+    const uint16_t *entry = tp->entries;
+    for (int k = 0; k < tp->n_chunks; k++) {
+        const int q0 = k * tp->chunk_groups;
+        for (int i = tp->chunk_built[k]; i < tp->chunk_built[k + 1]; i++) {
+            const int q = tp->built[i];
+            prefetch_group(A, N, tp, i + ahead, c0);
+            build_table(A + (size_t)q * tp->t * N, N, group_rows(tp, q), c0, w,
+                        tabs + ((size_t)(q - q0) << tp->t) * TABLE_VECS);
+        }
+        for (int64_t o = tp->chunk_op[k]; o < tp->chunk_op[k + 1]; o++) {
+            add_op(acc + (size_t)tp->ops[o].node * TABLE_VECS, tabs, entry, tp->ops[o].n);
+            entry += tp->ops[o].n;
         }
     }
-    for (int g = 0; g < G; g++) /* count >= 1: every anchor matches itself */
-        mean_into(acc + (size_t)g * TABLE_COLS, count[g], w, proposals + (size_t)g * N + c0);
+    for (int n = root - 1; n >= 0; n--) { /* parents first: their sums are whole */
+        dvec *a = acc + (size_t)n * TABLE_VECS;
+        const dvec *up = acc + (size_t)tp->parent[n] * TABLE_VECS;
+        for (int v = 0; v < TABLE_VECS; v++) a[v] += up[v];
+    }
+    for (int g = 0; g < G; g++) { /* count >= 1: every anchor matches itself */
+        double sum[TABLE_COLS];
+        memcpy(sum, acc + (size_t)g * TABLE_VECS, sizeof sum);
+        mean_into(sum, count[g], w, proposals + (size_t)g * N + c0);
+    }
 }
 
 /* Per-anchor means by subset tables; threads take slabs. 0: out of memory. */
@@ -794,8 +721,8 @@ static int table_means(const dseg_exec *ex DSEG_OMP_ONLY, const table_plan *tp, 
     int ok = 1;
 #pragma omp parallel num_threads(dseg_threads_for(ex, tp->cost * N))
     {
-        double *acc = dseg_malloc(sizeof(double) * (size_t)(G + 1) * TABLE_COLS);
-        double *tabs = dseg_malloc(sizeof(double) * TABLE_BLOCK * ((size_t)TABLE_COLS << tp->t));
+        dvec *acc = dseg_malloc(sizeof(dvec) * (size_t)tp->n_nodes * TABLE_VECS);
+        dvec *tabs = dseg_malloc(sizeof(dvec) * (size_t)TABLE_CHUNK * TABLE_VECS);
 #pragma omp for schedule(dynamic, 1)
         for (int sl = 0; sl < slabs; sl++) {
             if (!acc || !tabs) continue;
@@ -811,23 +738,12 @@ static int table_means(const dseg_exec *ex DSEG_OMP_ONLY, const table_plan *tp, 
     return ok;
 }
 
-/* Which way the per-anchor sums are made: "table", "incremental", or
- * unset for the cheaper by the cost model. A test and benchmark knob. */
-static int forced_sums(void) {
-    const char *v = getenv("DIFFSEG_MERGE_SUMS");
-    if (!v) return 0;
-    return strcmp(v, "table") == 0 ? 1 : strcmp(v, "incremental") == 0 ? 2 : 0;
-}
-
-/* Per-anchor means of the selected rows, by the cheaper of the two ways. */
-static int selected_means(const dseg_exec *ex, const float *A, int N, int gh, int gw,
+/* Per-anchor means of the selected rows. */
+static int selected_means(const dseg_exec *ex, const float *A, int N, int G,
                           const unsigned char *mask, const int32_t *count, float *proposals) {
-    const int G = gh * gw, force = forced_sums();
     table_plan tp;
     if (!table_plan_make(ex, mask, G, N, &tp)) return 0;
-    const double budget = force == 1 ? -1.0 : force == 2 ? INFINITY : tp.cost;
-    int ok = incremental_means(ex, A, N, gh, gw, mask, count, budget, proposals);
-    if (ok < 0) ok = table_means(ex, &tp, A, N, G, count, proposals);
+    const int ok = table_means(ex, &tp, A, N, G, count, proposals);
     table_plan_free(&tp);
     return ok;
 }
@@ -1197,7 +1113,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     free(logA), logA = NULL;
     free(X), free(logX), X = logX = NULL;
 
-    if (!selected_means(ex, A, N, gh, gw, mask, count, proposals)) goto oom;
+    if (!selected_means(ex, A, N, gh * gw, mask, count, proposals)) goto oom;
     if (stats) {
         stats->pairs += (int64_t)G * N;
         stats->full_distances += candidates;
