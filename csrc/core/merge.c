@@ -597,8 +597,8 @@ static int table_plan_make(const dseg_exec *ex, const unsigned char *mask, int G
     uint64_t *bits = malloc(sizeof(uint64_t) * (size_t)G * words);
     uint64_t *agree = malloc(sizeof(uint64_t) * (size_t)n_nodes * words);
     uint16_t *d = malloc(sizeof(uint16_t) * (size_t)G * G);
-    uint64_t *used = malloc(sizeof(uint64_t) * words);
-    int ok = tp->parent && rep && scratch && bits && agree && d && used;
+    uint64_t *used = malloc(sizeof(uint64_t) * words), *used_t = malloc(sizeof(uint64_t) * words);
+    int ok = tp->parent && rep && scratch && bits && agree && d && used && used_t;
     if (!ok) goto done;
     selection_bits(ex, mask, G, N, words, bits);
     selection_distances(ex, bits, G, words, d);
@@ -606,27 +606,29 @@ static int table_plan_make(const dseg_exec *ex, const unsigned char *mask, int G
     if (!ok) goto done;
     node_agreement(tp, G, words, bits, agree, rep, scratch);
 
-    int64_t n_entries = 0, n_ops = 0;
+    int64_t n_entries = 0, n_ops = 0; /* of the best t */
     int best_t = 1;
     double best = INFINITY;
     for (int t = 1; t <= TABLE_MAX_BITS; t *= 2) {
+        int64_t entries, ops;
         set_groups(tp, t);
-        memset(used, 0, sizeof(uint64_t) * words);
-        plan_entries(tp, words, bits, agree, rep, 0, &n_entries, &n_ops, used);
-        const double cost = plan_cost(tp, words, used, n_entries, n_ops);
-        if (cost < best) best = cost, best_t = t;
+        memset(used_t, 0, sizeof(uint64_t) * words);
+        plan_entries(tp, words, bits, agree, rep, 0, &entries, &ops, used_t);
+        const double cost = plan_cost(tp, words, used_t, entries, ops);
+        if (cost < best) {
+            best = cost, best_t = t, n_entries = entries, n_ops = ops;
+            memcpy(used, used_t, sizeof(uint64_t) * words);
+        }
     }
     set_groups(tp, best_t);
-    memset(used, 0, sizeof(uint64_t) * words);
-    plan_entries(tp, words, bits, agree, rep, 0, &n_entries, &n_ops, used);
     tp->cost = best;
     tp->chunk_op = malloc(sizeof(int64_t) * (tp->n_chunks + 1));
     tp->ops = malloc(sizeof(table_op) * (size_t)(n_ops + 1));
     tp->entries = malloc(sizeof(uint16_t) * (size_t)(n_entries + 1));
     ok = tp->chunk_op && tp->ops && tp->entries && list_built(tp, words, used);
-    if (ok) plan_entries(tp, words, bits, agree, rep, 1, &n_entries, &n_ops, used);
+    if (ok) plan_entries(tp, words, bits, agree, rep, 1, &n_entries, &n_ops, used_t);
 done:
-    free(rep), free(scratch), free(bits), free(agree), free(d), free(used);
+    free(rep), free(scratch), free(bits), free(agree), free(d), free(used), free(used_t);
     if (!ok) table_plan_free(tp);
     return ok;
 }
