@@ -160,14 +160,19 @@ def _square_side(n, name):
     return side
 
 
-def average_layers(maps):
+def average_layers(maps, name="attn"):
     """Mean of several ``(n, n)`` maps of one resolution, summed in float64 ->
     float32 (the official model averages heads, then layers). One map is
-    returned as is (a view: no copy of the caller's array)."""
+    returned as is (a view: no copy of the caller's array); the core checks
+    it. Several are checked here, each: in the mean a negative entry of one
+    could hide behind the others' (the fuzzer found -1e-45 + 1)."""
     if len(maps) == 1:
         return np.ascontiguousarray(maps[0], dtype=np.float32)
     total = np.zeros(np.shape(maps[0]), dtype=np.float64)
-    for m in maps:
+    for i, m in enumerate(maps):
+        if np.size(m) and not np.min(m) >= 0:  # false for NaN too
+            raise ValueError(f"{name} must be finite and non-negative: map {i} of the "
+                             f"{len(maps)} averaged at this grid has a negative or NaN value")
         total += m
     return (total / len(maps)).astype(np.float32)
 
@@ -244,7 +249,7 @@ def _collect_attention(attn):
                     raise ValueError(f"{name} has {n} positions, not {h} x {w} = {h * w}")
             groups.setdefault(_grid_key(h, w), []).extend(stack)
     order = sorted(groups, key=lambda k: (_grid_of(k)[0] * _grid_of(k)[1], _grid_of(k)), reverse=True)
-    return {k: average_layers(groups[k]) for k in order}
+    return {k: average_layers(groups[k], f"attn[{k!r}]") for k in order}
 
 
 def _resolution_weights(resolutions, weights):

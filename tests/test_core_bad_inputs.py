@@ -38,6 +38,11 @@ def with_value(a, value, index=(0, 0)):
     ({8: with_value(GOOD_ATTN[8], np.inf)}, ValueError, "finite"),
     ({8: with_value(GOOD_ATTN[8], -0.1)}, ValueError, "non-negative"),
     ({8: np.zeros((64, 64), np.float32)}, ValueError, "no mass"),
+    # a bad value in one of several maps averaged at one grid, where the
+    # mean alone would hide it (fuzz-found: -1e-45 next to 1.0)
+    ({1: np.array([[[-1e-45]], [[1.0]]], np.float32)}, ValueError, r"attn\[1\].*non-negative"),
+    ({8: [GOOD_ATTN[8], with_value(GOOD_ATTN[8], -1e-3)]}, ValueError, "map 1 of the 2"),
+    ({8: np.stack([with_value(GOOD_ATTN[8], np.nan), GOOD_ATTN[8]])}, ValueError, "map 0 of the 2"),
 ])
 def test_aggregate_bad_attn(attn, error, match):
     with pytest.raises(error, match=match):
