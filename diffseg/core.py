@@ -487,7 +487,8 @@ def merge(A, grid=16, kl_threshold=DEFAULT_KL_THRESHOLD, *, shape=None, return_s
     return_stats : bool
         Also return ``{"pairs", "full_distances", "refined",
         "exact_rechecks"}``: how many distances were decided (later
-        iterations count each unordered pair once), how many needed the
+        iterations decide only the rows of proposals that may seed a group,
+        each unordered pair once), how many needed the
         full-resolution distance (the others were ruled out by a pooled lower
         bound), how many were too close to a threshold for the float32 GEMM
         estimate and were recomputed in float64 from the float32 logs, and

@@ -1131,75 +1131,140 @@ done:
     return rc;
 }
 
-/* Iterations >= 1: greedy, non-exclusive merging of K proposals, in place.
- * Returns the new count in *K. */
+/*
+ * Iterations >= 1: greedy, non-exclusive merging of K proposals, in place.
+ * As the official code: in index order, a proposal not yet matched seeds a
+ * group of every proposal close to it, matched or not; matched proposals only
+ * stop being seeds. So only the seeds' rows of the distance matrix are read,
+ * and which proposals seed is known only once the seeds before them are
+ * grouped. Rows are therefore computed for blocks of the next unmatched
+ * proposals, the blocks doubling from SEED_BLOCK_MIN up to the GEMM's height:
+ * when a few proposals absorb the rest (the usual case) a few rows are
+ * computed instead of K^2 / 2 pairs, and when none merge every unordered pair
+ * is still computed once (a pair whose other row came first is copied: every
+ * decision is the exact, symmetric one). A candidate matched by an earlier
+ * one of its own block is the only row computed in vain.
+ * Returns the new count in *K.
+ */
+enum { SEED_BLOCK_MIN = 4, SEED_BLOCK_MAX = 256 };
+
+typedef struct {
+    float *logP, *X, *logX, *cross;
+    row_stats *st;
+    unsigned char *close; /* (K, K): row s valid once s's row is computed */
+    unsigned char *need;  /* (block, K) */
+    int *order;           /* per proposal: place of its row in computing order, -1: none yet */
+    int *block;
+} seed_rows;
+
+/* Rows of close for the candidate proposals block[0..b), done rows before
+ * them; returns the number of distances decided. */
+static int64_t compute_seed_rows(const dseg_exec *ex, const float *P, int k, int N, double tau,
+                                 double rel, seed_rows *w, int b, int done,
+                                 recheck_counts *counts) {
+    int64_t needed = 0;
+    for (int r = 0; r < b; r++) w->order[w->block[r]] = done + r;
+    for (int r = 0; r < b; r++) {
+        unsigned char *need = w->need + (size_t)r * k;
+        /* a pair whose other row comes first (or the pair with itself) is not computed */
+        for (int j = 0; j < k; j++) needed += need[j] = w->order[j] < 0 || w->order[j] > done + r;
+        memcpy(w->X + (size_t)r * N, P + (size_t)w->block[r] * N, sizeof(float) * N);
+        memcpy(w->logX + (size_t)r * N, w->logP + (size_t)w->block[r] * N, sizeof(float) * N);
+    }
+    if (needed) cross_terms(ex, w->X, w->logX, b, P, w->logP, k, N, w->cross, w->need);
+    int64_t refined = 0, exact = 0;
+#pragma omp parallel for schedule(dynamic, 64) reduction(+ : refined, exact) \
+    num_threads(dseg_threads_for(ex, (double)b * k * 4))
+    for (int64_t e = 0; e < (int64_t)b * k; e++) {
+        if (!w->need[e]) continue;
+        const int r = (int)(e / k), j = (int)(e % k), s = w->block[r];
+        recheck_counts c = {0, 0};
+        w->close[(size_t)s * k + j] = (unsigned char)below(
+            w->cross[e], w->st + s, w->st + j, P + (size_t)s * N, w->logP + (size_t)s * N,
+            P + (size_t)j * N, w->logP + (size_t)j * N, N, tau, rel, &c);
+        refined += c.refined, exact += c.exact;
+    }
+    for (int r = 0; r < b; r++) {
+        const int s = w->block[r];
+        for (int j = 0; j < k; j++)
+            if (!w->need[(size_t)r * k + j]) w->close[(size_t)s * k + j] = w->close[(size_t)j * k + s];
+        w->close[(size_t)s * k + s] = 1; /* D = 0 < tau */
+    }
+    counts->refined += refined, counts->exact += exact;
+    return needed;
+}
+
+static void seed_rows_free(seed_rows *w) {
+    free(w->logP), free(w->X), free(w->logX), free(w->cross), free(w->st);
+    free(w->close), free(w->need), free(w->order), free(w->block);
+}
+
 static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, int *seeds,
                       dseg_merge_stats *stats) {
-    const int k = *K;
-    float *logP = dseg_malloc(sizeof(float) * (size_t)k * N);
-    float *cross = dseg_malloc(sizeof(float) * (size_t)k * k);
-    unsigned char *close = malloc((size_t)k * k);
+    const int k = *K, bmax = k < SEED_BLOCK_MAX ? k : SEED_BLOCK_MAX;
+    seed_rows w = {dseg_malloc(sizeof(float) * (size_t)k * N),
+                   dseg_malloc(sizeof(float) * (size_t)bmax * N),
+                   dseg_malloc(sizeof(float) * (size_t)bmax * N),
+                   dseg_malloc(sizeof(float) * (size_t)bmax * k),
+                   malloc(sizeof(row_stats) * k),
+                   malloc((size_t)k * k),
+                   malloc((size_t)bmax * k),
+                   malloc(sizeof(int) * k),
+                   malloc(sizeof(int) * bmax)};
     unsigned char *matched = calloc((size_t)k, 1);
     float *out = dseg_malloc(sizeof(float) * (size_t)k * N);
     double *acc = malloc(sizeof(double) * N);
-    row_stats *st = malloc(sizeof(row_stats) * k);
     int rc = DSEG_OK;
-    if (!logP || !cross || !close || !matched || !out || !acc || !st) {
+    if (!w.logP || !w.X || !w.logX || !w.cross || !w.st || !w.close || !w.need || !w.order ||
+        !w.block || !matched || !out || !acc) {
         rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
         goto done;
     }
-    log_rows(ex, P, k, N, logP, st);
-    /* Only pairs j > i are read: the GEMM skips tiles below the diagonal. */
-    for (int i = 0; i < k; i++)
-        for (int j = 0; j < k; j++) close[(size_t)i * k + j] = j > i;
-    cross_terms(ex, P, logP, k, P, logP, k, N, cross, close);
+    log_rows(ex, P, k, N, w.logP, w.st);
+    for (int i = 0; i < k; i++) w.order[i] = -1;
     const double rel = estimate_rel_error(ex, N);
-    int64_t refined = 0, exact = 0;
-    /* D is symmetric (sym_kl_exact bit for bit too): decide each unordered
-     * pair once, from the estimate of (i, j), j > i. A proposal is always
-     * within tau of itself (D = 0 < tau). */
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : refined, exact) \
-    num_threads(dseg_threads_for(ex, (double)k * k * 4))
-    for (int i = 0; i < k; i++) {
-        recheck_counts rc_i = {0, 0};
-        close[(size_t)i * k + i] = 1;
-        for (int j = i + 1; j < k; j++)
-            close[(size_t)i * k + j] = (unsigned char)below(
-                cross[(size_t)i * k + j], st + i, st + j, P + (size_t)i * N, logP + (size_t)i * N,
-                P + (size_t)j * N, logP + (size_t)j * N, N, tau, rel, &rc_i);
-        refined += rc_i.refined, exact += rc_i.exact;
-    }
-    for (int i = 0; i < k; i++)
-        for (int j = 0; j < i; j++) close[(size_t)i * k + j] = close[(size_t)j * k + i];
-
-    /* As the official code: a seed selects every proposal close to it,
-     * matched or not; matched proposals only stop being seeds. */
-    int n_out = 0;
-    for (int i = 0; i < k; i++) {
-        if (matched[i]) continue;
-        memset(acc, 0, sizeof(double) * N);
-        int64_t count = 0;
-        for (int j = 0; j < k; j++) {
-            if (j != i && !close[(size_t)i * k + j]) continue;
-            matched[j] = 1;
-            const float *y = P + (size_t)j * N;
-            for (int c = 0; c < N; c++) acc[c] += y[c];
-            count++;
+    recheck_counts counts = {0, 0};
+    int64_t decided = 0;
+    int n_out = 0, done_rows = 0, next = 0, size = SEED_BLOCK_MIN;
+    while (next < k) {
+        int b = 0;
+        while (next < k && b < size && b < bmax) {
+            if (!matched[next]) w.block[b++] = next;
+            next++;
         }
-        mean_into(acc, count, N, out + (size_t)n_out * N);
-        if (seeds) seeds[n_out] = seeds[i]; /* n_out <= i: in place */
-        n_out++;
+        if (!b) break;
+        decided += compute_seed_rows(ex, P, k, N, tau, rel, &w, b, done_rows, &counts);
+        done_rows += b;
+        for (int r = 0; r < b; r++) {
+            const int s = w.block[r];
+            if (matched[s]) continue; /* grouped by an earlier candidate of this block */
+            const unsigned char *close = w.close + (size_t)s * k;
+            memset(acc, 0, sizeof(double) * N);
+            int64_t count = 0;
+            for (int j = 0; j < k; j++) {
+                if (!close[j]) continue;
+                matched[j] = 1;
+                const float *y = P + (size_t)j * N;
+                for (int c = 0; c < N; c++) acc[c] += y[c];
+                count++;
+            }
+            mean_into(acc, count, N, out + (size_t)n_out * N);
+            if (seeds) seeds[n_out] = seeds[s]; /* n_out <= s: in place */
+            n_out++;
+        }
+        size *= 2;
     }
     memcpy(P, out, sizeof(float) * (size_t)n_out * N);
     *K = n_out;
     if (stats) {
-        stats->pairs += (int64_t)k * (k - 1) / 2;
-        stats->full_distances += (int64_t)k * (k - 1) / 2;
-        stats->refined += refined;
-        stats->exact_rechecks += exact;
+        stats->pairs += decided;
+        stats->full_distances += decided;
+        stats->refined += counts.refined;
+        stats->exact_rechecks += counts.exact;
     }
 done:
-    free(logP), free(cross), free(close), free(matched), free(out), free(acc), free(st);
+    seed_rows_free(&w);
+    free(matched), free(out), free(acc);
     return rc;
 }
 
