@@ -201,27 +201,35 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
  * the float64 ones (relative, same sign), which moves T' and h_x by at most
  * that times S' and sum x |l_x| <= |h_x| + 2 mass_x maxpos_x (same identity
  * as (b)); the float64 sums of h_x and of sym_kl_exact each add at most
- * (n + 4) eps64 relative to those same sums of |terms|. So, with
- *   rho = g + 2 LOG_REL_ERROR + 8 (n + 4) eps64,
- *   |d - D| <= rho / 2 (S' + H_p + H_q),  H_x = |h_x| + 2 mass_x maxpos_x,
+ * (n + 4) eps64 relative to those same sums of |terms|. The h_x never pass
+ * through the GEMM, so g scales S' alone. With
+ *   rho_h = 2 LOG_REL_ERROR + 8 (n + 4) eps64,  rho = g + rho_h,
+ *   |d - D| <= (rho S' + rho_h (H_p + H_q)) / 2,  H_x = |h_x| + 2 mass_x maxpos_x,
  * plus the rounding of d itself (a few eps64 of |h_p| + |h_q| + |c|). The
  * factors of 2 on the log and double terms, and gemm_err's own 1.6x on its
  * chain bound, cover the (1 + small) products dropped above.
  */
-static double error_bound(const row_stats *sp, const row_stats *sq, double c, double rho) {
+typedef struct {
+    double rho;   /* of the cross term: GEMM, logs and float64 sums */
+    double rho_h; /* of the h_x and of sym_kl_exact's sum: logs and float64 sums */
+} estimate_error;
+
+static double error_bound(const row_stats *sp, const row_stats *sq, double c, estimate_error err) {
     const double a = sp->mass * sq->maxlog + sq->mass * sp->maxlog;
     const double e = sp->mass * sq->maxpos + sq->mass * sp->maxpos;
-    const double b = (2.0 * e - c) / (1.0 - rho);
+    const double b = (2.0 * e - c) / (1.0 - err.rho);
     const double s = b >= 0.0 && b < a ? b : a; /* b < 0: no bound from (b) (never on sound input) */
     const double hp = fabs(sp->h) + 2.0 * sp->mass * sp->maxpos;
     const double hq = fabs(sq->h) + 2.0 * sq->mass * sq->maxpos;
-    return 0.5 * rho * (s + hp + hq) + 8.0 * DBL_EPSILON * (fabs(sp->h) + fabs(sq->h) + fabs(c)) +
-           1e-12;
+    return 0.5 * (err.rho * s + err.rho_h * (hp + hq)) +
+           8.0 * DBL_EPSILON * (fabs(sp->h) + fabs(sq->h) + fabs(c)) + 1e-12;
 }
 
-/* rho of error_bound for k-term GEMMs of ex's backend. */
-static double estimate_rel_error(const dseg_exec *ex, int k) {
-    return dseg_gemm_chain_error(ex, k) + 2.0 * LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
+/* error_bound's rates for k-term GEMMs of ex's backend. */
+static estimate_error estimate_rel_error(const dseg_exec *ex, int k) {
+    const double rho_h = 2.0 * LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
+    const estimate_error err = {dseg_gemm_chain_error(ex, k) + rho_h, rho_h};
+    return err;
 }
 
 /*
@@ -267,7 +275,7 @@ typedef struct {
 
 /* The first tier: 1 (D < tau) or 0 when the estimate decides, else -1. */
 static int estimate_below(float cross, const row_stats *sp, const row_stats *sq, double tau,
-                          double rel) {
+                          estimate_error rel) {
     if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
     if (!sp->has_zero && !sq->has_zero) {
         const double d = 0.5 * (sp->h + sq->h - (double)cross);
@@ -294,7 +302,8 @@ static int refined_below(const float *p, const float *lp, const float *q, const 
 }
 
 static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
-                 const float *lp, const float *q, const float *lq, int n, double tau, double rel,
+                 const float *lp, const float *q, const float *lq, int n, double tau,
+                 estimate_error rel,
                  recheck_counts *counts) {
     const int r = estimate_below(cross, sp, sq, tau, rel);
     return r >= 0 ? r : refined_below(p, lp, q, lq, n, tau, counts);
@@ -309,7 +318,7 @@ static void cross_terms(const dseg_exec *ex, const float *X, const float *logX, 
 }
 
 /* Is D(p, q) >= tau certain from its fast estimate or its zero sets? */
-static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, double rel,
+static int surely_not_below(float cross, const row_stats *sp, const row_stats *sq, estimate_error rel,
                             double tau) {
     if (sp->overflow || sq->overflow) return 0;
     if (sp->zeros != sq->zeros) return 1; /* D = +inf */
@@ -821,7 +830,7 @@ static void pooled_need(const dseg_exec *ex, const float *pX, const float *logpX
                         const row_stats *sy, int rows, int Np, double tau, float *cross,
                         unsigned char *need) {
     cross_terms(ex, pX, logpX, G, pY, logpY, rows, Np, cross, NULL);
-    const double rel = estimate_rel_error(ex, Np);
+    const estimate_error rel = estimate_rel_error(ex, Np);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(dseg_threads_for(ex, (double)G * rows))
     for (int g = 0; g < G; g++)
         for (int p = 0; p < rows; p++)
@@ -1086,7 +1095,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     if (!anchor_cross_terms(ex, A, N, X, logX, G, mask, cross, sa, &logA)) goto oom;
 
     /* The estimates decide almost every pair; the rest are marked 2. */
-    const double rel = estimate_rel_error(ex, N);
+    const estimate_error rel = estimate_rel_error(ex, N);
     int64_t candidates = 0, n_open = 0;
 #pragma omp parallel for schedule(dynamic, 4) reduction(+ : candidates, n_open) \
     num_threads(dseg_threads_for(ex, (double)G * N * 8))
@@ -1160,7 +1169,7 @@ typedef struct {
 /* Rows of close for the candidate proposals block[0..b), done rows before
  * them; returns the number of distances decided. */
 static int64_t compute_seed_rows(const dseg_exec *ex, const float *P, int k, int N, double tau,
-                                 double rel, seed_rows *w, int b, int done,
+                                 estimate_error rel, seed_rows *w, int b, int done,
                                  recheck_counts *counts) {
     int64_t needed = 0;
     for (int r = 0; r < b; r++) w->order[w->block[r]] = done + r;
@@ -1222,7 +1231,7 @@ static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, 
     }
     log_rows(ex, P, k, N, w.logP, w.st);
     for (int i = 0; i < k; i++) w.order[i] = -1;
-    const double rel = estimate_rel_error(ex, N);
+    const estimate_error rel = estimate_rel_error(ex, N);
     recheck_counts counts = {0, 0};
     int64_t decided = 0;
     int n_out = 0, done_rows = 0, next = 0, size = SEED_BLOCK_MIN;
