@@ -178,7 +178,7 @@ int dseg_aggregate_hw(int n_maps, const int *h, const int *w, const float *const
                 if (empty < 0 || e < empty) empty = e;
             }
         }
-        free(buf);
+        dseg_free_sized(buf, sizeof(float) * (maps_per_block * n + (size_t)W));
     }
     for (int k = 0; k < n_maps; k++)
         free(levels[k].iy0), free(levels[k].iy1), free(levels[k].ix0), free(levels[k].ix1),

@@ -30,9 +30,15 @@ enum {
 const char *dseg_last_error(void);
 
 /* Memory for large buffers (64-byte aligned; huge pages where the OS allows),
- * e.g. the (R^2, R^2) output of dseg_aggregate. Free with dseg_free. */
+ * e.g. the (R^2, R^2) output of dseg_aggregate. Free with dseg_free, or with
+ * dseg_free_sized (bytes: the size asked for) to let the core keep it for a
+ * later call: the core keeps up to 64 MiB of its freed scratch (blocks of
+ * 256 KiB or more), since the OS zeroes fresh pages on first touch.
+ * dseg_release_memory frees what is kept and returns its size in bytes. */
 void *dseg_alloc(size_t bytes);
 void dseg_free(void *p);
+void dseg_free_sized(void *p, size_t bytes);
+size_t dseg_release_memory(void);
 
 /* Process-default thread count of the core's parallel loops (n < 1:
  * OpenMP's default, i.e. OMP_NUM_THREADS or all cores; n is clamped to

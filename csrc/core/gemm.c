@@ -391,7 +391,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
             }
         }
     }
-    free(xpack);
+    dseg_free_sized(xpack, sizeof(float) * chunk_panels * MR * (size_t)slices * kc);
     return 1;
 }
 

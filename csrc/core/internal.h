@@ -90,6 +90,7 @@ double dseg_gemm_chain_error(const dseg_exec *ex, int k);
  * (half-pixel centres, edge clamp: torch align_corners=False). */
 void dseg_bilinear_table(int in, int out, int *i0, int *i1, float *frac);
 
+/* dseg_alloc, for the core's own scratch; free() is also fine for it. */
 void *dseg_malloc(size_t bytes);
 
 #endif

@@ -210,25 +210,33 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
  * chain bound, cover the (1 + small) products dropped above.
  */
 typedef struct {
-    double rho;   /* of the cross term: GEMM, logs and float64 sums */
-    double rho_h; /* of the h_x and of sym_kl_exact's sum: logs and float64 sums */
+    double rho;    /* of the cross term: GEMM, logs and float64 sums */
+    double rho_h;  /* of the h_x and of sym_kl_exact's sum: logs and float64 sums */
+    double shrink; /* 1 / (1 - rho), rounded up: (b) as a product */
 } estimate_error;
 
-static double error_bound(const row_stats *sp, const row_stats *sq, double c, estimate_error err) {
-    const double a = sp->mass * sq->maxlog + sq->mass * sp->maxlog;
-    const double e = sp->mass * sq->maxpos + sq->mass * sp->maxpos;
-    const double b = (2.0 * e - c) / (1.0 - err.rho);
+/* The bound from its pair terms: a and e of (a) and (b), hx = H_p + H_q and
+ * habs = |h_p| + |h_q|. Inlined into SIMD loops. */
+static inline double bound_from_terms(double a, double e, double hx, double habs, double c,
+                                      estimate_error err) {
+    const double b = (2.0 * e - c) * err.shrink;
     const double s = b >= 0.0 && b < a ? b : a; /* b < 0: no bound from (b) (never on sound input) */
-    const double hp = fabs(sp->h) + 2.0 * sp->mass * sp->maxpos;
-    const double hq = fabs(sq->h) + 2.0 * sq->mass * sq->maxpos;
-    return 0.5 * (err.rho * s + err.rho_h * (hp + hq)) +
-           8.0 * DBL_EPSILON * (fabs(sp->h) + fabs(sq->h) + fabs(c)) + 1e-12;
+    return 0.5 * (err.rho * s + err.rho_h * hx) + 8.0 * DBL_EPSILON * (habs + fabs(c)) + 1e-12;
+}
+
+static double error_bound(const row_stats *sp, const row_stats *sq, double c, estimate_error err) {
+    return bound_from_terms(sp->mass * sq->maxlog + sq->mass * sp->maxlog,
+                            sp->mass * sq->maxpos + sq->mass * sp->maxpos,
+                            fabs(sp->h) + 2.0 * sp->mass * sp->maxpos + fabs(sq->h) +
+                                2.0 * sq->mass * sq->maxpos,
+                            fabs(sp->h) + fabs(sq->h), c, err);
 }
 
 /* error_bound's rates for k-term GEMMs of ex's backend. */
 static estimate_error estimate_rel_error(const dseg_exec *ex, int k) {
     const double rho_h = 2.0 * LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
-    const estimate_error err = {dseg_gemm_chain_error(ex, k) + rho_h, rho_h};
+    const double rho = dseg_gemm_chain_error(ex, k) + rho_h;
+    const estimate_error err = {rho, rho_h, (1.0 + 4.0 * DBL_EPSILON) / (1.0 - rho)};
     return err;
 }
 
@@ -284,6 +292,65 @@ static int estimate_below(float cross, const row_stats *sp, const row_stats *sq,
         if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
     }
     return -1;
+}
+
+/* Statistics of the rows of A as columns, for the first tier in SIMD. */
+typedef struct {
+    double *h, *mass, *maxlog, *maxpos, *hx; /* hx = |h| + 2 mass maxpos */
+    uint64_t *zeros;
+    unsigned char *has_zero;
+} stat_columns;
+
+static void stat_columns_free(stat_columns *sc) {
+    free(sc->h), free(sc->mass), free(sc->maxlog), free(sc->maxpos), free(sc->hx);
+    free(sc->zeros), free(sc->has_zero);
+}
+
+static int stat_columns_make(const row_stats *st, int n, stat_columns *sc) {
+    sc->h = malloc(sizeof(double) * n), sc->mass = malloc(sizeof(double) * n);
+    sc->maxlog = malloc(sizeof(double) * n), sc->maxpos = malloc(sizeof(double) * n);
+    sc->hx = malloc(sizeof(double) * n), sc->zeros = malloc(sizeof(uint64_t) * n);
+    sc->has_zero = malloc((size_t)n);
+    if (!sc->h || !sc->mass || !sc->maxlog || !sc->maxpos || !sc->hx || !sc->zeros || !sc->has_zero)
+        return 0;
+    for (int p = 0; p < n; p++) {
+        sc->h[p] = st[p].h, sc->mass[p] = st[p].mass;
+        sc->maxlog[p] = st[p].maxlog, sc->maxpos[p] = st[p].maxpos;
+        sc->hx[p] = fabs(st[p].h) + 2.0 * st[p].mass * st[p].maxpos;
+        sc->zeros[p] = st[p].zeros, sc->has_zero[p] = (unsigned char)st[p].has_zero;
+    }
+    return 1;
+}
+
+/* estimate_below for one anchor g against every row p of A with m[p] set:
+ * m[p] becomes 1 or 0 where the estimate decides, 2 where it cannot. The
+ * same decisions as estimate_below, without branches, so that it runs in
+ * SIMD. Returns the number of candidates; *open gets the number left open. */
+DSEG_CLONES
+static int64_t estimate_row(const float *cross, const row_stats *sg, const stat_columns *sa, int n,
+                            double tau, estimate_error err, unsigned char *m, int64_t *open) {
+    const double hxg = fabs(sg->h) + 2.0 * sg->mass * sg->maxpos, habsg = fabs(sg->h);
+    int64_t candidates = 0, undecided = 0;
+#pragma omp simd reduction(+ : candidates, undecided)
+    for (int p = 0; p < n; p++) {
+        const double c = cross[p];
+        const double d = 0.5 * (sg->h + sa->h[p] - c);
+        const double bound = bound_from_terms(
+            sg->mass * sa->maxlog[p] + sa->mass[p] * sg->maxlog,
+            sg->mass * sa->maxpos[p] + sa->mass[p] * sg->maxpos, hxg + sa->hx[p],
+            habsg + fabs(sa->h[p]), c, err);
+        /* a non-finite estimate (float32 overflow on huge values) is no estimate */
+        const int sure = !(sg->has_zero | sa->has_zero[p]) && fabs(d) <= DBL_MAX &&
+                         bound <= DBL_MAX && fabs(d - tau) > bound;
+        int r = sure ? d < tau : 2;
+        r = sa->zeros[p] != sg->zeros ? 0 : r; /* zero sets differ: D = +inf */
+        r = m[p] ? r : 0;
+        candidates += m[p] != 0;
+        undecided += r == 2;
+        m[p] = (unsigned char)r;
+    }
+    *open = undecided;
+    return candidates;
 }
 
 /* The float64 tiers. */
@@ -744,7 +811,8 @@ static int table_means(const dseg_exec *ex DSEG_OMP_ONLY, const table_plan *tp, 
 #pragma omp atomic write
             ok = 0;
         }
-        free(acc), free(tabs);
+        dseg_free_sized(acc, sizeof(dvec) * (size_t)tp->n_nodes * TABLE_VECS);
+        dseg_free_sized(tabs, sizeof(dvec) * (size_t)TABLE_CHUNK * TABLE_VECS);
     }
     return ok;
 }
@@ -918,8 +986,12 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
         ok = 1;
     }
 done:
-    free(pA), free(logpA), free(pX), free(logpX), free(cross), free(sa), free(sx), free(overflow);
-    free(sample);
+    dseg_free_sized(pA, sizeof(float) * (size_t)N * Np);
+    dseg_free_sized(logpA, sizeof(float) * (size_t)N * Np);
+    dseg_free_sized(pX, sizeof(float) * (size_t)G * Np);
+    dseg_free_sized(logpX, sizeof(float) * (size_t)G * Np);
+    dseg_free_sized(cross, sizeof(float) * (size_t)G * N);
+    free(sa), free(sx), free(overflow), free(sample);
     return ok;
 }
 
@@ -989,8 +1061,8 @@ static int anchor_cross_terms(const dseg_exec *ex, const float *A, int N, const 
                               const float *logX, int G, const unsigned char *mask, float *cross,
                               row_stats *sa, float **logA) {
     const int slices = (N + DSEG_GEMM_KC - 1) / DSEG_GEMM_KC;
-    log_pack_ctx ctx = {malloc(sizeof(span_stats) * (size_t)N * slices),
-                        calloc((size_t)N * slices, 1), slices};
+    const size_t part_bytes = sizeof(span_stats) * (size_t)N * slices;
+    log_pack_ctx ctx = {dseg_malloc(part_bytes), calloc((size_t)N * slices, 1), slices};
     const dseg_pack_hook hook = {log_pack, &ctx};
     int ok = 1;
     *logA = NULL;
@@ -1006,7 +1078,7 @@ static int anchor_cross_terms(const dseg_exec *ex, const float *A, int N, const 
             cross_terms(ex, X, logX, G, A, *logA, N, N, cross, mask);
         }
     }
-    free(ctx.part), free(ctx.done);
+    dseg_free_sized(ctx.part, part_bytes), free(ctx.done);
     return ok;
 }
 
@@ -1079,13 +1151,16 @@ done:
 static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const int *anchor_rows,
                        int gh, int gw, double tau, float *proposals, dseg_merge_stats *stats) {
     const int N = H * W, G = gh * gw;
-    unsigned char *mask = malloc((size_t)G * N); /* candidates, then selections */
-    float *X = dseg_malloc(sizeof(float) * (size_t)G * N);
-    float *logX = dseg_malloc(sizeof(float) * (size_t)G * N);
+    unsigned char *mask = dseg_malloc((size_t)G * N); /* candidates, then selections */
+    const size_t GN = sizeof(float) * (size_t)G * N, NN = sizeof(float) * (size_t)N * N;
+    float *X = dseg_malloc(GN);
+    float *logX = dseg_malloc(GN);
     float *logA = NULL;
-    float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
-    row_stats *sx = malloc(sizeof(row_stats) * G), *sa = malloc(sizeof(row_stats) * N);
+    float *cross = dseg_malloc(GN);
+    /* zeroed: rows no pair needs get no statistics, and estimate_row reads them */
+    row_stats *sx = malloc(sizeof(row_stats) * G), *sa = calloc((size_t)N, sizeof(row_stats));
     int32_t *count = malloc(sizeof(int32_t) * G);
+    stat_columns sc = {0};
     int rc = DSEG_OK;
     if (!mask || !X || !logX || !cross || !sx || !sa || !count) goto oom;
     if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask)) goto oom;
@@ -1096,19 +1171,15 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
 
     /* The estimates decide almost every pair; the rest are marked 2. */
     const estimate_error rel = estimate_rel_error(ex, N);
+    if (!stat_columns_make(sa, N, &sc)) goto oom;
     int64_t candidates = 0, n_open = 0;
 #pragma omp parallel for schedule(dynamic, 4) reduction(+ : candidates, n_open) \
     num_threads(dseg_threads_for(ex, (double)G * N * 8))
     for (int g = 0; g < G; g++) {
-        unsigned char *m = mask + (size_t)g * N;
-        const float *c = cross + (size_t)g * N;
-        for (int p = 0; p < N; p++) {
-            if (!m[p]) continue;
-            candidates++;
-            const int r = estimate_below(c[p], sx + g, sa + p, tau, rel);
-            m[p] = (unsigned char)(r >= 0 ? r : 2);
-            n_open += r < 0;
-        }
+        int64_t open;
+        candidates += estimate_row(cross + (size_t)g * N, sx + g, &sc, N, tau, rel,
+                                   mask + (size_t)g * N, &open);
+        n_open += open;
     }
     recheck_counts rechecks = {0, 0};
     if (n_open && !refine_open_pairs(ex, A, logA, X, logX, G, N, tau, n_open, mask, &rechecks))
@@ -1120,9 +1191,9 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
         for (int p = 0; p < N; p++) n_sel += m[p];
         count[g] = n_sel;
     }
-    free(cross), cross = NULL;
-    free(logA), logA = NULL;
-    free(X), free(logX), X = logX = NULL;
+    dseg_free_sized(cross, GN), cross = NULL;
+    dseg_free_sized(logA, NN), logA = NULL;
+    dseg_free_sized(X, GN), dseg_free_sized(logX, GN), X = logX = NULL;
 
     if (!selected_means(ex, A, N, gh * gw, mask, count, proposals)) goto oom;
     if (stats) {
@@ -1135,8 +1206,10 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
 oom:
     rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
 done:
-    free(X), free(logX), free(logA), free(cross), free(sx), free(sa);
-    free(mask), free(count);
+    dseg_free_sized(X, GN), dseg_free_sized(logX, GN), dseg_free_sized(logA, NN);
+    dseg_free_sized(cross, GN), free(sx), free(sa);
+    dseg_free_sized(mask, (size_t)G * N), free(count);
+    stat_columns_free(&sc);
     return rc;
 }
 
@@ -1203,8 +1276,12 @@ static int64_t compute_seed_rows(const dseg_exec *ex, const float *P, int k, int
     return needed;
 }
 
-static void seed_rows_free(seed_rows *w) {
-    free(w->logP), free(w->X), free(w->logX), free(w->cross), free(w->st);
+static void seed_rows_free(seed_rows *w, int k, int bmax, int N) {
+    dseg_free_sized(w->logP, sizeof(float) * (size_t)k * N);
+    dseg_free_sized(w->X, sizeof(float) * (size_t)bmax * N);
+    dseg_free_sized(w->logX, sizeof(float) * (size_t)bmax * N);
+    dseg_free_sized(w->cross, sizeof(float) * (size_t)bmax * k);
+    free(w->st);
     free(w->close), free(w->need), free(w->order), free(w->block);
 }
 
@@ -1272,8 +1349,9 @@ static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, 
         stats->exact_rechecks += counts.exact;
     }
 done:
-    seed_rows_free(&w);
-    free(matched), free(out), free(acc);
+    seed_rows_free(&w, k, bmax, N);
+    dseg_free_sized(out, sizeof(float) * (size_t)k * N);
+    free(matched), free(acc);
     return rc;
 }
 

@@ -75,8 +75,12 @@ static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name) {
     return arr;
 }
 
+/* The capsule's context holds the buffer's size, so that the core may keep
+ * the buffer for a later call. */
 static void free_capsule(PyObject *capsule) {
-    dseg_free(PyCapsule_GetPointer(capsule, "diffseg.buffer"));
+    dseg_free_sized(PyCapsule_GetPointer(capsule, "diffseg.buffer"),
+                    *(size_t *)PyCapsule_GetContext(capsule));
+    free(PyCapsule_GetContext(capsule));
 }
 
 /* A new C-contiguous array whose memory comes from dseg_alloc (huge pages for
@@ -85,10 +89,17 @@ static PyObject *new_array(int ndim, npy_intp *dims, int typenum, size_t itemsiz
     size_t bytes = itemsize;
     for (int i = 0; i < ndim; i++) bytes *= (size_t)dims[i];
     void *data = dseg_alloc(bytes);
-    if (!data) return PyErr_NoMemory();
-    PyObject *owner = PyCapsule_New(data, "diffseg.buffer", free_capsule);
-    if (!owner) {
-        dseg_free(data);
+    size_t *size = malloc(sizeof(size_t));
+    if (!data || !size) {
+        dseg_free(data), free(size);
+        return PyErr_NoMemory();
+    }
+    *size = bytes;
+    PyObject *owner = PyCapsule_New(data, "diffseg.buffer", NULL);
+    if (!owner || PyCapsule_SetContext(owner, size) < 0 ||
+        PyCapsule_SetDestructor(owner, free_capsule) < 0) {
+        Py_XDECREF(owner);
+        dseg_free(data), free(size);
         return NULL;
     }
     PyObject *arr = PyArray_SimpleNewFromData(ndim, dims, typenum, data);
@@ -404,10 +415,11 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
     }
 
     const npy_intp G = (npy_intp)gh * gw;
-    float *buf = malloc(sizeof(float) * (size_t)G * N);
+    const size_t buf_bytes = sizeof(float) * (size_t)G * N;
+    float *buf = dseg_alloc(buf_bytes);
     int *seeds = malloc(sizeof(int) * (size_t)G);
     if (!buf || !seeds) {
-        free(thr), free(buf), free(seeds);
+        free(thr), dseg_free(buf), free(seeds);
         return PyErr_NoMemory();
     }
     int K = 0, rc;
@@ -418,20 +430,20 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
     Py_END_ALLOW_THREADS
     free(thr);
     if (rc != DSEG_OK) {
-        free(buf), free(seeds);
+        dseg_free_sized(buf, buf_bytes), free(seeds);
         return core_error(rc);
     }
     npy_intp dims[3] = {K, H, W}, sdims[1] = {K};
-    PyObject *out = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    PyObject *out = new_array(3, dims, NPY_FLOAT32, sizeof(float));
     PyObject *seed_rows = out ? PyArray_SimpleNew(1, sdims, NPY_INT64) : NULL;
     if (!seed_rows) {
         Py_XDECREF(out);
-        free(buf), free(seeds);
+        dseg_free_sized(buf, buf_bytes), free(seeds);
         return NULL;
     }
     memcpy(PyArray_DATA((PyArrayObject *)out), buf, sizeof(float) * (size_t)K * N);
     for (int k = 0; k < K; k++) ((npy_int64 *)PyArray_DATA((PyArrayObject *)seed_rows))[k] = seeds[k];
-    free(buf), free(seeds);
+    dseg_free_sized(buf, buf_bytes), free(seeds);
     return Py_BuildValue("NNLLLL", out, seed_rows, (long long)stats.pairs,
                          (long long)stats.full_distances, (long long)stats.refined,
                          (long long)stats.exact_rechecks);
@@ -577,6 +589,14 @@ static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUS
     return PyLong_FromLong(dseg_get_num_threads());
 }
 
+static PyObject *py_release_memory(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    size_t bytes;
+    Py_BEGIN_ALLOW_THREADS
+    bytes = dseg_release_memory();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSize_t(bytes);
+}
+
 static PyObject *py_has_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
     return PyBool_FromLong(dseg_has_openmp());
 }
@@ -695,6 +715,8 @@ static PyMethodDef methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n); n < 1 means all cores"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "threads the core uses"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the core was built with OpenMP"},
+    {"release_memory", py_release_memory, METH_NOARGS,
+     "free the scratch the core keeps for later calls; returns its size in bytes"},
     {"set_sgemm", py_set_sgemm, METH_O, "set_sgemm(capsule or None)"},
     {"sgemm_backend", py_sgemm_backend, METH_NOARGS, "'external' or 'builtin'"},
     {"refine", py_refine, METH_VARARGS,
