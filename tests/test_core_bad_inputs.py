@@ -216,3 +216,20 @@ def test_absurd_thread_counts_are_refused():
         _core.nms(GOOD_P, 9, 9, -3)
     with pytest.raises(TypeError, match="gemm must be"):
         _core.merge(GOOD_A, 4, [1.1], 1, 3)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("bad", [np.nan, -1e-30, np.inf])
+def test_first_bad_value_is_named_whatever_the_threads(workers, bad):
+    # a 2^20+ entry array is scanned by several threads in chunks of 4096:
+    # the first bad value is named even when later chunks hold others
+    A = np.full((1024, 1024), 1.0 / 1024, np.float32)
+    for positions in ([(1023, 1023)], [(700, 5), (3, 900)], [(0, 4), (0, 1)], [(512, 0), (511, 1023)]):
+        B = A.copy()
+        for p in positions:
+            B[p] = bad
+        first = min(r * 1024 + c for r, c in positions)
+        with pytest.raises(ValueError, match=rf"A must be finite and non-negative \(bad value at flat index {first}\)"):
+            _core.merge(B, 4, [1.1], workers)
+        with pytest.raises(ValueError, match=rf"flat index {first}\)"):
+            _core.aggregate([B], [1.0], 32, workers)

@@ -25,23 +25,31 @@ static PyObject *core_error(int rc) {
 }
 
 /* Index of the first NaN, infinite or negative value, or -1. Scans in
- * chunks without early exit inside a chunk, so the test vectorises. */
-static npy_intp first_bad_value(const float *v, npy_intp n) {
-    for (npy_intp c0 = 0; c0 < n; c0 += 4096) {
-        const npy_intp c1 = c0 + 4096 < n ? c0 + 4096 : n;
+ * chunks without early exit inside a chunk, so the test vectorises; threads
+ * share the chunks of a large array (A at R = 64 is 64 MiB). */
+static npy_intp first_bad_value(const float *v, npy_intp n, int threads) {
+    enum { CHUNK = 4096 };
+    const npy_intp chunks = (n + CHUNK - 1) / CHUNK;
+    npy_intp first = chunks; /* the first chunk holding a bad value */
+#pragma omp parallel for schedule(static) reduction(min : first) num_threads(threads) \
+    if (n >= ((npy_intp)1 << 20))
+    for (npy_intp c = 0; c < chunks; c++) {
+        const npy_intp c1 = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
         int bad = 0;
-        for (npy_intp i = c0; i < c1; i++) /* false for NaN, -x and +inf */
+        for (npy_intp i = c * CHUNK; i < c1; i++) /* false for NaN, -x and +inf */
             bad |= !(v[i] >= 0.0f && v[i] <= 3.402823466e38f);
-        if (bad)
-            for (npy_intp i = c0; i < c1; i++)
-                if (!(v[i] >= 0.0f && v[i] <= 3.402823466e38f)) return i;
+        if (bad && c < first) first = c;
     }
-    return -1;
+    (void)threads; /* without OpenMP */
+    if (first == chunks) return -1;
+    for (npy_intp i = first * CHUNK;; i++)
+        if (!(v[i] >= 0.0f && v[i] <= 3.402823466e38f)) return i;
 }
 
 /* A float32 C-contiguous array of the given rank whose values are finite and
- * >= 0, or NULL with TypeError/ValueError naming `name`. Borrowed reference. */
-static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name) {
+ * >= 0, or NULL with TypeError/ValueError naming `name`. Borrowed reference.
+ * threads: of the scan (< 1: the process default). */
+static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name, int threads) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy array, got %s", name,
                      Py_TYPE(obj)->tp_name);
@@ -65,7 +73,9 @@ static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name) {
         PyErr_Format(PyExc_ValueError, "%s is empty", name);
         return NULL;
     }
-    const npy_intp bad = first_bad_value((const float *)PyArray_DATA(arr), PyArray_SIZE(arr));
+    if (threads < 1 || threads > DSEG_MAX_THREADS) threads = dseg_get_num_threads();
+    const npy_intp bad =
+        first_bad_value((const float *)PyArray_DATA(arr), PyArray_SIZE(arr), threads);
     if (bad >= 0) {
         PyErr_Format(PyExc_ValueError,
                      "%s must be finite and non-negative (bad value at flat index %zd)", name,
@@ -279,7 +289,7 @@ static PyObject *aggregate_maps(PyObject *maps, PyObject *weights_tuple, const i
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         snprintf(name, sizeof name, "attn[%zd]", i);
-        PyArrayObject *a = checked_array(PyTuple_GET_ITEM(maps, i), 2, name);
+        PyArrayObject *a = checked_array(PyTuple_GET_ITEM(maps, i), 2, name, ex->threads);
         if (!a) return NULL;
         const npy_intp q = PyArray_DIM(a, 0);
         if (hs) {
@@ -383,7 +393,7 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
         return NULL;
     }
     /* A last: no Python code runs between checking its values and the call */
-    PyArrayObject *A = checked_array(A_obj, 2, "A");
+    PyArrayObject *A = checked_array(A_obj, 2, "A", ex->threads);
     const npy_intp N = A ? PyArray_DIM(A, 0) : 0;
     int gh = 0, gw = 0;
     if (A && !H) { /* square */
@@ -458,7 +468,7 @@ static PyObject *py_nms(PyObject *Py_UNUSED(self), PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOO|i", &P_obj, &H_obj, &W_obj, &threads)) return NULL;
     if (!threads_setting(threads, &ex.threads)) return NULL;
     if (!positive_int(H_obj, "size[0]", &H) || !positive_int(W_obj, "size[1]", &W)) return NULL;
-    PyArrayObject *P = checked_array(P_obj, 3, "proposals");
+    PyArrayObject *P = checked_array(P_obj, 3, "proposals", threads);
     if (!P) return NULL;
     const npy_intp K = PyArray_DIM(P, 0), h = PyArray_DIM(P, 1), w = PyArray_DIM(P, 2);
     if (K > 1000000 || h > 1000000 || w > 1000000) {
@@ -509,7 +519,8 @@ static PyObject *py_sym_kl(PyObject *Py_UNUSED(self), PyObject *args) {
                 return NULL;
             }
     }
-    PyArrayObject *P = checked_array(P_obj, 2, "p"), *Q = P ? checked_array(Q_obj, 2, "q") : NULL;
+    PyArrayObject *P = checked_array(P_obj, 2, "p", 0),
+                  *Q = P ? checked_array(Q_obj, 2, "q", 0) : NULL;
     if (!Q) return NULL;
     if (PyArray_DIM(P, 1) != PyArray_DIM(Q, 1)) {
         PyErr_SetString(PyExc_ValueError, "p and q must have the same number of columns");
@@ -634,8 +645,8 @@ static PyObject *py_refine(PyObject *Py_UNUSED(self), PyObject *args) {
     double tol;
     if (!PyArg_ParseTuple(args, "OOidi|O", &A_obj, &P_obj, &max_iter, &tol, &threads, &gemm))
         return NULL;
-    PyArrayObject *A = checked_array(A_obj, 2, "A");
-    PyArrayObject *P = A ? checked_array(P_obj, 2, "proposals") : NULL;
+    PyArrayObject *A = checked_array(A_obj, 2, "A", threads);
+    PyArrayObject *P = A ? checked_array(P_obj, 2, "proposals", threads) : NULL;
     if (!P) return NULL;
     const npy_intp n = PyArray_DIM(A, 0), d = PyArray_DIM(A, 1), K = PyArray_DIM(P, 0);
     if (n > 2000000000 || d > 2000000000) {
