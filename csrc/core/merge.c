@@ -85,15 +85,23 @@ typedef struct {
     uint64_t zeros;
 } span_stats;
 
-/* logx[j] = log x[j] (0 where x[j] == 0) over a span of n entries that
- * starts at position j0 of its row, and the span's statistics. */
-DSEG_CLONES
-static void log_span(const float *x, int n, int j0, float *logx, span_stats *st) {
+/* logx[j] = log x[j] (0 where x[j] == 0). */
+static inline __attribute__((always_inline)) void log_entries(const float *x, int n, float *logx) {
 #pragma omp simd
     for (int j = 0; j < n; j++) {
         const float l = log_positive(x[j] > 0.0f ? x[j] : 1.0f);
         logx[j] = x[j] > 0.0f ? l : 0.0f;
     }
+}
+
+DSEG_CLONES
+static void log_only(const float *x, int n, float *logx) { log_entries(x, n, logx); }
+
+/* log_entries over a span of n entries that starts at position j0 of its
+ * row, and the span's statistics. */
+DSEG_CLONES
+static void log_span(const float *x, int n, int j0, float *logx, span_stats *st) {
+    log_entries(x, n, logx);
     double h = 0.0, mass = 0.0;
     float maxlog = 0.0f, maxpos = 0.0f, minx = x[0];
 #pragma omp simd reduction(+ : h, mass) reduction(max : maxlog, maxpos) reduction(min : minx)
@@ -1106,9 +1114,17 @@ static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
     int ok = open && run;
     if (!ok) goto done;
     int64_t n = 0, runs = 0;
-    for (int g = 0; g < G; g++)
-        for (int p = 0; p < N; p++)
-            if (mask[(size_t)g * N + p] == 2) open[n].row = p, open[n].anchor = g, n++;
+    for (int g = 0; g < G; g++) {
+        const unsigned char *m = mask + (size_t)g * N;
+        for (int p0 = 0; p0 < N; p0 += 8) {
+            /* entries are 0, 1 or 2: a word with no bit 1 set holds no 2 */
+            uint64_t word = 0x0202020202020202ull;
+            if (p0 + 8 <= N) memcpy(&word, m + p0, 8);
+            if (!(word & 0x0202020202020202ull)) continue;
+            for (int p = p0; p < p0 + 8 && p < N; p++)
+                if (m[p] == 2) open[n].row = p, open[n].anchor = g, n++;
+        }
+    }
     qsort(open, (size_t)n, sizeof(pair_ref), by_row);
     for (int64_t i = 0; i < n; i++)
         if (i == 0 || open[i].row != open[i - 1].row) run[runs++] = (int32_t)i;
@@ -1124,10 +1140,7 @@ static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
             const float *a = A + (size_t)p * N;
             if (!logA && !scratch) continue;
             const float *la = logA ? logA + (size_t)p * N : scratch;
-            if (!logA) {
-                span_stats unused;
-                log_span(a, N, 0, scratch, &unused);
-            }
+            if (!logA) log_only(a, N, scratch);
             for (int32_t i = run[r]; i < run[r + 1]; i++) {
                 const int g = open[i].anchor;
                 mask[(size_t)g * N + p] = (unsigned char)refined_below(
