@@ -40,6 +40,20 @@ def best_time(fn, repeat):
     return min(times), result
 
 
+def best_times(fns, repeat):
+    """best_time of each of fns, run in turn within each of `repeat` rounds,
+    so that a shared machine's slow spells fall on all of them alike."""
+    times = [[] for _ in fns]
+    results = [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            time.sleep(0.2)
+            start = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [(min(t), r) for t, r in zip(times, results)]
+
+
 def rss_bytes():
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)

@@ -5,6 +5,8 @@ For each structure (R = 64, grid 16) and threshold it prints
   - GEMM:      NumPy float32 (BLAS) time of iteration 0's cross-term GEMMs
                [P | log P] . [log Q | Q]^T, P = the 256 anchor rows, Q = all
                4096 rows (logs precomputed), best of --repeat in the same process,
+               its runs taking turns with the merge's (a shared machine's slow
+               spells then fall on both alike),
   - ratio:     merge / GEMM (target <= 1.5 on every structure),
   - pipeline:  diffseg.segment_attention vs the vectorised float32 NumPy
                pipeline (diffseg.reference, dtype=float32) (target >= 5x),
@@ -32,7 +34,7 @@ import numpy as np
 
 import diffseg
 from diffseg import reference, synthetic
-from bench_core import best_time, extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition each
+from bench_core import best_time, best_times, extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition each
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = 16
@@ -135,13 +137,11 @@ def main():
             notes.append(f"{name}: skipped ({e})")
             continue
         A = diffseg.aggregate(attn)
-        t_gemm, _ = best_time(numpy_cross_term_gemms(A), args.repeat)
+        gemms = numpy_cross_term_gemms(A)
         for tau in args.taus:
             thr = (tau,) * 3
-            t_merge, (props, stats) = best_time(
-                lambda: diffseg.merge(A, GRID, thr, return_stats=True), args.repeat)
-            t_gemm2, _ = best_time(numpy_cross_term_gemms(A), args.repeat)
-            gemm = min(t_gemm, t_gemm2)
+            (gemm, _), (t_merge, (props, stats)) = best_times(
+                [gemms, lambda: diffseg.merge(A, GRID, thr, return_stats=True)], args.repeat)
             row = {"structure": name, "tau": tau, "merge_s": t_merge, "gemm_s": gemm,
                    "ratio": t_merge / gemm, "segments": len(props), **stats}
             if args.pipeline_repeat:
@@ -157,8 +157,8 @@ def main():
                 busy = busy_process()
                 try:
                     time.sleep(0.5)
-                    m_load, _ = best_time(lambda: diffseg.merge(A, GRID, thr), args.repeat)
-                    g_load, _ = best_time(numpy_cross_term_gemms(A), args.repeat)
+                    (g_load, _), (m_load, _) = best_times(
+                        [gemms, lambda: diffseg.merge(A, GRID, thr)], args.repeat)
                 finally:
                     busy.kill()
                     busy.wait()
