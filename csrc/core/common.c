@@ -27,14 +27,19 @@ int dseg_fail(int code, const char *fmt, ...) {
 /*
  * Freed scratch of KEEP_MIN bytes or more is kept for the next calls, up to
  * KEEP_SLOTS blocks and KEEP_MAX bytes in all: the kernel zeroes a fresh page
- * on its first touch, and a merge at R = 64 touches ~40 MiB of scratch per
+ * on its first touch, and a merge at R = 64 touches ~30 MiB of scratch per
  * call, which cost ~5% of its time on a 2-core machine. A kept block serves a
  * request of between half its size and its size; when full, the oldest go.
- * dseg_release_memory() frees them all.
+ * dseg_release_memory() frees them all. Under AddressSanitizer nothing is
+ * kept, so that a use after free is still caught.
  */
 enum { HUGE = 2 << 20, KEEP_SLOTS = 16 };
 #define KEEP_MIN ((size_t)256 << 10)
+#if defined(__SANITIZE_ADDRESS__)
+#define KEEP_MAX ((size_t)0)
+#else
 #define KEEP_MAX ((size_t)64 << 20)
+#endif
 
 static struct {
     void *p;
