@@ -143,6 +143,19 @@ int main(void) {
     if (dseg_aggregate_hw(1, h_bad, ws, rmaps, weights, 4, 8, Ar, &one) != DSEG_EINVAL)
         return fail("3x8 map of a 4x8 call");
     printf("error message: %s\n", dseg_last_error());
+    /* a block freed with its size is kept for later calls until released */
+    dseg_release_memory();
+    void *block = dseg_alloc((size_t)1 << 20);
+    if (!block) return fail("alloc");
+    memset(block, 1, (size_t)1 << 20);
+    dseg_free_sized(block, (size_t)1 << 20);
+#if defined(__SANITIZE_ADDRESS__)
+    const size_t expect_kept = 0; /* nothing is kept under AddressSanitizer */
+#else
+    const size_t expect_kept = (size_t)1 << 20;
+#endif
+    if (dseg_release_memory() != expect_kept) return fail("release_memory after one kept block");
+    if (dseg_release_memory() != 0) return fail("release_memory twice");
     printf("ok (openmp=%d, threads=%d, pairs=%lld)\n", dseg_has_openmp(), dseg_get_num_threads(),
            (long long)stats.pairs);
     return 0;
