@@ -289,20 +289,7 @@ typedef struct {
  * exact float64 distance.
  */
 
-/* The first tier: 1 (D < tau) or 0 when the estimate decides, else -1. */
-static int estimate_below(float cross, const row_stats *sp, const row_stats *sq, double tau,
-                          estimate_error rel) {
-    if (sp->zeros != sq->zeros) return 0; /* zero sets differ: D = +inf */
-    if (!sp->has_zero && !sq->has_zero) {
-        const double d = 0.5 * (sp->h + sq->h - (double)cross);
-        const double bound = error_bound(sp, sq, (double)cross, rel);
-        /* a non-finite estimate (float32 overflow on huge values) is no estimate */
-        if (isfinite(d) && isfinite(bound) && fabs(d - tau) > bound) return d < tau;
-    }
-    return -1;
-}
-
-/* Statistics of the rows of A as columns, for the first tier in SIMD. */
+/* Statistics of rows as columns, for the first tier in SIMD. */
 typedef struct {
     double *h, *mass, *maxlog, *maxpos, *hx; /* hx = |h| + 2 mass maxpos */
     uint64_t *zeros;
@@ -330,10 +317,10 @@ static int stat_columns_make(const row_stats *st, int n, stat_columns *sc) {
     return 1;
 }
 
-/* estimate_below for one anchor g against every row p of A with m[p] set:
- * m[p] becomes 1 or 0 where the estimate decides, 2 where it cannot. The
- * same decisions as estimate_below, without branches, so that it runs in
- * SIMD. Returns the number of candidates; *open gets the number left open. */
+/* The first tier, for one row g (an anchor, a proposal) against every row p
+ * with m[p] set: m[p] becomes 1 (D < tau) or 0 where the estimate decides,
+ * 2 where it cannot. Branch-free, so that it runs in SIMD. Returns the
+ * number of rows p with m[p] set; *open gets the number left open. */
 DSEG_CLONES
 static int64_t estimate_row(const float *cross, const row_stats *sg, const stat_columns *sa, int n,
                             double tau, estimate_error err, unsigned char *m, int64_t *open) {
@@ -374,14 +361,6 @@ static int refined_below(const float *p, const float *lp, const float *q, const 
     }
     counts->exact++;
     return sym_kl_exact(p, q, n) < tau;
-}
-
-static int below(float cross, const row_stats *sp, const row_stats *sq, const float *p,
-                 const float *lp, const float *q, const float *lq, int n, double tau,
-                 estimate_error rel,
-                 recheck_counts *counts) {
-    const int r = estimate_below(cross, sp, sq, tau, rel);
-    return r >= 0 ? r : refined_below(p, lp, q, lq, n, tau, counts);
 }
 
 /* cross (m, n_rows) = X.log(Y)^T + log(X).Y^T, where need says (NULL: all) */
@@ -1246,6 +1225,7 @@ enum { SEED_BLOCK_MIN = 4, SEED_BLOCK_MAX = 256 };
 typedef struct {
     float *logP, *X, *logX, *cross;
     row_stats *st;
+    stat_columns cols; /* st as columns */
     unsigned char *close; /* (K, K): row s valid once s's row is computed */
     unsigned char *need;  /* (block, K) */
     int *order;           /* per proposal: place of its row in computing order, -1: none yet */
@@ -1267,17 +1247,30 @@ static int64_t compute_seed_rows(const dseg_exec *ex, const float *P, int k, int
         memcpy(w->logX + (size_t)r * N, w->logP + (size_t)w->block[r] * N, sizeof(float) * N);
     }
     if (needed) cross_terms(ex, w->X, w->logX, b, P, w->logP, k, N, w->cross, w->need);
-    int64_t refined = 0, exact = 0;
+    int64_t n_open = 0, refined = 0, exact = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : n_open) \
+    num_threads(dseg_threads_for(ex, (double)b * k * 8))
+    for (int r = 0; r < b; r++) {
+        unsigned char *close = w->close + (size_t)w->block[r] * k;
+        memcpy(close, w->need + (size_t)r * k, (size_t)k);
+        int64_t open;
+        estimate_row(w->cross + (size_t)r * k, w->st + w->block[r], &w->cols, k, tau, rel, close,
+                     &open);
+        n_open += open;
+    }
+    if (n_open) {
 #pragma omp parallel for schedule(dynamic, 64) reduction(+ : refined, exact) \
-    num_threads(dseg_threads_for(ex, (double)b * k * 4))
-    for (int64_t e = 0; e < (int64_t)b * k; e++) {
-        if (!w->need[e]) continue;
-        const int r = (int)(e / k), j = (int)(e % k), s = w->block[r];
-        recheck_counts c = {0, 0};
-        w->close[(size_t)s * k + j] = (unsigned char)below(
-            w->cross[e], w->st + s, w->st + j, P + (size_t)s * N, w->logP + (size_t)s * N,
-            P + (size_t)j * N, w->logP + (size_t)j * N, N, tau, rel, &c);
-        refined += c.refined, exact += c.exact;
+    num_threads(dseg_threads_for(ex, (double)n_open * N * 4))
+        for (int64_t e = 0; e < (int64_t)b * k; e++) {
+            const int r = (int)(e / k), j = (int)(e % k), s = w->block[r];
+            unsigned char *close = w->close + (size_t)s * k + j;
+            if (*close != 2) continue;
+            recheck_counts c = {0, 0};
+            *close = (unsigned char)refined_below(P + (size_t)s * N, w->logP + (size_t)s * N,
+                                                  P + (size_t)j * N, w->logP + (size_t)j * N, N,
+                                                  tau, &c);
+            refined += c.refined, exact += c.exact;
+        }
     }
     for (int r = 0; r < b; r++) {
         const int s = w->block[r];
@@ -1294,22 +1287,22 @@ static void seed_rows_free(seed_rows *w, int k, int bmax, int N) {
     dseg_free_sized(w->X, sizeof(float) * (size_t)bmax * N);
     dseg_free_sized(w->logX, sizeof(float) * (size_t)bmax * N);
     dseg_free_sized(w->cross, sizeof(float) * (size_t)bmax * k);
-    free(w->st);
+    free(w->st), stat_columns_free(&w->cols);
     free(w->close), free(w->need), free(w->order), free(w->block);
 }
 
 static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, int *seeds,
                       dseg_merge_stats *stats) {
     const int k = *K, bmax = k < SEED_BLOCK_MAX ? k : SEED_BLOCK_MAX;
-    seed_rows w = {dseg_malloc(sizeof(float) * (size_t)k * N),
-                   dseg_malloc(sizeof(float) * (size_t)bmax * N),
-                   dseg_malloc(sizeof(float) * (size_t)bmax * N),
-                   dseg_malloc(sizeof(float) * (size_t)bmax * k),
-                   malloc(sizeof(row_stats) * k),
-                   malloc((size_t)k * k),
-                   malloc((size_t)bmax * k),
-                   malloc(sizeof(int) * k),
-                   malloc(sizeof(int) * bmax)};
+    seed_rows w = {.logP = dseg_malloc(sizeof(float) * (size_t)k * N),
+                   .X = dseg_malloc(sizeof(float) * (size_t)bmax * N),
+                   .logX = dseg_malloc(sizeof(float) * (size_t)bmax * N),
+                   .cross = dseg_malloc(sizeof(float) * (size_t)bmax * k),
+                   .st = malloc(sizeof(row_stats) * k),
+                   .close = malloc((size_t)k * k),
+                   .need = malloc((size_t)bmax * k),
+                   .order = malloc(sizeof(int) * k),
+                   .block = malloc(sizeof(int) * bmax)};
     unsigned char *matched = calloc((size_t)k, 1);
     float *out = dseg_malloc(sizeof(float) * (size_t)k * N);
     double *acc = malloc(sizeof(double) * N);
@@ -1320,6 +1313,10 @@ static int merge_step(const dseg_exec *ex, float *P, int *K, int N, double tau, 
         goto done;
     }
     log_rows(ex, P, k, N, w.logP, w.st);
+    if (!stat_columns_make(w.st, k, &w.cols)) {
+        rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");
+        goto done;
+    }
     for (int i = 0; i < k; i++) w.order[i] = -1;
     const estimate_error rel = estimate_rel_error(ex, N);
     recheck_counts counts = {0, 0};
