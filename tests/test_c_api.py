@@ -23,3 +23,22 @@ def test_core_from_plain_c(tmp_path, openmp):
     assert "grid must be in [1, 8]" in run.stdout
     assert "resolution 3 does not divide out_res 8" in run.stdout
     assert f"ok (openmp={int(openmp)}" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("clones", [True, False], ids=["clones", "baseline-isa"])
+def test_log_error_over_every_float(tmp_path, clones):
+    """merge.c's estimate bounds take DSEG_LOG_REL_ERROR (3e-7) as the float32
+    log's error: check it over all 2^31 positive floats, built as setup.py
+    builds logs.c (contraction on) with the FMA clones and without them."""
+    exe = tmp_path / "log_error"
+    flags = ["-std=gnu99", "-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=fast",
+             "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    flags += [] if clones else ["-DDSEG_NO_CLONES"]
+    cmd = ["gcc", *flags, "-I", str(ROOT / "csrc" / "core"),
+           str(ROOT / "tests" / "c" / "log_error.c"), str(ROOT / "csrc" / "core" / "logs.c"),
+           "-lm", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert float(run.stdout.split()[-1]) > 0  # it did measure something

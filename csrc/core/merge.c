@@ -47,88 +47,8 @@ typedef struct {
     int overflow;   /* a pooled bin beyond float range: no bound from this row */
 } row_stats;
 
-/* Natural log of a positive finite float (normal or subnormal), branch-free so
- * that loops over it vectorise; Cephes' logf polynomial, about 1 ulp. */
-static inline float log_positive(float x) {
-    const int subnormal = x < 1.17549435e-38f;
-    const float xs = x * (subnormal ? 8388608.0f : 1.0f); /* 2^23 */
-    int32_t bits;
-    memcpy(&bits, &xs, sizeof bits);
-    int32_t e = ((bits >> 23) & 0xff) - 126 - 23 * subnormal;
-    bits = (bits & 0x007fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
-    float m;
-    memcpy(&m, &bits, sizeof m);
-    const int low = m < 0.707106781f;
-    e -= low;
-    m = (m + (low ? m : 0.0f)) - 1.0f;
-    const float z = m * m;
-    float y = 7.0376836292e-2f;
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z;
-    const float fe = (float)e;
-    y += -2.12194440e-4f * fe;
-    y += -0.5f * z;
-    return (m + y) + 0.693359375f * fe;
-}
-
-/* Statistics of a span of a row (the row's sums are the spans' in order). */
-typedef struct {
-    double h, mass;
-    float maxlog, maxpos, minx;
-    uint64_t zeros;
-} span_stats;
-
-/* logx[j] = log x[j] (0 where x[j] == 0). */
-static inline __attribute__((always_inline)) void log_entries(const float *x, int n, float *logx) {
-#pragma omp simd
-    for (int j = 0; j < n; j++) {
-        const float l = log_positive(x[j] > 0.0f ? x[j] : 1.0f);
-        logx[j] = x[j] > 0.0f ? l : 0.0f;
-    }
-}
-
-DSEG_CLONES
-static void log_only(const float *x, int n, float *logx) { log_entries(x, n, logx); }
-
-/* log_entries over a span of n entries that starts at position j0 of its
- * row, and the span's statistics. */
-DSEG_CLONES
-static void log_span(const float *x, int n, int j0, float *logx, span_stats *st) {
-    log_entries(x, n, logx);
-    double h = 0.0, mass = 0.0;
-    float maxlog = 0.0f, maxpos = 0.0f, minx = x[0];
-#pragma omp simd reduction(+ : h, mass) reduction(max : maxlog, maxpos) reduction(min : minx)
-    for (int j = 0; j < n; j++) {
-        h += (double)x[j] * (double)logx[j];
-        mass += (double)x[j];
-        const float a = fabsf(logx[j]);
-        maxlog = a > maxlog ? a : maxlog;
-        maxpos = logx[j] > maxpos ? logx[j] : maxpos;
-        minx = x[j] < minx ? x[j] : minx;
-    }
-    /* Two maps whose zero sets differ are at D = +inf (one has mass where
-     * the other has none). Different hashes prove that; equal hashes prove
-     * nothing (a collision only costs a recheck). A sum: spans add up. */
-    uint64_t zeros = 0;
-    if (!(minx > 0.0f))
-        for (int j = 0; j < n; j++)
-            if (x[j] == 0.0f) {
-                const uint64_t k = (uint64_t)(j0 + j + 1) * 0x9E3779B97F4A7C15ull;
-                zeros += k ^ (k >> 29);
-            }
-    st->h = h, st->mass = mass, st->maxlog = maxlog, st->maxpos = maxpos, st->minx = minx;
-    st->zeros = zeros;
-}
-
 /* A row's statistics from its spans, in order. */
-static void row_from_spans(const span_stats *sp, int n_spans, row_stats *st) {
+static void row_from_spans(const dseg_span_stats *sp, int n_spans, row_stats *st) {
     double h = 0.0, mass = 0.0;
     float maxlog = 0.0f, maxpos = 0.0f, minx = sp[0].minx;
     uint64_t zeros = 0;
@@ -146,8 +66,8 @@ static void row_from_spans(const span_stats *sp, int n_spans, row_stats *st) {
 
 /* logx = log x (0 where x == 0) and the row's statistics. */
 static void log_row(const float *x, int n, float *logx, row_stats *st) {
-    span_stats sp;
-    log_span(x, n, 0, logx, &sp);
+    dseg_span_stats sp;
+    dseg_log_span(x, n, 0, logx, &sp);
     row_from_spans(&sp, 1, st);
 }
 
@@ -186,11 +106,6 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
     return DSEG_OK;
 }
 
-/* Relative error of log_positive against the float64 log, measured over
- * every positive finite float: at most 8.2e-8 (1.4 x 2^-24; exact at x = 1).
- * Bounded here with a margin of 3.7x. */
-#define LOG_REL_ERROR 3e-7
-
 /*
  * Bound on |d - D|, d = (h_p + h_q - c) / 2 the fast estimate from the GEMM
  * value c of the cross term, D the float64 value of sym_kl_exact.
@@ -205,13 +120,13 @@ int dseg_sym_kl_ex(const float *P, int m, const float *Q, int k, int n, double *
  *       + mass_q maxpos_p; with T' >= c - g S': S' <= (2E - c) / (1 - g).
  * (b) is the tight one on probability maps (every x <= 1: E = 0, S' = -c,
  * about twice the cross entropy, where (a) can be ten times that); the
- * smaller of the two is used. The float32 logs are within LOG_REL_ERROR of
+ * smaller of the two is used. The float32 logs are within DSEG_LOG_REL_ERROR of
  * the float64 ones (relative, same sign), which moves T' and h_x by at most
  * that times S' and sum x |l_x| <= |h_x| + 2 mass_x maxpos_x (same identity
  * as (b)); the float64 sums of h_x and of sym_kl_exact each add at most
  * (n + 4) eps64 relative to those same sums of |terms|. The h_x never pass
  * through the GEMM, so g scales S' alone. With
- *   rho_h = 2 LOG_REL_ERROR + 8 (n + 4) eps64,  rho = g + rho_h,
+ *   rho_h = 2 DSEG_LOG_REL_ERROR + 8 (n + 4) eps64,  rho = g + rho_h,
  *   |d - D| <= (rho S' + rho_h (H_p + H_q)) / 2,  H_x = |h_x| + 2 mass_x maxpos_x,
  * plus the rounding of d itself (a few eps64 of |h_p| + |h_q| + |c|). The
  * factors of 2 on the log and double terms, and gemm_err's own 1.6x on its
@@ -242,7 +157,7 @@ static double error_bound(const row_stats *sp, const row_stats *sq, double c, es
 
 /* error_bound's rates for k-term GEMMs of ex's backend. */
 static estimate_error estimate_rel_error(const dseg_exec *ex, int k) {
-    const double rho_h = 2.0 * LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
+    const double rho_h = 2.0 * DSEG_LOG_REL_ERROR + 8.0 * (k + 4) * DBL_EPSILON;
     const double rho = dseg_gemm_chain_error(ex, k) + rho_h;
     const estimate_error err = {rho, rho_h, (1.0 + 4.0 * DBL_EPSILON) / (1.0 - rho)};
     return err;
@@ -251,7 +166,7 @@ static estimate_error estimate_rel_error(const dseg_exec *ex, int k) {
 /*
  * D(p, q) from the float32 logs, summed in float64 (same zero conventions as
  * sym_kl_exact). *bound receives a bound on its distance from sym_kl_exact's
- * value: the log error (LOG_REL_ERROR per log) plus the rounding of both
+ * value: the log error (DSEG_LOG_REL_ERROR per log) plus the rounding of both
  * float64 sums (n terms, 2^-53 each, doubled for safety), all relative to
  * S = sum |p - q| (|log p| + |log q|).
  */
@@ -271,7 +186,7 @@ static double sym_kl_from_logs(const float *p, const float *lp, const float *q, 
         *bound = 0.0;
         return INFINITY;
     }
-    *bound = 0.5 * a * (LOG_REL_ERROR * 1.01 + 4.0 * (n + 4) * DBL_EPSILON) + 1e-300;
+    *bound = 0.5 * a * (DSEG_LOG_REL_ERROR * 1.01 + 4.0 * (n + 4) * DBL_EPSILON) + 1e-300;
     return 0.5 * s;
 }
 
@@ -985,7 +900,7 @@ done:
 /* The log hook of iteration 0's GEMM: logs of a block of A as it is packed,
  * and the block's statistics per row, part[row * slices + slice]. */
 typedef struct {
-    span_stats *part;
+    dseg_span_stats *part;
     unsigned char *done; /* part entries written */
     int slices;
 } log_pack_ctx;
@@ -995,7 +910,7 @@ static void log_pack(void *ctx, const float *Y, int ldy, int r0, int rows, int k
     const log_pack_ctx *c = ctx;
     for (int a = 0; a < rows; a++) {
         const size_t i = (size_t)(r0 + a) * c->slices + k0 / DSEG_GEMM_KC;
-        log_span(Y + (size_t)(r0 + a) * ldy + k0, len, k0, dst + (size_t)a * ld_dst, c->part + i);
+        dseg_log_span(Y + (size_t)(r0 + a) * ldy + k0, len, k0, dst + (size_t)a * ld_dst, c->part + i);
         c->done[i] = 1;
     }
 }
@@ -1048,7 +963,7 @@ static int anchor_cross_terms(const dseg_exec *ex, const float *A, int N, const 
                               const float *logX, int G, const unsigned char *mask, float *cross,
                               row_stats *sa, float **logA) {
     const int slices = (N + DSEG_GEMM_KC - 1) / DSEG_GEMM_KC;
-    const size_t part_bytes = sizeof(span_stats) * (size_t)N * slices;
+    const size_t part_bytes = sizeof(dseg_span_stats) * (size_t)N * slices;
     log_pack_ctx ctx = {dseg_malloc(part_bytes), calloc((size_t)N * slices, 1), slices};
     const dseg_pack_hook hook = {log_pack, &ctx};
     int ok = 1;
@@ -1119,7 +1034,7 @@ static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
             const float *a = A + (size_t)p * N;
             if (!logA && !scratch) continue;
             const float *la = logA ? logA + (size_t)p * N : scratch;
-            if (!logA) log_only(a, N, scratch);
+            if (!logA) dseg_log_only(a, N, scratch);
             for (int32_t i = run[r]; i < run[r + 1]; i++) {
                 const int g = open[i].anchor;
                 mask[(size_t)g * N + p] = (unsigned char)refined_below(
