@@ -42,3 +42,18 @@ def test_log_error_over_every_float(tmp_path, clones):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout + run.stderr
     assert float(run.stdout.split()[-1]) > 0  # it did measure something
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_fork_while_allocating(tmp_path):
+    """A fork while another thread holds the kept-scratch lock must not leave
+    the child a lock nobody releases (pthread_atfork in common.c)."""
+    exe = tmp_path / "fork_kept"
+    flags = ["-std=gnu99", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+             "-Wno-unknown-pragmas"]
+    cmd = ["gcc", *flags, "-I", str(ROOT / "csrc" / "core"),
+           str(ROOT / "tests" / "c" / "fork_kept.c"), *CORE, "-lm", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ok: 200 forks" in run.stdout

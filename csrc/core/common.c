@@ -49,10 +49,25 @@ static struct {
 static size_t kept_bytes;
 static unsigned long kept_stamp;
 static pthread_mutex_t kept_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t fork_handlers_once = PTHREAD_ONCE_INIT;
+
+/* A fork while another thread holds kept_lock would leave the child a lock
+ * that nobody will release: the fork waits for the lock instead, and both
+ * processes release it after. (The child's kept blocks are its copies.) */
+static void kept_lock_acquire(void) { pthread_mutex_lock(&kept_lock); }
+static void kept_lock_release(void) { pthread_mutex_unlock(&kept_lock); }
+static void install_fork_handlers(void) {
+    pthread_atfork(kept_lock_acquire, kept_lock_release, kept_lock_release);
+}
+
+static void lock_kept(void) {
+    pthread_once(&fork_handlers_once, install_fork_handlers);
+    pthread_mutex_lock(&kept_lock);
+}
 
 static void *take_kept(size_t bytes) {
     void *p = NULL;
-    pthread_mutex_lock(&kept_lock);
+    lock_kept();
     int best = -1;
     for (int i = 0; i < KEEP_SLOTS; i++)
         if (kept[i].p && kept[i].bytes >= bytes && kept[i].bytes / 2 <= bytes &&
@@ -91,7 +106,7 @@ void dseg_free_sized(void *p, size_t bytes) {
     }
     void *evicted[KEEP_SLOTS];
     int n_evicted = 0;
-    pthread_mutex_lock(&kept_lock);
+    lock_kept();
     for (;;) {
         int free_slot = -1, oldest = -1;
         for (int i = 0; i < KEEP_SLOTS; i++) {
@@ -114,7 +129,7 @@ void dseg_free_sized(void *p, size_t bytes) {
 size_t dseg_release_memory(void) {
     void *all[KEEP_SLOTS];
     int n = 0;
-    pthread_mutex_lock(&kept_lock);
+    lock_kept();
     const size_t bytes = kept_bytes;
     for (int i = 0; i < KEEP_SLOTS; i++)
         if (kept[i].p) all[n++] = kept[i].p, kept[i].p = NULL;
