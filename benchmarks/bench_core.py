@@ -89,8 +89,8 @@ def numpy_cross_term_gemms(A):
     the merge's physical limit, for ratios in one process."""
     coords = reference.anchor_coords(64, GRID)
     X = np.ascontiguousarray(A[(coords[:, None] * 64 + coords[None, :]).ravel()])
-    with np.errstate(divide="ignore"):
-        logA, logX = np.log(A), np.log(X)
+    # 0 log 0 = 0, as in the merge: -inf logs would make NaN cross terms
+    logA, logX = (np.log(np.where(M > 0, M, 1)) for M in (A, X))
 
     def run():
         C = X @ logA.T
