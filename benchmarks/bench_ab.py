@@ -28,7 +28,7 @@ import numpy as np
 
 import diffseg
 from diffseg import _core
-from bench_structures import GRID, TAUS, structures  # a sibling script: one definition each
+from bench_structures import GRID, TAUS, chosen_structures  # a sibling script: one definition each
 
 
 def load_other_core(path):
@@ -73,14 +73,8 @@ def main():
           f"{threads} threads, {args.rounds} rounds; times in ms; new/other below 1 is faster")
     print(f"{'structure':<18}{'tau':>5}{'other best':>11}{'med':>6}{'new best':>9}{'med':>6}"
           f"{'best ratio':>11}{'med ratio':>10}  outputs")
-    for name, make in structures(args.cache).items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        try:
-            attn = make()
-        except ImportError as e:
-            print(f"note: {name} skipped ({e})")
-            continue
+    notes = []
+    for name, attn in chosen_structures(args.cache, args.only, notes):
         A = np.ascontiguousarray(diffseg.aggregate(attn)).reshape(64 * 64, 64 * 64)
         for tau in args.taus:
             thr = np.full(3, tau)
@@ -92,6 +86,8 @@ def main():
                   f"{t_new.min() * 1e3:>9.0f}{np.median(t_new) * 1e3:>6.0f}"
                   f"{t_new.min() / t_other.min():>11.3f}{np.median(t_new / t_other):>10.3f}  {same}",
                   flush=True)
+    for n in notes:
+        print("note:", n)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,18 @@ def structures(cache):
     }
 
 
+def chosen_structures(cache, only, notes):
+    """(name, attention) of the structures whose names contain one of only
+    (all when only is empty); those that cannot be made get a line in notes."""
+    for name, make in structures(cache).items():
+        if only and not any(o in name for o in only):
+            continue
+        try:
+            yield name, make()
+        except ImportError as e:
+            notes.append(f"{name}: skipped ({e})")
+
+
 def busy_process():
     """A CPU-bound competitor (one core)."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -128,14 +140,7 @@ def main():
     args = parser.parse_args()
 
     rows, notes = [], []
-    for name, make in structures(args.cache).items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        try:
-            attn = make()
-        except ImportError as e:
-            notes.append(f"{name}: skipped ({e})")
-            continue
+    for name, attn in chosen_structures(args.cache, args.only, notes):
         A = diffseg.aggregate(attn)
         gemms = numpy_cross_term_gemms(A)
         for tau in args.taus:
