@@ -82,7 +82,13 @@ static void kernel_generic(int len, const float *xp, const float *yp, float *C, 
     store_tile((const float(*)[NR])acc, C, ldc, rows, cols, add);
 }
 
-static void pack_panel(const float *M, int ld, int r0, int rows, int k0, int len, int w, float *out);
+static void pack_panel(const float *M, int ld, const int *idx, int r0, int rows, int k0, int len,
+                       int w, float *out);
+
+/* Row r of M, or row idx[r] when the rows are gathered. */
+static inline const float *packed_row(const float *M, int ld, const int *idx, int r) {
+    return M + (size_t)(idx ? idx[r] : r) * ld;
+}
 
 #if DSEG_GEMM_AVX2
 __attribute__((target("avx2,fma")))
@@ -129,22 +135,21 @@ static void kernel_avx2(int len, const float *xp, const float *yp, float *C, int
 }
 /* pack_panel for a full NR-wide panel of Y: 8 x 8 transposes. */
 __attribute__((target("avx2,fma")))
-static void pack_y_avx2(const float *M, int ld, int r0, int rows, int k0, int len, float *out) {
+static void pack_y_avx2(const float *M, int ld, const int *idx, int r0, int rows, int k0, int len,
+                        float *out) {
     if (rows < NR) {
-        pack_panel(M, ld, r0, rows, k0, len, NR, out);
+        pack_panel(M, ld, idx, r0, rows, k0, len, NR, out);
         return;
     }
     const int len8 = len / 8 * 8;
     for (int g = 0; g < NR; g += 8) {
-        const float *src = M + (size_t)(r0 + g) * ld + k0;
+        const float *src[8];
+        for (int a = 0; a < 8; a++) src[a] = packed_row(M, ld, idx, r0 + g + a) + k0;
         for (int k = 0; k < len8; k += 8) {
-            __m256 r0v = _mm256_loadu_ps(src + k), r1 = _mm256_loadu_ps(src + (size_t)ld + k),
-                   r2 = _mm256_loadu_ps(src + 2 * (size_t)ld + k),
-                   r3 = _mm256_loadu_ps(src + 3 * (size_t)ld + k),
-                   r4 = _mm256_loadu_ps(src + 4 * (size_t)ld + k),
-                   r5 = _mm256_loadu_ps(src + 5 * (size_t)ld + k),
-                   r6 = _mm256_loadu_ps(src + 6 * (size_t)ld + k),
-                   r7 = _mm256_loadu_ps(src + 7 * (size_t)ld + k);
+            __m256 r0v = _mm256_loadu_ps(src[0] + k), r1 = _mm256_loadu_ps(src[1] + k),
+                   r2 = _mm256_loadu_ps(src[2] + k), r3 = _mm256_loadu_ps(src[3] + k),
+                   r4 = _mm256_loadu_ps(src[4] + k), r5 = _mm256_loadu_ps(src[5] + k),
+                   r6 = _mm256_loadu_ps(src[6] + k), r7 = _mm256_loadu_ps(src[7] + k);
             const __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1),
                          t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
                          t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
@@ -164,15 +169,16 @@ static void pack_y_avx2(const float *M, int ld, int r0, int rows, int k0, int le
             _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
         }
         for (int a = 0; a < 8; a++)
-            for (int k = len8; k < len; k++) out[(size_t)k * NR + g + a] = src[(size_t)a * ld + k];
+            for (int k = len8; k < len; k++) out[(size_t)k * NR + g + a] = src[a][k];
     }
 }
 #endif
 
-typedef void (*pack_fn)(const float *, int, int, int, int, int, float *);
+typedef void (*pack_fn)(const float *, int, const int *, int, int, int, int, float *);
 
-static void pack_y_generic(const float *M, int ld, int r0, int rows, int k0, int len, float *out) {
-    pack_panel(M, ld, r0, rows, k0, len, NR, out);
+static void pack_y_generic(const float *M, int ld, const int *idx, int r0, int rows, int k0,
+                           int len, float *out) {
+    pack_panel(M, ld, idx, r0, rows, k0, len, NR, out);
 }
 
 static pack_fn pick_pack(void) {
@@ -218,13 +224,14 @@ static void pack_x4(const float *M, int ld, int r0, int rows, int k0, int len, f
 }
 #endif
 
-/* Pack rows [r0, r0 + rows) of M, columns [k0, k0 + len), into MR- or
- * NR-wide k-major panels (width w); rows past the end are zero. */
-static void pack_panel(const float *M, int ld, int r0, int rows, int k0, int len, int w,
-                       float *out) {
+/* Pack rows [r0, r0 + rows) of M (rows idx[r0], ... when idx), columns
+ * [k0, k0 + len), into MR- or NR-wide k-major panels (width w); rows past the
+ * end are zero. */
+static void pack_panel(const float *M, int ld, const int *idx, int r0, int rows, int k0, int len,
+                       int w, float *out) {
     for (int a = 0; a < w; a++) {
         if (a < rows) {
-            const float *src = M + (size_t)(r0 + a) * ld + k0;
+            const float *src = packed_row(M, ld, idx, r0 + a) + k0;
             for (int k = 0; k < len; k++) out[(size_t)k * w + a] = src[k];
         } else {
             for (int k = 0; k < len; k++) out[(size_t)k * w + a] = 0.0f;
@@ -319,8 +326,8 @@ static void dot_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, 
 
 /* 0 when the packing buffer cannot be had (the caller falls back). */
 static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int k, const float *X,
-                           int ldx, const float *Y, int ldy, float *C, int ldc, int accumulate,
-                           const unsigned char *need, const dseg_pack_hook *hook) {
+                           int ldx, const float *Y, int ldy, const int *yrows, float *C, int ldc,
+                           int accumulate, const unsigned char *need, const dseg_pack_hook *hook) {
     const kernel_fn kernel = pick_kernel();
     const pack_fn pack_y = pick_pack();
     const int kk = k > 0 ? k : 1, slices = (kk + KC - 1) / KC;
@@ -348,7 +355,7 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
 #if DSEG_GEMM_AVX2
             pack_x4(X, ldx, c0 + p * MR, rows, k0, len, out);
 #else
-            pack_panel(X, ldx, c0 + p * MR, rows, k0, len, MR, out);
+            pack_panel(X, ldx, NULL, c0 + p * MR, rows, k0, len, MR, out);
 #endif
         }
         /* A task is one NR-wide panel of Y against a block of X panels (at
@@ -379,9 +386,9 @@ static int builtin_gemm_nt(const dseg_exec *ex DSEG_OMP_ONLY, int m, int n, int 
                     if (!packed) {
                         if (hook) {
                             hook->transform(hook->ctx, Y, ldy, j, cols, k0, len, transformed, KC);
-                            pack_y(transformed, KC, 0, cols, 0, len, ypack);
+                            pack_y(transformed, KC, NULL, 0, cols, 0, len, ypack);
                         } else {
-                            pack_y(Y, ldy, j, cols, k0, len, ypack);
+                            pack_y(Y, ldy, yrows, j, cols, k0, len, ypack);
                         }
                         packed = 1;
                     }
@@ -445,12 +452,21 @@ double dseg_gemm_rel_error(const dseg_exec *ex, int k) {
     return g > 1e-4 ? g : 1e-4;
 }
 
+/* Only the packed built-in kernel has a packing step to hook. */
+int dseg_gemm_can_hook(const dseg_exec *ex, int n) { return !ex->sgemm && n >= DOT_MAX_N; }
+
 int dseg_gemm_nt_hooked(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
                         const float *Y, int ldy, float *C, int ldc, int accumulate,
                         const unsigned char *need, const dseg_pack_hook *hook) {
-    /* Only the packed built-in kernel has a packing step to hook. */
-    if (ex->sgemm || n < DOT_MAX_N || m <= 0 || k <= 0) return 0;
-    return builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need, hook);
+    if (!dseg_gemm_can_hook(ex, n) || m <= 0 || k <= 0) return 0;
+    return builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, NULL, C, ldc, accumulate, need, hook);
+}
+
+int dseg_gemm_nt_rows(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                      const float *Y, int ldy, const int *yrows, float *C, int ldc, int accumulate,
+                      const unsigned char *need) {
+    if (!dseg_gemm_can_hook(ex, n) || m <= 0 || k <= 0) return 0;
+    return builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, yrows, C, ldc, accumulate, need, NULL);
 }
 
 void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
@@ -465,6 +481,6 @@ void dseg_gemm_nt(const dseg_exec *ex, int m, int n, int k, const float *X, int 
     }
     if (n < DOT_MAX_N)
         dot_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
-    else if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need, NULL))
+    else if (!builtin_gemm_nt(ex, m, n, k, X, ldx, Y, ldy, NULL, C, ldc, accumulate, need, NULL))
         plain_gemm_nt(m, n, k, X, ldx, Y, ldy, C, ldc, accumulate, need);
 }

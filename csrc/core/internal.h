@@ -73,12 +73,23 @@ typedef struct {
 #define DSEG_GEMM_MR 4
 #define DSEG_GEMM_NR 24
 
+/* Can ex's backend apply a hook to a GEMM with n rows of Y? (not an
+ * external sgemm; not the dot-product kernel of few columns) */
+int dseg_gemm_can_hook(const dseg_exec *ex, int n);
+
 /* dseg_gemm_nt with C = X hook(Y)^T. Returns 0, computing nothing, when
- * the backend cannot apply a hook (an external sgemm, few columns) or
- * memory runs out: the caller then transforms Y itself. */
+ * the backend cannot apply a hook (!dseg_gemm_can_hook) or memory runs
+ * out: the caller then transforms Y itself. */
 int dseg_gemm_nt_hooked(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
                         const float *Y, int ldy, float *C, int ldc, int accumulate,
                         const unsigned char *need, const dseg_pack_hook *hook);
+
+/* dseg_gemm_nt with row p of Y taken from row yrows[p] (the built-in packed
+ * kernel gathers them as it packs). Returns 0, computing nothing, where
+ * !dseg_gemm_can_hook or memory runs out. */
+int dseg_gemm_nt_rows(const dseg_exec *ex, int m, int n, int k, const float *X, int ldx,
+                      const float *Y, int ldy, const int *yrows, float *C, int ldc, int accumulate,
+                      const unsigned char *need);
 
 /* Relative error bound of a cross term computed by dseg_gemm_nt with k-term
  * GEMMs of ex's backend (see gemm.c). */

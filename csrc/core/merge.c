@@ -848,12 +848,14 @@ static int64_t needed_tiles(const unsigned char *need, int G, int S, int64_t *ti
  * against every anchor, and when that would clear under a quarter of the
  * tiles (attention with no segment-like structure, or soft segments), every
  * pair is marked needed without it. Either way the decisions are exact; only
- * which pairs get a full-resolution estimate changes. need: (G, N). Returns 0
- * on allocation failure.
+ * which pairs get a full-resolution estimate changes. need: (G, N); *pruned:
+ * whether the pass ran. Returns 0 on allocation failure.
  */
 static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
-                           const int *anchor_rows, int G, double tau, unsigned char *need) {
+                           const int *anchor_rows, int G, double tau, unsigned char *need,
+                           int *pruned) {
     const int N = H * W, f = pool_factor(H, W);
+    *pruned = 0;
     if (f == 1) {
         memset(need, 1, (size_t)G * N);
         return 1;
@@ -881,6 +883,7 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
         if (4 * (tiles - kept) < tiles) {
             memset(need, 1, (size_t)G * N);
         } else {
+            *pruned = 1;
             if (!pool_rows(ex, A, NULL, N, H, W, f, pA, overflow)) goto done;
             pooled_stats(ex, pA, N, Np, overflow, logpA, sa);
             pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
@@ -903,17 +906,24 @@ typedef struct {
     dseg_span_stats *part;
     unsigned char *done; /* part entries written */
     int slices;
+    const int *order; /* position p of the GEMM is row order[p] of A (NULL: row p) */
 } log_pack_ctx;
+
+static const float *row_at(const float *Y, int ldy, const int *order, int p) {
+    return Y + (size_t)(order ? order[p] : p) * ldy;
+}
 
 static void log_pack(void *ctx, const float *Y, int ldy, int r0, int rows, int k0, int len,
                      float *dst, int ld_dst) {
     const log_pack_ctx *c = ctx;
     for (int a = 0; a < rows; a++) {
         const size_t i = (size_t)(r0 + a) * c->slices + k0 / DSEG_GEMM_KC;
-        dseg_log_span(Y + (size_t)(r0 + a) * ldy + k0, len, k0, dst + (size_t)a * ld_dst, c->part + i);
+        dseg_log_span(row_at(Y, ldy, c->order, r0 + a) + k0, len, k0, dst + (size_t)a * ld_dst,
+                      c->part + i);
         c->done[i] = 1;
     }
 }
+
 
 /* Statistics of the rows of A that some pair needs, from the hook's parts;
  * computed afresh for a needed row the hook did not cover whole (never
@@ -941,7 +951,7 @@ static int stats_from_parts(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, i
                 continue;
             }
             if (!scratch) scratch = dseg_malloc(sizeof(float) * N);
-            if (scratch) log_row(A + (size_t)p * N, N, scratch, sa + p);
+            if (scratch) log_row(row_at(A, N, c->order, p), N, scratch, sa + p);
             else {
 #pragma omp atomic write
                 ok = 0;
@@ -957,21 +967,28 @@ static int stats_from_parts(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, i
  * cross = X.log(A)^T + log(X).A^T where mask needs it, and the statistics
  * sa of the rows of A it needs. The built-in GEMM takes log A as it packs A,
  * so log A is never stored (*logA = NULL); otherwise log A is materialised
- * into *logA. Returns 0 when out of memory.
+ * into *logA. With an order (only where dseg_gemm_can_hook), column p of
+ * cross and mask and entry p of sa are row order[p] of A. Returns 0 when out
+ * of memory.
  */
 static int anchor_cross_terms(const dseg_exec *ex, const float *A, int N, const float *X,
-                              const float *logX, int G, const unsigned char *mask, float *cross,
-                              row_stats *sa, float **logA) {
+                              const float *logX, int G, const unsigned char *mask,
+                              const int *order, float *cross, row_stats *sa, float **logA) {
     const int slices = (N + DSEG_GEMM_KC - 1) / DSEG_GEMM_KC;
     const size_t part_bytes = sizeof(dseg_span_stats) * (size_t)N * slices;
-    log_pack_ctx ctx = {dseg_malloc(part_bytes), calloc((size_t)N * slices, 1), slices};
+    log_pack_ctx ctx = {dseg_malloc(part_bytes), calloc((size_t)N * slices, 1), slices, order};
     const dseg_pack_hook hook = {log_pack, &ctx};
     int ok = 1;
     *logA = NULL;
     if (ctx.part && ctx.done &&
         dseg_gemm_nt_hooked(ex, G, N, N, X, N, A, N, cross, N, 0, mask, &hook)) {
-        dseg_gemm_nt(ex, G, N, N, logX, N, A, N, cross, N, 1, mask);
-        ok = stats_from_parts(ex, A, N, G, mask, &ctx, sa);
+        if (order)
+            ok = dseg_gemm_nt_rows(ex, G, N, N, logX, N, A, N, order, cross, N, 1, mask);
+        else
+            dseg_gemm_nt(ex, G, N, N, logX, N, A, N, cross, N, 1, mask);
+        ok = ok && stats_from_parts(ex, A, N, G, mask, &ctx, sa);
+    } else if (order) {
+        ok = 0; /* the hook was possible: out of memory */
     } else {
         *logA = dseg_malloc(sizeof(float) * (size_t)N * N);
         ok = *logA != NULL;
@@ -1000,9 +1017,9 @@ static int by_row(const void *a, const void *b) {
  * were never stored).
  */
 static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
-                             const float *logA, const float *X, const float *logX, int G, int N,
-                             double tau, int64_t n_open, unsigned char *mask,
-                             recheck_counts *counts) {
+                             const float *logA, const int *order, const float *X,
+                             const float *logX, int G, int N, double tau, int64_t n_open,
+                             unsigned char *mask, recheck_counts *counts) {
     pair_ref *open = malloc(sizeof(pair_ref) * (size_t)(n_open + 1));
     int32_t *run = malloc(sizeof(int32_t) * (size_t)(n_open + 1));
     int ok = open && run;
@@ -1031,9 +1048,9 @@ static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < runs; r++) {
             const int p = open[run[r]].row;
-            const float *a = A + (size_t)p * N;
+            const float *a = row_at(A, N, order, p);
             if (!logA && !scratch) continue;
-            const float *la = logA ? logA + (size_t)p * N : scratch;
+            const float *la = logA ? row_at(logA, N, order, p) : scratch;
             if (!logA) dseg_log_only(a, N, scratch);
             for (int32_t i = run[r]; i < run[r + 1]; i++) {
                 const int g = open[i].anchor;
@@ -1054,6 +1071,44 @@ done:
     return ok;
 }
 
+/*
+ * Where the pruning pass leaves pairs out, the GEMM skips a tile only when
+ * none of its pairs is needed, and a tile's 24 rows of A are 24 consecutive
+ * pixels in row-major order: a strip that often crosses a segment's edge.
+ * The GEMM therefore takes the rows in the order of bands of BAND image rows,
+ * column by column within a band, so that a tile's rows are a BAND x 6
+ * block; on segment-like attention that skips a third more tiles. Only which
+ * tiles are computed changes: each entry's sums are the same operations.
+ */
+enum { BAND = 4 };
+
+/* order[position] = pixel, bands of BAND rows, column-major within a band. */
+static int *band_order(int H, int W) {
+    int *order = malloc(sizeof(int) * (size_t)H * W);
+    if (!order) return NULL;
+    int n = 0;
+    for (int y0 = 0; y0 < H; y0 += BAND)
+        for (int x = 0; x < W; x++)
+            for (int y = y0; y < y0 + BAND && y < H; y++) order[n++] = y * W + x;
+    return order;
+}
+
+/* Each row of the (G, N) mask from pixel order to order (to = 1), or back. */
+static int reorder_columns(unsigned char *mask, int G, int N, const int *order, int to) {
+    unsigned char *row = malloc((size_t)N);
+    if (!row) return 0;
+    for (int g = 0; g < G; g++) {
+        unsigned char *m = mask + (size_t)g * N;
+        memcpy(row, m, (size_t)N);
+        if (to)
+            for (int p = 0; p < N; p++) m[p] = row[order[p]];
+        else
+            for (int p = 0; p < N; p++) m[order[p]] = row[p];
+    }
+    free(row);
+    return 1;
+}
+
 /* Iteration 0: each anchor averages every row of A closer than tau. */
 static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const int *anchor_rows,
                        int gh, int gw, double tau, float *proposals, dseg_merge_stats *stats) {
@@ -1068,13 +1123,18 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     row_stats *sx = malloc(sizeof(row_stats) * G), *sa = calloc((size_t)N, sizeof(row_stats));
     int32_t *count = malloc(sizeof(int32_t) * G);
     stat_columns sc = {0};
-    int rc = DSEG_OK;
+    int *order = NULL; /* of the GEMM's rows of A; NULL: pixel order */
+    int rc = DSEG_OK, pruned;
     if (!mask || !X || !logX || !cross || !sx || !sa || !count) goto oom;
-    if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask)) goto oom;
+    if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask, &pruned)) goto oom;
+    if (pruned && dseg_gemm_can_hook(ex, N)) {
+        order = band_order(H, W);
+        if (!order || !reorder_columns(mask, G, N, order, 1)) goto oom;
+    }
     for (int g = 0; g < G; g++)
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
     log_rows(ex, X, G, N, logX, sx);
-    if (!anchor_cross_terms(ex, A, N, X, logX, G, mask, cross, sa, &logA)) goto oom;
+    if (!anchor_cross_terms(ex, A, N, X, logX, G, mask, order, cross, sa, &logA)) goto oom;
 
     /* The estimates decide almost every pair; the rest are marked 2. */
     const estimate_error rel = estimate_rel_error(ex, N);
@@ -1089,8 +1149,10 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
         n_open += open;
     }
     recheck_counts rechecks = {0, 0};
-    if (n_open && !refine_open_pairs(ex, A, logA, X, logX, G, N, tau, n_open, mask, &rechecks))
+    if (n_open &&
+        !refine_open_pairs(ex, A, logA, order, X, logX, G, N, tau, n_open, mask, &rechecks))
         goto oom;
+    if (order && !reorder_columns(mask, G, N, order, 0)) goto oom;
     for (int g = 0; g < G; g++) {
         const unsigned char *m = mask + (size_t)g * N;
         int32_t n_sel = 0;
@@ -1115,7 +1177,7 @@ oom:
 done:
     dseg_free_sized(X, GN), dseg_free_sized(logX, GN), dseg_free_sized(logA, NN);
     dseg_free_sized(cross, GN), free(sx), free(sa);
-    dseg_free_sized(mask, (size_t)G * N), free(count);
+    dseg_free_sized(mask, (size_t)G * N), free(count), free(order);
     stat_columns_free(&sc);
     return rc;
 }
