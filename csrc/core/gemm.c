@@ -85,11 +85,6 @@ static void kernel_generic(int len, const float *xp, const float *yp, float *C, 
 static void pack_panel(const float *M, int ld, const int *idx, int r0, int rows, int k0, int len,
                        int w, float *out);
 
-/* Row r of M, or row idx[r] when the rows are gathered. */
-static inline const float *packed_row(const float *M, int ld, const int *idx, int r) {
-    return M + (size_t)(idx ? idx[r] : r) * ld;
-}
-
 #if DSEG_GEMM_AVX2
 __attribute__((target("avx2,fma")))
 static void kernel_avx2(int len, const float *xp, const float *yp, float *C, int ldc,
@@ -144,7 +139,7 @@ static void pack_y_avx2(const float *M, int ld, const int *idx, int r0, int rows
     const int len8 = len / 8 * 8;
     for (int g = 0; g < NR; g += 8) {
         const float *src[8];
-        for (int a = 0; a < 8; a++) src[a] = packed_row(M, ld, idx, r0 + g + a) + k0;
+        for (int a = 0; a < 8; a++) src[a] = dseg_row(M, ld, idx, r0 + g + a) + k0;
         for (int k = 0; k < len8; k += 8) {
             __m256 r0v = _mm256_loadu_ps(src[0] + k), r1 = _mm256_loadu_ps(src[1] + k),
                    r2 = _mm256_loadu_ps(src[2] + k), r3 = _mm256_loadu_ps(src[3] + k),
@@ -231,7 +226,7 @@ static void pack_panel(const float *M, int ld, const int *idx, int r0, int rows,
                        int w, float *out) {
     for (int a = 0; a < w; a++) {
         if (a < rows) {
-            const float *src = packed_row(M, ld, idx, r0 + a) + k0;
+            const float *src = dseg_row(M, ld, idx, r0 + a) + k0;
             for (int k = 0; k < len; k++) out[(size_t)k * w + a] = src[k];
         } else {
             for (int k = 0; k < len; k++) out[(size_t)k * w + a] = 0.0f;

@@ -73,6 +73,11 @@ typedef struct {
 #define DSEG_GEMM_MR 4
 #define DSEG_GEMM_NR 24
 
+/* Row r of the row-major M (leading dimension ld), or row idx[r] when idx. */
+static inline const float *dseg_row(const float *M, int ld, const int *idx, int r) {
+    return M + (size_t)(idx ? idx[r] : r) * ld;
+}
+
 /* Can ex's backend apply a hook to a GEMM with n rows of Y? (not an
  * external sgemm; not the dot-product kernel of few columns) */
 int dseg_gemm_can_hook(const dseg_exec *ex, int n);

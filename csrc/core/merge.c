@@ -909,17 +909,13 @@ typedef struct {
     const int *order; /* position p of the GEMM is row order[p] of A (NULL: row p) */
 } log_pack_ctx;
 
-static const float *row_at(const float *Y, int ldy, const int *order, int p) {
-    return Y + (size_t)(order ? order[p] : p) * ldy;
-}
-
 static void log_pack(void *ctx, const float *Y, int ldy, int r0, int rows, int k0, int len,
                      float *dst, int ld_dst) {
     const log_pack_ctx *c = ctx;
     for (int a = 0; a < rows; a++) {
         const size_t i = (size_t)(r0 + a) * c->slices + k0 / DSEG_GEMM_KC;
-        dseg_log_span(row_at(Y, ldy, c->order, r0 + a) + k0, len, k0, dst + (size_t)a * ld_dst,
-                      c->part + i);
+        dseg_log_span(dseg_row(Y, ldy, c->order, r0 + a) + k0, len, k0,
+                      dst + (size_t)a * ld_dst, c->part + i);
         c->done[i] = 1;
     }
 }
@@ -951,7 +947,7 @@ static int stats_from_parts(const dseg_exec *ex DSEG_OMP_ONLY, const float *A, i
                 continue;
             }
             if (!scratch) scratch = dseg_malloc(sizeof(float) * N);
-            if (scratch) log_row(row_at(A, N, c->order, p), N, scratch, sa + p);
+            if (scratch) log_row(dseg_row(A, N, c->order, p), N, scratch, sa + p);
             else {
 #pragma omp atomic write
                 ok = 0;
@@ -1048,9 +1044,9 @@ static int refine_open_pairs(const dseg_exec *ex DSEG_OMP_ONLY, const float *A,
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < runs; r++) {
             const int p = open[run[r]].row;
-            const float *a = row_at(A, N, order, p);
+            const float *a = dseg_row(A, N, order, p);
             if (!logA && !scratch) continue;
-            const float *la = logA ? row_at(logA, N, order, p) : scratch;
+            const float *la = logA ? dseg_row(logA, N, order, p) : scratch;
             if (!logA) dseg_log_only(a, N, scratch);
             for (int32_t i = run[r]; i < run[r + 1]; i++) {
                 const int g = open[i].anchor;
