@@ -14,16 +14,22 @@
 /* Natural log of a positive finite float (normal or subnormal), branch-free so
  * that loops over it vectorise. Cephes' logf polynomial, evaluated by Estrin's
  * scheme (a short dependency chain: the loop is latency-bound with Horner's).
- * The mantissa is taken in [sqrt(1/2), sqrt(2)) directly from its bits. */
+ * The mantissa is taken in [sqrt(1/2), sqrt(2)) directly from its bits. The
+ * two choices (subnormal, low mantissa) are integer masks, not selects on
+ * floats: with selects GCC carried both paths through the bit arithmetic
+ * (60 instructions per 8 logs instead of 48; the same values). */
 static inline float log_positive(float x) {
-    const int subnormal = x < FLT_MIN;
-    const float xs = x * (subnormal ? 8388608.0f : 1.0f); /* 2^23 */
+    const int32_t subnormal = -(int32_t)(x < FLT_MIN);   /* all ones or 0 */
+    const int32_t scale_bits = 0x3f800000 + (subnormal & (23 << 23)); /* 1 or 2^23 */
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    const float xs = x * scale;
     int32_t bits;
     memcpy(&bits, &xs, sizeof bits);
     const int32_t mantissa = bits & 0x007fffff;
-    const int low = mantissa < 0x003504f3; /* 1.mantissa < sqrt(2) */
-    const int32_t e = (bits >> 23) - 126 - (subnormal ? 23 : 0) - low;
-    bits = mantissa | (low ? 0x3f800000 : 0x3f000000);
+    const int32_t low = -(int32_t)(mantissa < 0x003504f3); /* 1.mantissa < sqrt(2) */
+    const int32_t e = (bits >> 23) - 126 - (subnormal & 23) + low;
+    bits = mantissa | (0x3f000000 + (low & 0x00800000)); /* 1.mantissa, or half: in [sqrt(1/2), sqrt(2)) */
     float m;
     memcpy(&m, &bits, sizeof m);
     m -= 1.0f;
