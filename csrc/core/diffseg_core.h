@@ -133,7 +133,9 @@ typedef struct {
  * the result. stats may be NULL. seeds (NULL, or G ints) receives the row of
  * A of the anchor that seeded each proposal (the greedy chain back to
  * iteration 0). dseg_merge and dseg_merge_ex are the square case
- * (H = W = R, grid x grid anchors).
+ * (H = W = R, grid x grid anchors). A NaN, infinite or negative value in A
+ * gives DSEG_EINVAL naming the first one's flat index (checked as iteration 0
+ * reads A, not by a pass of its own).
  */
 int dseg_merge(const float *A, int R, int grid, const double *thresholds,
                int n_iter, float *proposals, int *n_proposals,

@@ -45,6 +45,7 @@ typedef struct {
     int has_zero;
     uint64_t zeros; /* hash of the set of zero positions (0 when none) */
     int overflow;   /* a pooled bin beyond float range: no bound from this row */
+    int bad;        /* a NaN, infinite or negative value (from the spans) */
 } row_stats;
 
 /* A row's statistics from its spans, in order. */
@@ -62,6 +63,9 @@ static void row_from_spans(const dseg_span_stats *sp, int n_spans, row_stats *st
     st->has_zero = !(minx > 0.0f);
     st->zeros = zeros;
     st->overflow = 0;
+    /* NaN, +-inf and negatives show in the min or the float64 mass (finite
+     * for any finite floats) */
+    st->bad = !(minx >= 0.0f) || !(mass <= DBL_MAX);
 }
 
 /* logx = log x (0 where x == 0) and the row's statistics. */
@@ -739,21 +743,32 @@ static int pool_factor(int H, int W) {
     return 1;
 }
 
+/* pool_row's flags */
+enum { POOL_OVERFLOW = 1, POOL_BAD_VALUE = 2 };
+
 /* One H x W map's f x f block sums into o: each band of f rows summed
  * down the columns first (vectorised along the row), then f columns per
- * bin. Returns 1 when a bin is beyond float range: the row then gives no
- * bound (its values are moot). */
+ * bin. Flags: POOL_OVERFLOW when a bin is beyond float range (the row then
+ * gives no bound; its values are moot), POOL_BAD_VALUE when the map holds a
+ * NaN, an infinite or a negative value. */
 DSEG_CLONES
 static int pool_row(const float *x, int H, int W, int f, double *band, float *o) {
     const int Hp = H / f, Wp = W / f;
-    int overflow = 0;
+    int overflow = 0, bad = 0;
     for (int by = 0; by < Hp; by++) {
         const float *r = x + (size_t)by * f * W;
-#pragma omp simd
-        for (int c = 0; c < W; c++) band[c] = r[c];
+#pragma omp simd reduction(| : bad)
+        for (int c = 0; c < W; c++) {
+            band[c] = r[c];
+            bad |= !(r[c] >= 0.0f && r[c] <= FLT_MAX);
+        }
         for (int y = 1; y < f; y++)
-#pragma omp simd
-            for (int c = 0; c < W; c++) band[c] += r[(size_t)y * W + c];
+#pragma omp simd reduction(| : bad)
+            for (int c = 0; c < W; c++) {
+                const float v = r[(size_t)y * W + c];
+                band[c] += v;
+                bad |= !(v >= 0.0f && v <= FLT_MAX);
+            }
         for (int bx = 0; bx < Wp; bx++) {
             double s = 0.0;
             for (int j = 0; j < f; j++) s += band[bx * f + j];
@@ -761,13 +776,13 @@ static int pool_row(const float *x, int H, int W, int f, double *band, float *o)
             overflow |= !(s <= FLT_MAX);
         }
     }
-    return overflow;
+    return (overflow ? POOL_OVERFLOW : 0) | (bad ? POOL_BAD_VALUE : 0);
 }
 
 /* Sum f x f blocks of H x W key maps: rows which[i] of X (which NULL: row i),
- * i < rows, -> (rows, (H/f)*(W/f)). */
+ * i < rows, -> (rows, (H/f)*(W/f)); flags[i]: pool_row's. */
 static int pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const int *which,
-                     int rows, int H, int W, int f, float *out, unsigned char *overflow) {
+                     int rows, int H, int W, int f, float *out, unsigned char *flags) {
     const int Np = (H / f) * (W / f);
     int ok = 1;
 #pragma omp parallel num_threads(dseg_threads_for(ex, (double)rows * H * W))
@@ -776,7 +791,7 @@ static int pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const in
 #pragma omp for schedule(dynamic, 64)
         for (int i = 0; i < rows; i++)
             if (band)
-                overflow[i] = (unsigned char)pool_row(X + (size_t)(which ? which[i] : i) * H * W, H,
+                flags[i] = (unsigned char)pool_row(X + (size_t)(which ? which[i] : i) * H * W, H,
                                                       W, f, band, out + (size_t)i * Np);
         if (!band) {
 #pragma omp atomic write
@@ -787,11 +802,11 @@ static int pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const in
     return ok;
 }
 
-/* Pooled rows -> their logs and statistics (overflow flags included). */
+/* Pooled rows -> their logs and statistics (a flagged row gives no bound). */
 static void pooled_stats(const dseg_exec *ex, const float *P, int rows, int Np,
-                         const unsigned char *overflow, float *logP, row_stats *st) {
+                         const unsigned char *flags, float *logP, row_stats *st) {
     log_rows(ex, P, rows, Np, logP, st);
-    for (int i = 0; i < rows; i++) st[i].overflow = overflow[i];
+    for (int i = 0; i < rows; i++) st[i].overflow = flags[i] != 0;
 }
 
 /* need[g * rows + p] = may D(anchor g, row p) be < tau, from pooled rows. */
@@ -849,13 +864,15 @@ static int64_t needed_tiles(const unsigned char *need, int G, int S, int64_t *ti
  * tiles (attention with no segment-like structure, or soft segments), every
  * pair is marked needed without it. Either way the decisions are exact; only
  * which pairs get a full-resolution estimate changes. need: (G, N); *pruned:
- * whether the pass ran. Returns 0 on allocation failure.
+ * whether the pass ran, having pooled every row of A: then *bad_value says
+ * whether A holds a NaN, an infinite or a negative value (and need is moot).
+ * Returns 0 on allocation failure.
  */
 static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
                            const int *anchor_rows, int G, double tau, unsigned char *need,
-                           int *pruned) {
+                           int *pruned, int *bad_value) {
     const int N = H * W, f = pool_factor(H, W);
-    *pruned = 0;
+    *pruned = *bad_value = 0;
     if (f == 1) {
         memset(need, 1, (size_t)G * N);
         return 1;
@@ -867,16 +884,16 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
     float *logpX = dseg_malloc(sizeof(float) * (size_t)G * Np);
     float *cross = dseg_malloc(sizeof(float) * (size_t)G * N);
     row_stats *sa = malloc(sizeof(row_stats) * N), *sx = malloc(sizeof(row_stats) * G);
-    unsigned char *overflow = malloc(N > G ? N : G);
+    unsigned char *flags = malloc(N > G ? N : G);
     int *sample = malloc(sizeof(int) * N);
-    int ok = pA && logpA && pX && logpX && cross && sa && sx && overflow && sample;
+    int ok = pA && logpA && pX && logpX && cross && sa && sx && flags && sample;
     if (ok) {
         ok = 0; /* until the pass is through */
         const int S = sample_panels(N, sample);
-        if (!pool_rows(ex, A, anchor_rows, G, H, W, f, pX, overflow)) goto done;
-        pooled_stats(ex, pX, G, Np, overflow, logpX, sx);
-        if (!pool_rows(ex, A, sample, S, H, W, f, pA, overflow)) goto done;
-        pooled_stats(ex, pA, S, Np, overflow, logpA, sa);
+        if (!pool_rows(ex, A, anchor_rows, G, H, W, f, pX, flags)) goto done;
+        pooled_stats(ex, pX, G, Np, flags, logpX, sx);
+        if (!pool_rows(ex, A, sample, S, H, W, f, pA, flags)) goto done;
+        pooled_stats(ex, pA, S, Np, flags, logpA, sa);
         pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, S, Np, tau, cross, need);
         int64_t tiles;
         const int64_t kept = needed_tiles(need, G, S, &tiles);
@@ -884,10 +901,13 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
             memset(need, 1, (size_t)G * N);
         } else {
             *pruned = 1;
-            if (!pool_rows(ex, A, NULL, N, H, W, f, pA, overflow)) goto done;
-            pooled_stats(ex, pA, N, Np, overflow, logpA, sa);
+            if (!pool_rows(ex, A, NULL, N, H, W, f, pA, flags)) goto done;
+            for (int p = 0; p < N; p++) *bad_value |= (flags[p] & POOL_BAD_VALUE) != 0;
+            if (*bad_value) goto checked;
+            pooled_stats(ex, pA, N, Np, flags, logpA, sa);
             pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
         }
+    checked:
         ok = 1;
     }
 done:
@@ -896,7 +916,7 @@ done:
     dseg_free_sized(pX, sizeof(float) * (size_t)G * Np);
     dseg_free_sized(logpX, sizeof(float) * (size_t)G * Np);
     dseg_free_sized(cross, sizeof(float) * (size_t)G * N);
-    free(sa), free(sx), free(overflow), free(sample);
+    free(sa), free(sx), free(flags), free(sample);
     return ok;
 }
 
@@ -1105,6 +1125,26 @@ static int reorder_columns(unsigned char *mask, int G, int N, const int *order, 
     return 1;
 }
 
+/* A NaN, infinite or negative value of A fails the merge, named by its first
+ * position in memory. The merge checks no value up front: iteration 0 reads
+ * every one before it decides anything (the pooled pass when it prunes, the
+ * GEMM's row statistics otherwise), so the scan runs only on such input. */
+static int bad_value_error(const float *A, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!(A[i] >= 0.0f && A[i] <= FLT_MAX))
+            return dseg_fail(DSEG_EINVAL,
+                             "A must be finite and non-negative (bad value at flat index %lld)",
+                             (long long)i);
+    return dseg_fail(DSEG_EINVAL, "A must be finite and non-negative (it changed during the merge)");
+}
+
+/* Does a row whose statistics were taken hold a bad value? (sa zeroed) */
+static int any_bad_row(const row_stats *sa, int n) {
+    int bad = 0;
+    for (int p = 0; p < n; p++) bad |= sa[p].bad;
+    return bad;
+}
+
 /* Iteration 0: each anchor averages every row of A closer than tau. */
 static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const int *anchor_rows,
                        int gh, int gw, double tau, float *proposals, dseg_merge_stats *stats) {
@@ -1120,9 +1160,10 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
     int32_t *count = malloc(sizeof(int32_t) * G);
     stat_columns sc = {0};
     int *order = NULL; /* of the GEMM's rows of A; NULL: pixel order */
-    int rc = DSEG_OK, pruned;
+    int rc = DSEG_OK, pruned, bad_value;
     if (!mask || !X || !logX || !cross || !sx || !sa || !count) goto oom;
-    if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask, &pruned)) goto oom;
+    if (!candidate_pairs(ex, A, H, W, anchor_rows, G, tau, mask, &pruned, &bad_value)) goto oom;
+    if (bad_value) goto bad;
     if (pruned && dseg_gemm_can_hook(ex, N)) {
         order = band_order(H, W);
         if (!order || !reorder_columns(mask, G, N, order, 1)) goto oom;
@@ -1131,6 +1172,7 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
         memcpy(X + (size_t)g * N, A + (size_t)anchor_rows[g] * N, sizeof(float) * N);
     log_rows(ex, X, G, N, logX, sx);
     if (!anchor_cross_terms(ex, A, N, X, logX, G, mask, order, cross, sa, &logA)) goto oom;
+    if (!pruned && any_bad_row(sa, N)) goto bad; /* unpruned: every row has statistics */
 
     /* The estimates decide almost every pair; the rest are marked 2. */
     const estimate_error rel = estimate_rel_error(ex, N);
@@ -1167,6 +1209,9 @@ static int anchor_step(const dseg_exec *ex, const float *A, int H, int W, const 
         stats->refined += rechecks.refined;
         stats->exact_rechecks += rechecks.exact;
     }
+    goto done;
+bad:
+    rc = bad_value_error(A, (int64_t)N * N);
     goto done;
 oom:
     rc = dseg_fail(DSEG_ENOMEM, "merge: out of memory");

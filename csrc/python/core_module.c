@@ -46,10 +46,10 @@ static npy_intp first_bad_value(const float *v, npy_intp n, int threads) {
         if (!(v[i] >= 0.0f && v[i] <= 3.402823466e38f)) return i;
 }
 
-/* A float32 C-contiguous array of the given rank whose values are finite and
- * >= 0, or NULL with TypeError/ValueError naming `name`. Borrowed reference.
- * threads: of the scan (< 1: the process default). */
-static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name, int threads) {
+/* A non-empty float32 C-contiguous array of the given rank, or NULL with
+ * TypeError/ValueError naming `name`. Borrowed reference. Its values are
+ * not looked at. */
+static PyArrayObject *checked_layout(PyObject *obj, int ndim, const char *name) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy array, got %s", name,
                      Py_TYPE(obj)->tp_name);
@@ -73,6 +73,14 @@ static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name, i
         PyErr_Format(PyExc_ValueError, "%s is empty", name);
         return NULL;
     }
+    return arr;
+}
+
+/* checked_layout, and values finite and >= 0. threads: of the scan (< 1: the
+ * process default). */
+static PyArrayObject *checked_array(PyObject *obj, int ndim, const char *name, int threads) {
+    PyArrayObject *arr = checked_layout(obj, ndim, name);
+    if (!arr) return NULL;
     if (threads < 1 || threads > DSEG_MAX_THREADS) threads = dseg_get_num_threads();
     const npy_intp bad =
         first_bad_value((const float *)PyArray_DATA(arr), PyArray_SIZE(arr), threads);
@@ -392,8 +400,10 @@ static PyObject *merge_checked(PyObject *A_obj, PyObject *grid_obj, PyObject *th
         free(thr);
         return NULL;
     }
-    /* A last: no Python code runs between checking its values and the call */
-    PyArrayObject *A = checked_array(A_obj, 2, "A", ex->threads);
+    /* A's values are checked by the merge as it reads them (a NaN, infinite
+     * or negative one: ValueError naming its flat index), saving a pass over
+     * A's 64 MiB at R = 64 */
+    PyArrayObject *A = checked_layout(A_obj, 2, "A");
     const npy_intp N = A ? PyArray_DIM(A, 0) : 0;
     int gh = 0, gw = 0;
     if (A && !H) { /* square */

@@ -86,6 +86,13 @@ int main(void) {
     /* Errors come back as codes with a message, never an exit. */
     if (dseg_merge(A, R, 0, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("grid 0");
     printf("error message: %s\n", dseg_last_error());
+    /* A NaN in A is refused, named by its flat index; A is left as it was. */
+    const float sound = A[5 * N + 7];
+    A[5 * N + 7] = NAN;
+    if (dseg_merge(A, R, 4, tau, 3, proposals, &K, NULL) != DSEG_EINVAL) return fail("NaN in A");
+    if (!strstr(dseg_last_error(), "flat index 327)")) return fail("NaN's index");
+    printf("error message: %s\n", dseg_last_error());
+    A[5 * N + 7] = sound;
     const int bad_res[1] = {3};
     if (dseg_aggregate(1, bad_res, maps, weights, R, A) != DSEG_EINVAL) return fail("res 3");
     printf("error message: %s\n", dseg_last_error());
