@@ -56,3 +56,18 @@ def test_fork_while_allocating(tmp_path):
     flags = ["-std=gnu99", "-O1", "-pthread", "-Wno-unknown-pragmas"]
     run = build_and_run(tmp_path, "fork_kept.c", CORE, flags, timeout=1200)
     assert "ok: 200 forks" in run.stdout
+
+
+@needs_gcc
+@pytest.mark.parametrize("clones", [True, False], ids=["clones", "baseline-isa"])
+def test_estimate_cap_decides_as_each_pairs_own_bound(tmp_path, clones):
+    """merge.c's first tier decides most pairs against a cap on their error
+    bound; every decision must be the one their own bound gives (a one-pass
+    twin in tests/c/estimate_cap.c), pairs near tau, odd statistics mixed in.
+    Built as setup.py builds merge.c, SIMD clones on and off."""
+    flags = ["-std=gnu99", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+             "-fopenmp"]
+    flags += [] if clones else ["-DDSEG_NO_CLONES"]
+    others = [s for s in CORE if not s.endswith("merge.c")]  # the test includes merge.c
+    run = build_and_run(tmp_path, "estimate_cap.c", others, flags, timeout=600)
+    assert run.stdout.startswith("ok: 1228800 pairs"), run.stdout

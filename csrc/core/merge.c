@@ -208,12 +208,17 @@ typedef struct {
  * exact float64 distance.
  */
 
-/* Statistics of rows as columns, for the first tier in SIMD. */
+/* Statistics of rows as columns, for the first tier in SIMD, and the
+ * largest of each over the rows (NaN if one is NaN), for estimate_row's cap. */
 typedef struct {
     double *h, *mass, *maxlog, *maxpos, *hx; /* hx = |h| + 2 mass maxpos */
     uint64_t *zeros;
     unsigned char *has_zero;
+    double top_habs, top_mass, top_maxlog, top_maxpos, top_hx;
 } stat_columns;
+
+/* max(top, x), NaN once either is. */
+static double top_of(double top, double x) { return x > top || x != x ? x : top; }
 
 static void stat_columns_free(stat_columns *sc) {
     free(sc->h), free(sc->mass), free(sc->maxlog), free(sc->maxpos), free(sc->hx);
@@ -227,41 +232,71 @@ static int stat_columns_make(const row_stats *st, int n, stat_columns *sc) {
     sc->has_zero = malloc((size_t)n);
     if (!sc->h || !sc->mass || !sc->maxlog || !sc->maxpos || !sc->hx || !sc->zeros || !sc->has_zero)
         return 0;
+    sc->top_habs = sc->top_mass = sc->top_maxlog = sc->top_maxpos = sc->top_hx = 0.0;
     for (int p = 0; p < n; p++) {
         sc->h[p] = st[p].h, sc->mass[p] = st[p].mass;
         sc->maxlog[p] = st[p].maxlog, sc->maxpos[p] = st[p].maxpos;
         sc->hx[p] = fabs(st[p].h) + 2.0 * st[p].mass * st[p].maxpos;
         sc->zeros[p] = st[p].zeros, sc->has_zero[p] = (unsigned char)st[p].has_zero;
+        sc->top_habs = top_of(sc->top_habs, fabs(sc->h[p]));
+        sc->top_mass = top_of(sc->top_mass, sc->mass[p]);
+        sc->top_maxlog = top_of(sc->top_maxlog, sc->maxlog[p]);
+        sc->top_maxpos = top_of(sc->top_maxpos, sc->maxpos[p]);
+        sc->top_hx = top_of(sc->top_hx, sc->hx[p]);
     }
     return 1;
 }
 
 /* The first tier, for one row g (an anchor, a proposal) against every row p
  * with m[p] set: m[p] becomes 1 (D < tau) or 0 where the estimate decides,
- * 2 where it cannot. Branch-free, so that it runs in SIMD. Returns the
- * number of rows p with m[p] set; *open gets the number left open. */
+ * 2 where it cannot. Returns the number of rows p with m[p] set; *open gets
+ * the number left open.
+ *
+ * A first pass (branch-free, in SIMD) decides the pairs whose estimate is
+ * farther from tau than a cap on their bound: error_bound with the row
+ * statistics of p replaced by their largest values over every row. Each of
+ * the bound's terms, and each rounded step on them, only grows with those
+ * statistics when c <= 0 (then b >= 0 and s = min(a, b); the sign of c is
+ * that of the cross entropies, never positive for maps of values <= 1), so
+ * the cap is >= the bound and a pair it decides gets the decision the bound
+ * would give. The few pairs left (marked 3) get their own bound. */
 DSEG_CLONES
 static int64_t estimate_row(const float *cross, const row_stats *sg, const stat_columns *sa, int n,
                             double tau, estimate_error err, unsigned char *m, int64_t *open) {
     const double hxg = fabs(sg->h) + 2.0 * sg->mass * sg->maxpos, habsg = fabs(sg->h);
-    int64_t candidates = 0, undecided = 0;
-#pragma omp simd reduction(+ : candidates, undecided)
+    const double top_a = sg->mass * sa->top_maxlog + sa->top_mass * sg->maxlog;
+    const double top_e = sg->mass * sa->top_maxpos + sa->top_mass * sg->maxpos;
+    const double top_hx = hxg + sa->top_hx, top_habs = habsg + sa->top_habs;
+    int64_t candidates = 0, capped = 0;
+#pragma omp simd reduction(+ : candidates, capped)
     for (int p = 0; p < n; p++) {
+        const double c = cross[p];
+        const double d = 0.5 * (sg->h + sa->h[p] - c);
+        const double cap = bound_from_terms(top_a, top_e, top_hx, top_habs, c, err);
+        /* a non-finite estimate (float32 overflow on huge values) is no estimate */
+        const int sure = !(sg->has_zero | sa->has_zero[p]) && c <= 0.0 && fabs(d) <= DBL_MAX &&
+                         fabs(d - tau) > cap;
+        int r = sure ? d < tau : 3;
+        r = sa->zeros[p] != sg->zeros ? 0 : r; /* zero sets differ: D = +inf */
+        r = m[p] ? r : 0;
+        candidates += m[p] != 0;
+        capped += r == 3;
+        m[p] = (unsigned char)r;
+    }
+    int64_t undecided = 0;
+    for (int p = 0; capped && p < n; p++) {
+        if (m[p] != 3) continue;
+        capped--;
         const double c = cross[p];
         const double d = 0.5 * (sg->h + sa->h[p] - c);
         const double bound = bound_from_terms(
             sg->mass * sa->maxlog[p] + sa->mass[p] * sg->maxlog,
             sg->mass * sa->maxpos[p] + sa->mass[p] * sg->maxpos, hxg + sa->hx[p],
             habsg + fabs(sa->h[p]), c, err);
-        /* a non-finite estimate (float32 overflow on huge values) is no estimate */
         const int sure = !(sg->has_zero | sa->has_zero[p]) && fabs(d) <= DBL_MAX &&
                          bound <= DBL_MAX && fabs(d - tau) > bound;
-        int r = sure ? d < tau : 2;
-        r = sa->zeros[p] != sg->zeros ? 0 : r; /* zero sets differ: D = +inf */
-        r = m[p] ? r : 0;
-        candidates += m[p] != 0;
-        undecided += r == 2;
-        m[p] = (unsigned char)r;
+        m[p] = sure ? d < tau : 2;
+        undecided += m[p] == 2;
     }
     *open = undecided;
     return candidates;
