@@ -6,7 +6,9 @@ Each stage runs in one process for
   - reference:  diffseg.reference in float64 (the test oracle),
 and the merge step is also compared with NumPy's matmul doing the same
 cross-term GEMMs (X log(A)^T + log(X) A^T, float32, logs precomputed).
-Extra peak memory of the C merge is measured from the process's peak RSS.
+Extra peak memory of the C merge is measured from the peak RSS of a fresh
+process (merge_extra_memory: in this one, an earlier call's kept scratch
+would hide it).
 
     python benchmarks/bench_core.py [--repeat 5] [--json out.json]
     python benchmarks/bench_core.py --shape 64x96   # C stages on one grid: time, peak RSS
@@ -17,6 +19,9 @@ NumPy GEMM time; extra peak memory of merge <= 3x the size of A.
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -71,6 +76,33 @@ def extra_peak_memory(fn):
     fn()
     _, peak = rss_bytes()
     return peak - before
+
+
+_FRESH_MERGE = """
+import json, sys
+import numpy as np
+import diffseg
+from bench_core import extra_peak_memory
+A = np.load(sys.argv[1])
+diffseg.merge(np.full((64, 64), 1 / 64, np.float32), 2, (1.0,))  # threads up: not the merge's
+print(extra_peak_memory(lambda: diffseg.merge(A, int(sys.argv[2]), json.loads(sys.argv[3]))))
+"""
+
+
+def merge_extra_memory(A, grid, thresholds):
+    """Peak RSS of one diffseg.merge(A, grid, thresholds) above the RSS before
+    it, in a fresh process with A loaded (this diffseg, this interpreter)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(diffseg.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "A.npy")
+        np.save(path, np.ascontiguousarray(A, dtype=np.float32))
+        run = subprocess.run([sys.executable, "-c", _FRESH_MERGE, path, str(grid),
+                              json.dumps([float(t) for t in thresholds])],
+                             cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                             capture_output=True, text=True, check=True, timeout=600)
+    return float(run.stdout.split()[-1])
 
 
 def uniformish_attention(seed=0):
@@ -191,7 +223,7 @@ def main():
     diffseg.core.use_gemm("blas")
     t_merge_blas, _ = best_time(lambda: diffseg.merge(A, GRID, TAU), r)
     diffseg.core.use_gemm("builtin")
-    extra = extra_peak_memory(lambda: diffseg.merge(A, GRID, TAU))
+    extra = merge_extra_memory(A, GRID, TAU)
 
     print(f"DiffSeg post-processing, R=64, grid={GRID}, tau={TAU}, "
           f"{diffseg.get_num_threads()} threads, OpenMP={diffseg._core.has_openmp()}")

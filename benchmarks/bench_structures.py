@@ -14,7 +14,7 @@ For each structure (R = 64, grid 16) and threshold it prints
     rechecks of the merge,
 worst ratio first. --load also times merge and GEMM while a second CPU-bound
 process runs (target: merge slowdown <= BLAS slowdown); --memory measures the
-merge's extra peak RSS over the size of A (target <= 2).
+merge's extra peak RSS, in a fresh process, over the size of A (target <= 2).
 
 The "sd-tiny" structures are the attention of a random-weight Stable Diffusion
 with the real topology (tests/sd_tiny.py, eager diffusers) on a 512 px image;
@@ -34,7 +34,7 @@ import numpy as np
 
 import diffseg
 from diffseg import reference, synthetic
-from bench_core import best_time, best_times, extra_peak_memory, numpy_cross_term_gemms  # a sibling script: one definition each
+from bench_core import best_time, best_times, merge_extra_memory, numpy_cross_term_gemms  # a sibling script: one definition each
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = 16
@@ -156,8 +156,7 @@ def main():
                     attn, kl_threshold=thr, dtype=np.float32), args.pipeline_repeat)
                 row.update(pipeline_s=t_c, numpy_pipeline_s=t_np, speedup=t_np / t_c)
             if args.memory:
-                row["extra_memory_over_A"] = extra_peak_memory(
-                    lambda: diffseg.merge(A, GRID, thr)) / A.nbytes
+                row["extra_memory_over_A"] = merge_extra_memory(A, GRID, thr) / A.nbytes
             if args.load:
                 busy = busy_process()
                 try:
