@@ -415,6 +415,21 @@ static void set_groups(table_plan *tp, int t) {
     tp->n_chunks = (tp->n_groups + tp->chunk_groups - 1) / tp->chunk_groups;
 }
 
+/* Bit i: is byte i of the 8 at m nonzero? Little-endian words: a byte's OR
+ * folded into its lowest bit, then the 8 lowest bits gathered by a multiply. */
+static uint64_t byte_bits(const unsigned char *m) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, m, sizeof v);
+    v |= v >> 4, v |= v >> 2, v |= v >> 1; /* bits from the next byte stay above bit 0 */
+    return ((v & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+#else
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++) x |= (uint64_t)(m[i] != 0) << i;
+    return x;
+#endif
+}
+
 /* Each anchor's selection as bits (G x words, zero past N). */
 static void selection_bits(const dseg_exec *ex DSEG_OMP_ONLY, const unsigned char *mask, int G,
                            int N, int words, uint64_t *bits) {
@@ -425,7 +440,9 @@ static void selection_bits(const dseg_exec *ex DSEG_OMP_ONLY, const unsigned cha
         for (int w = 0; w < words; w++) {
             const int p0 = w * 64, n = N - p0 < 64 ? N - p0 : 64;
             uint64_t x = 0;
-            for (int i = 0; i < n; i++) x |= (uint64_t)(m[p0 + i] != 0) << i;
+            int i = 0;
+            for (; i + 8 <= n; i += 8) x |= byte_bits(m + p0 + i) << i;
+            for (; i < n; i++) x |= (uint64_t)(m[p0 + i] != 0) << i;
             b[w] = x;
         }
     }
