@@ -844,7 +844,7 @@ static int pool_rows(const dseg_exec *ex DSEG_OMP_ONLY, const float *X, const in
         for (int i = 0; i < rows; i++)
             if (band)
                 flags[i] = (unsigned char)pool_row(X + (size_t)(which ? which[i] : i) * H * W, H,
-                                                      W, f, band, out + (size_t)i * Np);
+                                                   W, f, band, out + (size_t)i * Np);
         if (!band) {
 #pragma omp atomic write
             ok = 0;
@@ -955,11 +955,11 @@ static int candidate_pairs(const dseg_exec *ex, const float *A, int H, int W,
             *pruned = 1;
             if (!pool_rows(ex, A, NULL, N, H, W, f, pA, flags)) goto done;
             for (int p = 0; p < N; p++) *bad_value |= (flags[p] & POOL_BAD_VALUE) != 0;
-            if (*bad_value) goto checked;
-            pooled_stats(ex, pA, N, Np, flags, logpA, sa);
-            pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
+            if (!*bad_value) {
+                pooled_stats(ex, pA, N, Np, flags, logpA, sa);
+                pooled_need(ex, pX, logpX, sx, G, pA, logpA, sa, N, Np, tau, cross, need);
+            }
         }
-    checked:
         ok = 1;
     }
 done:
