@@ -13,7 +13,8 @@ For each structure (R = 64, grid 16) and threshold it prints
   - pairs / full distances / refined (float64 from float32 logs) / exact
     rechecks of the merge,
 worst ratio first. --load also times merge and GEMM while a second CPU-bound
-process runs (target: merge slowdown <= BLAS slowdown); --memory measures the
+process runs, rounds without and with it taking turns (target: merge slowdown
+<= BLAS slowdown); --memory measures the
 merge's extra peak RSS, in a fresh process, over the size of A (target <= 2).
 
 The "sd-tiny" structures are the attention of a random-weight Stable Diffusion
@@ -124,6 +125,25 @@ def busy_process():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def times_with_and_without_load(fns, repeat):
+    """Best times of fns without and with a competing process, the two taking
+    turns round by round (best_times within each), so that a slow spell of
+    the machine falls on both sides of a slowdown alike."""
+    quiet, loaded = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(repeat):
+        for i, (t, _) in enumerate(best_times(fns, 1)):
+            quiet[i].append(t)
+        busy = busy_process()
+        try:
+            time.sleep(0.5)
+            for i, (t, _) in enumerate(best_times(fns, 1)):
+                loaded[i].append(t)
+        finally:
+            busy.kill()
+            busy.wait()
+    return [min(t) for t in quiet], [min(t) for t in loaded]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -158,16 +178,10 @@ def main():
             if args.memory:
                 row["extra_memory_over_A"] = merge_extra_memory(A, GRID, thr) / A.nbytes
             if args.load:
-                busy = busy_process()
-                try:
-                    time.sleep(0.5)
-                    (g_load, _), (m_load, _) = best_times(
-                        [gemms, lambda: diffseg.merge(A, GRID, thr)], args.repeat)
-                finally:
-                    busy.kill()
-                    busy.wait()
+                (g_quiet, m_quiet), (g_load, m_load) = times_with_and_without_load(
+                    [gemms, lambda: diffseg.merge(A, GRID, thr)], args.repeat)
                 row.update(merge_load_s=m_load, gemm_load_s=g_load,
-                           merge_slowdown=m_load / t_merge, gemm_slowdown=g_load / gemm)
+                           merge_slowdown=m_load / m_quiet, gemm_slowdown=g_load / g_quiet)
             rows.append(row)
             print(f"  {name:<18} tau={tau}: merge {t_merge:.3f} s, GEMM {gemm:.3f} s, "
                   f"ratio {t_merge / gemm:.2f}", file=sys.stderr, flush=True)
