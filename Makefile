@@ -1,48 +1,68 @@
 # diffseg: the two commands of the README, and the developer targets.
-#   make demo   set up .venv and run the main job (segment an image with a
-#               Stable Diffusion bundle when IMAGE=... is given, else planted
-#               synthetic attention, no weights needed)
-#   make test   set up .venv and run the test suite (CI runs it first, then
-#               test-reliability, test-asan and the release checks)
+#   make demo   set up .venv with what the demo runs, then run it: planted
+#               synthetic attention through the C core (no model, no torch);
+#               with IMAGE=photo.jpg, segment that photo with Stable Diffusion
+#               (installs torch and diffusers first)
+#   make test   set up .venv with everything and run the test suite (CI runs
+#               it first, then test-reliability, test-asan and the release checks)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.diffseg-installed
+PIP := $(PY) -m pip --quiet
 SOURCES := $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.py) setup.py pyproject.toml
-# The torch wheel is pinned: a plain "torch" requirement pulls a multi-GB CUDA build.
+# torch is pinned (the shim is compiled against its libtorch) and taken from the
+# CPU index: on Linux, PyPI's default torch wheel is a multi-GB CUDA build.
+# `make test TORCH_INDEX=` takes PyPI's (CUDA) build instead.
 TORCH := torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+CORE_STAMP := $(VENV)/.diffseg-core
+TORCH_STAMP := $(VENV)/.diffseg-torch
+DEV_STAMP := $(VENV)/.diffseg-dev
 
 .PHONY: demo test test-reliability bench test-asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=77" wheel
+
+# The C core and its run-time dependencies only (NumPy, SciPy, Pillow, tqdm).
+$(CORE_STAMP): $(SOURCES) | $(PY)
+	$(PIP) install numpy
+	DIFFSEG_NO_TORCH=1 $(PIP) install --no-build-isolation -e .
+	touch $@
 
 # torch first, then the package built against it (the libtorch shim needs
 # torch at build time, hence --no-build-isolation).
-$(STAMP): $(SOURCES) | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet "$(TORCH)" numpy
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[torch,plots,dev]"
-	touch $(STAMP)
+$(TORCH_STAMP): $(SOURCES) | $(PY)
+	$(PIP) install "$(TORCH)" $(TORCH_FROM)
+	$(PIP) install numpy
+	$(PIP) install --no-build-isolation -e ".[torch]"
+	touch $@ $(CORE_STAMP)
 
-demo: $(STAMP)
+$(DEV_STAMP): $(TORCH_STAMP)
+	$(PIP) install --no-build-isolation -e ".[torch,plots,dev]"
+	touch $@
+
 ifdef IMAGE
+demo: $(TORCH_STAMP)
 	$(VENV)/bin/diffseg segment $(IMAGE) -o out/segment $(if $(MODEL),--model $(MODEL))
 else
+demo: $(CORE_STAMP)
 	$(VENV)/bin/diffseg demo -o out/demo
 endif
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not reliability"
 
 # Slow fuzzing, concurrency, leak, damaged-bundle and build-from-C tests.
-test-reliability: $(STAMP)
+test-reliability: $(DEV_STAMP)
 	$(PY) -m pytest -q -m reliability
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_core.py
 
-test-asan: $(STAMP)
+test-asan: $(DEV_STAMP)
 	bash tools/asan.sh
 
 clean:

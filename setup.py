@@ -13,7 +13,11 @@ import shutil
 import sys
 import tempfile
 
-import numpy
+try:
+    import numpy
+except ImportError:  # --no-build-isolation without NumPy: say what to do, not a traceback
+    sys.exit("diffseg: building needs NumPy (its C headers): pip install numpy, then build again "
+             "(pip install --no-build-isolation ...)")
 from setuptools import Extension, setup
 from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext

@@ -18,7 +18,7 @@ and the peak resident memory of the process (for Ray: the driver's; the
 actor's is in its own process and not counted). Targets: segment_many >=
 0.95 / U images/s, Ray <= 10 % slower than segment_many.
 
-    python benchmarks/bench_throughput.py [--full] [--images N] [--workers W] [--batch-sizes 2,4] [--work DIR --keep]
+    python benchmarks/bench_throughput.py [--full] [--images N] [--pool-size W] [--batch-sizes 2,4] [--work DIR --keep]
 """
 import argparse
 import json
@@ -85,7 +85,7 @@ def prepare(work, full):
 
 
 # ------------------------------------------------------------------ workers (one process each)
-def worker(mode, bundle, paths, workers):
+def worker(mode, bundle, paths, pool_size):
     import diffseg
 
     if mode == "ray":
@@ -100,7 +100,7 @@ def worker(mode, bundle, paths, workers):
         actor_omp = ray.get(ray.remote(num_cpus=0.5)(omp_threads).remote())
         # a job starts its actor, which opens the model: compared with open_s + seconds of segment_many
         t0 = time.perf_counter()
-        records = segment_dataset(paths, bundle, batch_size=len(paths), workers=workers, as_list=True)
+        records = segment_dataset(paths, bundle, ray_batch_size=len(paths), pool_size=pool_size, as_list=True)
         seconds = time.perf_counter() - t0
         ray.shutdown()
         return {"seconds": seconds, "ray_init_s": t_init, "images": len(records), "peak_mb": peak_rss_mb(),
@@ -127,16 +127,16 @@ def worker(mode, bundle, paths, workers):
     if mode == "sequential":
         n = sum(1 for p in paths if diffseg.segment(p, model) is not None)
     elif mode.startswith("batched"):  # "batched-B": B images per UNet call
-        n = sum(1 for _ in diffseg.segment_many(paths, model, workers=workers, batch_size=int(mode.split("-")[1])))
+        n = sum(1 for _ in diffseg.segment_many(paths, model, pool_size=pool_size, batch_size=int(mode.split("-")[1])))
     else:
-        n = sum(1 for _ in diffseg.segment_many(paths, model, workers=workers))
+        n = sum(1 for _ in diffseg.segment_many(paths, model, pool_size=pool_size))
     return {"seconds": time.perf_counter() - t0, "open_s": open_s, "images": n, "peak_mb": peak_rss_mb()}
 
 
-def run_worker(mode, bundle, paths, workers):
+def run_worker(mode, bundle, paths, pool_size):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--bundle", bundle,
-           "--workers", str(workers), *paths]
+           "--pool-size", str(pool_size), *paths]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"worker {mode} failed:\n{out.stderr[-4000:]}")
@@ -147,7 +147,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the full-size SD v1.5 topology (slow)")
     ap.add_argument("--images", type=int, default=None, help="images per mode (default 12; --full: 3)")
-    ap.add_argument("--workers", type=int, default=1, help="segment_many post-processing threads")
+    ap.add_argument("--pool-size", type=int, default=1, help="segment_many post-processing threads")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray mode")
     ap.add_argument("--batch-sizes", default="4", help="segment_many batch sizes to time (comma-separated; '' none)")
     ap.add_argument("--work", default=None, help="folder for the checkpoint, bundle and images")
@@ -157,7 +157,7 @@ def main():
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.bundle, args.paths, args.workers)))
+        print(json.dumps(worker(args.worker, args.bundle, args.paths, args.pool_size)))
         return 0
 
     n = args.images or (3 if args.full else 12)
@@ -169,11 +169,11 @@ def main():
         modes = ["unet", "sequential", "segment_many"] + batches + ([] if args.no_ray else ["ray"])
         res = {}
         for mode in modes:
-            res[mode] = run_worker(mode, bundle, paths, args.workers)
+            res[mode] = run_worker(mode, bundle, paths, args.pool_size)
             print(mode, json.dumps(res[mode]), flush=True)
         unet, post = res["unet"]["unet_s"], res["unet"]["post_s"]
         print(f"\n{'full' if args.full else 'tiny'} SD at {SIZE} px, {n} images, {os.cpu_count()} CPUs, "
-              f"workers={args.workers}: UNet pass U = {unet:.3f} s, post-processing P = {post:.3f} s")
+              f"pool_size={args.pool_size}: UNet pass U = {unet:.3f} s, post-processing P = {post:.3f} s")
         print(f"{'mode':<14} {'images/s':>9} {'x 1/U':>7} {'peak MB':>8}")
         for mode in modes[1:]:
             rate = n / res[mode]["seconds"]

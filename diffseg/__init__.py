@@ -7,14 +7,15 @@ Stages on NumPy arrays (no torch needed)::
     labels = diffseg.nms(proposals, size=(512, 512))            # (512, 512) int32
 
 or all three at once with ``diffseg.segment_attention(attn)``. With a Stable
-Diffusion bundle, ``diffseg.segment(image)`` runs the UNet too.
+Diffusion bundle, ``diffseg.segment(image)`` runs the UNet too; every
+setting of a segmentation is one ``diffseg.Settings``.
 
 The package, by concern:
 
+* ``diffseg.settings`` -- ``Settings``: every setting, validated once;
 * ``diffseg.core`` -- the stages on attention (C core), ``diffseg.reference``
   (their NumPy oracle), ``diffseg.synthetic`` (planted attention);
 * ``diffseg.pipeline`` -- image -> labels (``segment``, ``MaskGenerator``);
-* ``diffseg.batch`` / ``diffseg.distributed`` -- many images: ``segment_many``, Ray Data;
 * ``diffseg.batch`` -- many images, UNet and post-processing overlapped
   (``segment_many``); ``diffseg.distributed`` -- the same on Ray Data;
 * ``diffseg.sd`` -- Stable Diffusion: checkpoints, capture, bundle export, ``Model``;
@@ -39,6 +40,7 @@ from .core import (
     set_num_threads,
     sym_kl,
 )
+from .settings import Settings
 
 # Parts that pull in heavier dependencies (torch, diffusers, scipy) load on first use.
 _LAZY = {
@@ -61,7 +63,7 @@ _LAZY = {
 }
 # Submodules reachable as attributes after a bare ``import diffseg``.
 _SUBMODULES = ("batch", "cli", "core", "distributed", "evaluation", "info", "io", "pipeline", "reference", "sd",
-               "semantic", "synthetic", "viz")
+               "semantic", "settings", "synthetic", "viz")
 
 
 def __getattr__(name):
@@ -88,6 +90,7 @@ __all__ = [
     "refine",
     "segment_attention",
     "set_num_threads",
+    "Settings",
     "sym_kl",
     *_LAZY,
 ]

@@ -55,3 +55,15 @@ def file_lock(path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def progress_bar(**kwargs):
+    """A tqdm progress bar: the notebook widget where ipywidgets is installed,
+    else the text bar (``tqdm.auto`` would warn in a notebook without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(**kwargs)

@@ -2,12 +2,12 @@
 
 ::
 
-    for index, labels in diffseg.segment_many(paths, model, workers=2):
-        ...   # in input order, labels as diffseg.segment(paths[index], model) gives
+    for index, labels in diffseg.segment_many(paths, model, settings, pool_size=2):
+        ...   # in input order, labels as diffseg.segment(paths[index], model, settings) gives
 
 One producer thread runs the model (``model.attention``: VAE encode + UNet in
 the libtorch shim) image after image, or ``batch_size`` images per UNet call
-(``model.attention_batch``); a pool of ``workers`` threads runs the
+(``model.attention_batch``); a pool of ``pool_size`` threads runs the
 C core (aggregate, merge, NMS) on the attention it produced. Both release the
 GIL, so on a GPU the UNet pass of image i+1 runs while the CPU post-processes
 image i; on a CPU the two share the cores (libtorch and OpenMP threads), which
@@ -35,8 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, kl_thresholds
-from .sd.bundle import DEFAULT_TIMESTEP
+from .settings import resolve_settings
 
 _END = object()
 
@@ -47,9 +46,9 @@ def _check_count(value, name):
     return int(value)
 
 
-def pipelined(items, produce, finish=None, *, workers=1, max_pending=2, ordered=True, return_exceptions=False):
+def pipelined(items, produce, finish=None, *, pool_size=1, max_pending=2, ordered=True, return_exceptions=False):
     """Run ``produce(item)`` over ``items`` in one background thread and
-    ``finish(produced)`` in a pool of ``workers`` threads; yield
+    ``finish(produced)`` in a pool of ``pool_size`` threads; yield
     ``(index, result)`` with ``index`` the item's position in ``items``.
 
     ``finish=None``: yield what ``produce`` returned (the caller does the rest,
@@ -77,16 +76,16 @@ def pipelined(items, produce, finish=None, *, workers=1, max_pending=2, ordered=
         iterator = iter(items)
     except TypeError:
         raise TypeError(f"items must be iterable, got {type(items).__name__}") from None
-    workers = _check_count(workers, "workers")
+    pool_size = _check_count(pool_size, "pool_size")
     max_pending = _check_count(max_pending, "max_pending")
-    return _run(iterator, produce, finish, workers, max_pending, bool(ordered), bool(return_exceptions))
+    return _run(iterator, produce, finish, pool_size, max_pending, bool(ordered), bool(return_exceptions))
 
 
-def _run(iterator, produce, finish, workers, max_pending, ordered, return_exceptions):
+def _run(iterator, produce, finish, pool_size, max_pending, ordered, return_exceptions):
     done = queue.SimpleQueue()  # (index, finished future); last (_END, (count, fatal error or None))
     slots = threading.Semaphore(max_pending)
     stop = threading.Event()
-    pool = None if finish is None else ThreadPoolExecutor(workers, thread_name_prefix="diffseg-post")
+    pool = None if finish is None else ThreadPoolExecutor(pool_size, thread_name_prefix="diffseg-post")
 
     def producer():
         count, fatal = 0, None
@@ -168,29 +167,23 @@ def _check_images(images):
         raise TypeError(f"images must be an iterable of images, got {type(images).__name__}") from None
 
 
-def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                 timestep=DEFAULT_TIMESTEP, weights=None, frame="whole", border="nearest", refine=False, gemm=None,
-                 ordered=True, detailed=False, return_exceptions=False, vocabulary=None, prompt=None, voting="mean",
-                 captioner=None, batch_size=1):
+def segment_many(images, model=None, settings=None, *, batch_size=1, pool_size=1, max_pending=None, ordered=True,
+                 detailed=False, return_exceptions=False, captioner=None, workers=None, gemm=None, **overrides):
     """Segment many images, the UNet pass of one overlapping the post-processing of earlier ones.
 
     Yields ``(index, labels)`` -- ``labels`` exactly as :func:`diffseg.segment`
-    gives for ``images[index]`` -- or, with ``detailed=True``, ``(index,
-    result)`` with the dict of :func:`diffseg.pipeline.segment_detailed`.
+    gives for ``images[index]`` with the same settings -- or, with
+    ``detailed=True``, ``(index, result)`` with the dict of
+    :func:`diffseg.segment_detailed`.
 
     Parameters
     ----------
     images : iterable of images (paths, PIL images, uint8 arrays); read lazily
         in the producer thread, so a generator over a large folder is fine.
     model : Model, bundle path, model id, or None (the default model); any
-        object with ``.attention(image, timestep)`` works. A model opened here
-        from a path is closed when the generator ends.
-    workers : post-processing threads (default 1: each C core call already
-        uses all of the core's threads; more helps when the UNet pass is
-        shorter than the post-processing, e.g. on a GPU with many CPU cores).
-    max_pending : batches in flight at once, the memory bound (module
-        docstring); default ``workers + 1``: one in the UNet, ``workers`` in
-        post-processing.
+        object with ``.attention(image, timestep)`` works.
+    settings, **overrides : :class:`diffseg.Settings` and field overrides,
+        as :func:`diffseg.segment`.
     batch_size : images per UNet call (``Model.attention_batch``; default 1).
         Images of one batch that preprocess to different sizes (whole frames
         of other aspect ratios) run in one call per size. On a GPU batches
@@ -198,51 +191,46 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
         :func:`diffseg.segment`'s exactly with ``batch_size=1``; with larger
         batches libtorch's convolutions sum in another order (attention
         within ~2e-4 relative), so a pixel near a tie may take another label.
-        Semantic labels (``vocabulary``/``prompt``) run one image per call.
-    kl_threshold, grid, timestep, weights, frame, border, refine, gemm : as
-        :func:`diffseg.segment` (``timestep=None``: the bundle's default); the
-        C core's threads are the process default (:func:`diffseg.set_num_threads`).
+        Naming segments runs one image per call.
+    pool_size : post-processing threads (default 1: each C core call already
+        uses all of the core's threads; more helps when the UNet pass is
+        shorter than the post-processing, e.g. on a GPU with many CPU cores).
+    max_pending : batches in flight at once, the memory bound (module
+        docstring); default ``pool_size + 1``: one in the UNet, ``pool_size``
+        in post-processing.
     ordered : yield in input order (default), else as images finish.
+    detailed : yield :func:`diffseg.segment_detailed` dicts instead of labels.
     return_exceptions : yield ``(index, exception)`` for an image that fails
         (unreadable file, bad array) and go on; else raise it in order.
-    vocabulary, prompt, voting, captioner : semantic labels as
-        :func:`diffseg.segment`: each item is then ``(labels, names)``, or the
-        detailed result with ``names``.
+    captioner, workers, gemm : as :func:`diffseg.segment` (``workers``: the
+        C core's threads in each post-processing call).
 
-    Stopping early (``break``, closing the generator, Ctrl-C) waits for the
-    UNet pass in progress, then stops; see :func:`pipelined`.
+    With names (``vocabulary``/``prompt``/``captioner``) each item is
+    ``(labels, names)``, or the detailed result with ``names``. Stopping
+    early (``break``, closing the generator, Ctrl-C) waits for the UNet pass
+    in progress, then stops; see :func:`pipelined`.
     """
-    from .pipeline import check_border, finish_detailed, frame_attention, frame_geometry, resolve_model
+    from .core import _gemm_arg, _workers_arg
+    from .pipeline import attend, check_model, finish_detailed, frame_geometry, resolve_model
     from .semantic import naming
 
     _check_images(images)
-    namer = naming(vocabulary, prompt, voting, captioner)
-    workers = _check_count(workers, "workers")
-    max_pending = workers + 1 if max_pending is None else _check_count(max_pending, "max_pending")
-    kl_threshold = kl_thresholds(DEFAULT_KL_THRESHOLD if kl_threshold is None else kl_threshold)
-    grid = _check_count(grid, "grid")
-    if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral)
-                                 or timestep < 0):
-        raise ValueError(f"timestep must be a non-negative integer or None, got {timestep!r}")
-    check_border(border, frame)
-    owned = isinstance(model, (str, os.PathLike))
-    model = resolve_model(model)
-    if not callable(getattr(model, "attention", None)):
-        raise TypeError(f"model must have an .attention(image, timestep) method, got {type(model).__name__}")
-
+    settings = resolve_settings(settings, **overrides)
+    namer = naming(settings, captioner)
     batch_size = _check_count(batch_size, "batch_size")
-
-    def attend_one(rgb):
-        if namer is None:
-            return (rgb, *frame_attention(model, rgb, timestep, frame), None)
-        return (rgb, *namer.attention(model, rgb, timestep, frame=frame))
+    pool_size = _check_count(pool_size, "pool_size")
+    max_pending = pool_size + 1 if max_pending is None else _check_count(max_pending, "max_pending")
+    _workers_arg(workers), _gemm_arg(gemm)  # refused before any work
+    model = check_model(resolve_model(model, cross_attention=namer is not None))
+    if namer is not None:
+        namer.check_model(model)
 
     def attend_batch(rgbs):
         """One UNet call per preprocessed size; an error belongs to its call's images."""
         out, groups = [None] * len(rgbs), {}
         for i, rgb in enumerate(rgbs):
             try:
-                geometry = frame_geometry(model, rgb, frame)
+                geometry = frame_geometry(model, rgb, settings.frame)
             except Exception as e:  # noqa: BLE001 -- this image's error
                 out[i] = e
                 continue
@@ -250,7 +238,7 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
             groups.setdefault(key, []).append((i, geometry))
         for members in groups.values():
             try:
-                attns = model.attention_batch([rgbs[i] for i, _ in members], timestep, frame=frame)
+                attns = model.attention_batch([rgbs[i] for i, _ in members], settings.timestep, frame=settings.frame)
             except Exception as e:  # noqa: BLE001
                 attns = [e] * len(members)
             for (i, geometry), attn in zip(members, attns):
@@ -268,12 +256,13 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
             for i, value in zip(ok, attend_batch([rgbs[i] for i in ok])):
                 rgbs[i] = value
             return rgbs
-        return [rgb if isinstance(rgb, Exception) else _attempt(attend_one, rgb) for rgb in rgbs]
+        return [rgb if isinstance(rgb, Exception) else _attempt(lambda x: (x, *attend(model, x, settings, namer)), rgb)
+                for rgb in rgbs]
 
     def finish_one(produced):
         rgb, attn, geometry, info = produced
-        result = finish_detailed(rgb, attn, geometry=geometry, kl_threshold=kl_threshold, grid=grid,
-                                 weights=weights, border=border, scores=detailed, refine=refine, gemm=gemm)
+        result = finish_detailed(rgb, attn, geometry, settings, scores=detailed, workers=workers, gemm=gemm)
+        result["settings"] = settings
         if namer is not None:
             namer.name(result, info)
             if not detailed:
@@ -283,10 +272,9 @@ def segment_many(images, model=None, *, workers=1, max_pending=None, kl_threshol
     def finish(produced):
         return [p if isinstance(p, Exception) else _attempt(finish_one, p) for p in produced]
 
-    chunks = pipelined(_chunks(images, batch_size), produce, finish, workers=workers, max_pending=max_pending,
+    chunks = pipelined(_chunks(images, batch_size), produce, finish, pool_size=pool_size, max_pending=max_pending,
                        ordered=ordered, return_exceptions=True)
-    results = _per_image(chunks, batch_size, return_exceptions)
-    return _closing(results, model) if owned else results
+    return _per_image(chunks, batch_size, return_exceptions)
 
 
 def _attempt(fn, value):
@@ -321,12 +309,3 @@ def _per_image(chunks, size, return_exceptions):
                 yield k * size + j, value
     finally:
         chunks.close()
-
-
-def _closing(results, model):
-    """``results``, then close the model (also when the caller stops early)."""
-    try:
-        yield from results
-    finally:
-        results.close()
-        model.close()

@@ -11,6 +11,7 @@ map has zero mass where the other has positive mass, so such maps never merge
 (see csrc/core/merge.c for how this differs from the official code's NaN).
 """
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -323,12 +324,22 @@ def _out_shape(out_res, resolutions):
 
 def _aggregate(attn, weights, out_res, threads):
     """:func:`aggregate` -> ``(A, (H, W))``."""
-    maps = _collect_attention(attn)
+    return _aggregate_maps(_collect_attention(attn), weights, out_res, threads)
+
+
+def _aggregate_maps(maps, weights, out_res, threads):
+    """:func:`_aggregate` of maps already collected by :func:`_collect_attention`."""
     resolutions = list(maps)
     w = _resolution_weights(resolutions, weights)
     H, W = _out_shape(out_res, resolutions)
-    A = _core.aggregate([maps[k] for k in resolutions], [float(x) for x in w], (H, W), threads,
-                        [_grid_of(k) for k in resolutions])
+    try:
+        A = _core.aggregate([maps[k] for k in resolutions], [float(x) for x in w], (H, W), threads,
+                            [_grid_of(k) for k in resolutions])
+    except ValueError as e:  # the binding names a map by position: name it by the caller's key
+        position = re.match(r"attn\[(\d+)\]", str(e))
+        if position is None:
+            raise
+        raise ValueError(f"attn[{resolutions[int(position.group(1))]!r}]{str(e)[position.end():]}") from None
     return A, (H, W)
 
 
@@ -365,21 +376,19 @@ def aggregate(attn, weights=None, out_res=None, *, workers=None):
 
 
 def kl_thresholds(kl_threshold, name="kl_threshold"):
-    """One merge setting -> a tuple of per-iteration thresholds.
+    """:func:`merge`'s threshold argument -> a tuple of per-iteration thresholds.
 
     A number ``t`` means ``(t, t, t)`` (the official 3 iterations); a sequence
-    gives one threshold per iteration; a string is ``"1.1"`` or
-    ``"0.9,1.0,1.1"``. Every threshold must be finite and > 0 (``name``
-    appears in the error message).
+    gives one threshold per iteration (its length is the iteration count); a
+    string is ``"1.1"`` or ``"0.9,1.0,1.1"``. Every threshold must be finite
+    and > 0 (``name`` appears in the error message). The entry points that
+    take :class:`diffseg.Settings` accept another iteration count only when
+    it is asked for (``iterations=``).
     """
+    from .settings import parse_thresholds
+
     if isinstance(kl_threshold, str):
-        parts = kl_threshold.replace(",", " ").split()
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{name}: cannot read {kl_threshold!r} as thresholds (a number, or one "
-                             "number per iteration separated by commas)") from None
-        kl_threshold = values[0] if len(values) == 1 else values
+        kl_threshold = parse_thresholds(kl_threshold, name)
     if isinstance(kl_threshold, (int, float, np.integer, np.floating)) and not isinstance(kl_threshold, bool):
         kl_threshold = (kl_threshold,) * len(DEFAULT_KL_THRESHOLD)
     try:
@@ -588,48 +597,54 @@ def sym_kl(p, q):
     return _core.sym_kl(P, Q)
 
 
-def run_stages(attn=None, *, A=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-               weights=None, refine=False, workers=None, gemm=None, shape=None):
+def run_stages(attn=None, settings=None, *, A=None, size=(512, 512), shape=None, workers=None, gemm=None,
+               **overrides):
     """Aggregate (unless ``A`` is given), merge (then :func:`refine` when
-    ``refine``) and label, keeping every stage.
+    ``settings.refine``) and label, keeping every stage.
 
-    ``workers`` and ``gemm`` (see :func:`merge`) are read once and used by
-    every stage. The merge runs on the aggregated grid (its ``(H, W)`` comes
-    from the keys of ``attn``); a given 2-D non-square ``A`` needs ``shape``
-    (see :func:`merge`). ``size`` is the label map's ``(height, width)``, of
-    any aspect.
+    ``settings``: a :class:`diffseg.Settings` (or None, the defaults) with
+    field ``overrides``; the stages use its ``kl_threshold``, ``grid``,
+    ``weights`` and ``refine``. ``workers`` and ``gemm`` (see :func:`merge`)
+    are read once and used by every stage. The merge runs on the aggregated
+    grid (its ``(H, W)`` comes from the keys of ``attn``); a given 2-D
+    non-square ``A`` needs ``shape`` (see :func:`merge`). ``size`` is the
+    label map's ``(height, width)``, of any aspect.
 
     Returns a dict: ``A`` (aggregated attention), ``proposals`` (K, H, W),
     ``labels`` (height, width) int32, ``proposal`` (label -> proposal
-    index) and ``seed`` (proposal -> row of ``A`` of its seeding anchor). This is the one composition of the stages: :func:`segment_attention`,
+    index) and ``seed`` (proposal -> row of ``A`` of its seeding anchor).
+    This is the one composition of the stages: :func:`segment_attention`,
     :func:`diffseg.segment` and evaluation all go through it.
     """
-    thresholds = kl_thresholds(kl_threshold)
+    from .settings import resolve_settings
+
+    settings = resolve_settings(settings, **overrides)
     size = _size(size)
     _gemm_arg(gemm)  # refuse a bad value before any work
     threads = _workers_arg(workers) or get_num_threads()
     if A is None:
         if attn is None:
             raise ValueError("give attn (attention maps) or A (aggregated attention)")
-        A, shape = _aggregate(attn, weights, None, threads)
-    proposals, seeds = merge(A, grid=grid, kl_threshold=thresholds, shape=shape, return_seeds=True,
-                             workers=threads, gemm=gemm)
-    if refine:
-        proposals, rows = _refine(A, proposals, workers=threads, gemm=gemm, return_labels=True)
+        maps = _collect_attention(attn)
+        A, shape = _aggregate_maps(maps, settings.weights_for(list(maps)), None, threads)
+    proposals, seeds = merge(A, grid=settings.grid, kl_threshold=settings.kl_threshold, shape=shape,
+                             return_seeds=True, workers=threads, gemm=gemm)
+    if settings.refine:
+        proposals, rows = refine(A, proposals, workers=threads, gemm=gemm, return_labels=True)
         seeds = seeds[np.unique(rows)]  # refine keeps the clusters that end non-empty, in order
     labels, index = nms(proposals, size, return_index=True, workers=threads)
     return {"A": A, "proposals": proposals, "labels": labels, "proposal": index, "seed": seeds}
 
 
-def segment_attention(attn, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, size=(512, 512),
-                      weights=None, refine=False, workers=None, gemm=None):
+def segment_attention(attn, settings=None, *, size=(512, 512), workers=None, gemm=None, **overrides):
     """Aggregate, merge and label: attention maps -> ``(height, width)`` int32 labels.
 
-    See :func:`aggregate`, :func:`merge` and :func:`nms` for the arguments;
-    ``refine=True`` adds the official k-means refinement (:func:`refine`).
+    ``settings`` (:class:`diffseg.Settings`) and its field ``overrides``
+    (``kl_threshold``, ``grid``, ``weights``, ``refine``...) as for
+    :func:`diffseg.segment`; see :func:`aggregate`, :func:`merge` and
+    :func:`nms` for the stages.
     """
-    return run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=size, weights=weights,
-                      refine=refine, workers=workers, gemm=gemm)["labels"]
+    return run_stages(attn, settings, size=size, workers=workers, gemm=gemm, **overrides)["labels"]
 
 
 def segment_scores(labels, proposals, A, *, index=None):
@@ -750,5 +765,3 @@ def refine(A, proposals, *, max_iter=300, tol=1e-4, workers=None, gemm=None, ret
                     "relocated": relocated, "rechecks": rechecks, "kept": kept},)
     return result[0] if len(result) == 1 else result
 
-
-_refine = refine  # for functions whose `refine` keyword hides this one

@@ -22,178 +22,143 @@ Two frames (``frame=``):
   outwards), or ``border=-1`` labels them -1.
 """
 import os
+from pathlib import Path
 
 import numpy as np
 
-from .core import DEFAULT_KL_THRESHOLD, kl_thresholds, run_stages, segment_scores
-from .io.images import FRAMES, center_crop_box, load_image, whole_frame_geometry
-from .sd.bundle import DEFAULT_TIMESTEP
-from .sd.model import load_model
+from .core import run_stages, segment_scores
+from .io.images import center_crop_box, load_image, paste_crop_labels, whole_frame_geometry
+from .settings import Settings, resolve_settings
 
+__all__ = ["MaskGenerator", "Settings", "result_records", "segment", "segment_detailed"]
 
+# -- models -----------------------------------------------------------------
 _default_model = None
+_opened = {}  # model source key -> Model opened from a path or model id (see resolve_model)
+MAX_OPENED = 2  # each holds a network in memory (GBs at full size)
 
 
-def _get_default_model():
+def _get_default_model(cross_attention):
+    """The default checkpoint's model, kept for later calls; with
+    ``cross_attention`` a bundle that can also name segments (it runs the
+    plain pass too, so it then serves both)."""
     global _default_model
-    if _default_model is None or _default_model.closed:
-        _default_model = load_model()
+    from .sd.model import load_model
+
+    model = _default_model
+    if model is None or model.closed or (cross_attention and not model.has_cross_attention):
+        _default_model = load_model(cross_attention=cross_attention)
     return _default_model
 
 
-def paste_labels(labels, height, width, border="nearest"):
-    """Put a label map of the centre crop back into an ``(height, width)`` frame.
+def _source_key(source, cross_attention):
+    """What identifies a model given by path or id: the resolved path with
+    the size and mtime of what it names (a bundle file; for a checkpoint
+    folder, its files' fingerprint), or the hub id."""
+    from .sd.bundle import BUNDLE_FILE
+    from .sd.model import checkpoint_fingerprint
 
-    ``border="nearest"``: pixels outside the crop take the nearest crop
-    pixel's label; an integer: they get that label (e.g. -1).
-    """
-    top, left, side = center_crop_box(height, width)
-    labels = np.asarray(labels)
-    if labels.shape != (side, side):
-        raise ValueError(f"labels must be ({side}, {side}) for a {height}x{width} image, got {labels.shape}")
-    if (height, width) == (side, side):
-        return labels
-    if border == "nearest":
-        rows = np.clip(np.arange(height) - top, 0, side - 1)
-        cols = np.clip(np.arange(width) - left, 0, side - 1)
-        return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
-    if isinstance(border, bool) or not isinstance(border, (int, np.integer)):
-        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
-    out = np.full((height, width), int(border), dtype=labels.dtype)
-    out[top:top + side, left:left + side] = labels
-    return out
+    p = Path(os.fspath(source)).expanduser()
+    if not p.exists():
+        return (os.fspath(source), None, cross_attention)
+    if p.is_dir() and (p / BUNDLE_FILE).is_file():
+        p = p / BUNDLE_FILE
+    if p.is_file():
+        st = p.stat()
+        return (str(p.resolve()), (st.st_size, st.st_mtime_ns), cross_attention)
+    return (str(p.resolve()), checkpoint_fingerprint(p), cross_attention)
 
 
-def segment_detailed(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16,
-                     timestep=DEFAULT_TIMESTEP, weights=None, frame="whole", border="nearest", scores=True,
-                     refine=False, workers=None, gemm=None, vocabulary=None, prompt=None, voting="mean",
-                     captioner=None):
-    """Segment one image and keep the intermediate results.
+def resolve_model(model, *, cross_attention=False):
+    """``model`` as an object with ``.attention``: None is the default model,
+    a path or model id is opened with :func:`diffseg.load_model` -- once:
+    later calls with the same path (same file size and mtime) reuse it. With
+    ``cross_attention`` a model opened here can name segments (a checkpoint
+    is exported with cross-attention)."""
+    if model is None:
+        return _get_default_model(cross_attention)
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    from .sd.model import load_model
 
-    Arguments as :func:`segment` (``model`` may also be any object with
-    ``.attention(image, timestep)`` for ``frame="crop"``; ``frame="whole"``
-    also needs ``.attention(image, timestep, frame="whole")``, ``.image_size``
-    and ``.multiple``, as :class:`diffseg.Model` has). Returns a dict:
-    ``labels`` (H, W) int32 at the image's size, ``frame``, ``proposals``
-    (K, h, w), ``A`` (aggregated attention), ``proposal`` (label -> proposal
-    index), ``seed`` (proposal -> row of ``A`` of its anchor), ``rgb``, and
-    with ``scores`` the per-label ``score`` and ``mean_kl``
-    (:func:`diffseg.core.segment_scores`). ``frame="crop"`` adds
-    ``crop_labels`` (S, S) of the centre crop and ``crop`` ``(top, left, S)``;
-    ``frame="whole"`` adds ``geometry``
-    (:class:`diffseg.io.images.FrameGeometry`). With ``vocabulary``,
-    ``prompt`` or ``captioner`` also ``names`` (one per label), ``words``,
-    ``prompt`` and ``caption`` (:class:`diffseg.semantic.Naming`).
-    """
-    from .semantic import naming
-
-    namer = naming(vocabulary, prompt, voting, captioner)
-    rgb = load_image(image)  # a bad image fails before any model is opened or exported
-    check_border(border, frame)
-    model = resolve_model(model)
-    if namer is None:
-        attn, geometry = frame_attention(model, rgb, timestep, frame)
-    else:
-        attn, geometry, info = namer.attention(model, rgb, timestep, frame=frame)
-    result = finish_detailed(rgb, attn, geometry=geometry, kl_threshold=kl_threshold, grid=grid,
-                             weights=weights, border=border, scores=scores, refine=refine, workers=workers,
-                             gemm=gemm)
-    return result if namer is None else namer.name(result, info)
+    key = _source_key(model, cross_attention)
+    opened = _opened.pop(key, None)
+    if opened is None or opened.closed:
+        opened = load_model(model, cross_attention=cross_attention)
+    _opened[key] = opened  # most recently used last
+    while len(_opened) > MAX_OPENED:
+        _opened.pop(next(iter(_opened)))  # freed when no caller holds it any more
+    return opened
 
 
-def check_frame(frame):
-    if frame not in FRAMES:
-        raise ValueError(f"frame must be one of {', '.join(map(repr, FRAMES))}, got {frame!r}")
-    return frame
+def release_models():
+    """Forget the models that :func:`segment` and friends opened from paths
+    and model ids (and the default model); they are freed once nothing else
+    holds them."""
+    global _default_model
+    _opened.clear()
+    _default_model = None
 
 
-def check_border(border, frame):
-    """``border`` is ``"nearest"`` or an int label, and only given for the crop frame."""
-    check_frame(frame)
-    if border != "nearest" and (isinstance(border, bool) or not isinstance(border, (int, np.integer))):
-        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
-    if border != "nearest" and frame == "whole":
-        raise ValueError("border labels the pixels outside the centre crop: it applies to frame='crop' only "
-                         "(the whole frame labels every pixel)")
+def check_model(model):
+    if not callable(getattr(model, "attention", None)):
+        raise TypeError(f"model must have an .attention(image, timestep) method, got {type(model).__name__}")
+    return model
 
 
+# -- one image --------------------------------------------------------------
 def frame_geometry(model, rgb, frame):
     """Where a loaded image lies in the working frame of ``model`` for
-    ``frame="whole"`` (:func:`diffseg.io.images.whole_frame_geometry`); None
-    for ``"crop"``."""
-    if check_frame(frame) == "crop":
+    ``frame="whole"`` (a :class:`diffseg.io.images.FrameGeometry`); None for
+    ``"crop"``."""
+    if frame == "crop":
         return None
     missing = [a for a in ("image_size", "multiple") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} and "
                         f".attention(image, timestep, frame=...) (a diffseg.Model), not "
-                        f"{type(model).__name__}: pass frame='crop'")
+                        f"{type(model).__name__}: use frame='crop'")
     return whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
 
 
-def frame_attention(model, rgb, timestep, frame):
-    """``(attention, geometry)`` of a loaded image: the model's self-attention
-    in ``frame`` and :func:`frame_geometry`."""
-    geometry = frame_geometry(model, rgb, frame)
-    if geometry is None:
-        return model.attention(rgb, timestep), None
-    return model.attention(rgb, timestep, frame="whole"), geometry
+def attend(model, rgb, settings, namer=None):
+    """The UNet pass of a loaded image: ``(attention, geometry, naming info)``;
+    ``geometry`` from :func:`frame_geometry`, the naming info None unless
+    ``namer`` (a :class:`diffseg.semantic.Naming`) asks for names."""
+    geometry = frame_geometry(model, rgb, settings.frame)
+    frame = {} if geometry is None else {"frame": "whole"}
+    if namer is not None:
+        attn, info = namer.attention(model, rgb, settings.timestep, **frame)
+        return attn, geometry, info
+    return model.attention(rgb, settings.timestep, **frame), geometry, None
 
 
-def resolve_model(model):
-    """``model`` as an object with ``.attention``: None is the default model,
-    a path or model id is opened with :func:`load_model`."""
-    if model is None:
-        return _get_default_model()
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model)
-    return model
-
-
-def finish_detailed(rgb, attn, *, geometry=None, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, weights=None,
-                    border="nearest", scores=True, refine=False, workers=None, gemm=None):
+def finish_detailed(rgb, attn, geometry, settings, *, scores=True, workers=None, gemm=None):
     """The part of :func:`segment_detailed` after the UNet pass: ``rgb`` the
     loaded image, ``attn`` its attention, ``geometry`` its whole-frame
-    geometry (None: the attention is of the centre crop).
-    :func:`diffseg.batch.segment_many` runs it in worker threads."""
-    if kl_threshold is None:
-        kl_threshold = DEFAULT_KL_THRESHOLD
+    geometry (None: the attention is of the centre crop), ``settings`` a
+    :class:`Settings`. :func:`diffseg.segment_many` runs it in worker threads."""
     if geometry is not None:
-        return _finish_whole(rgb, attn, geometry, kl_threshold=kl_threshold, grid=grid, weights=weights,
-                             scores=scores, refine=refine, workers=workers, gemm=gemm)
+        return _finish_whole(rgb, attn, geometry, settings, scores, workers, gemm)
     height, width = rgb.shape[:2]
     top, left, side = center_crop_box(height, width)
-    stages = run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=(side, side), weights=weights,
-                        refine=refine, workers=workers, gemm=gemm)
+    stages = run_stages(attn, settings, size=(side, side), workers=workers, gemm=gemm)
     crop_labels = stages["labels"]
-    result = {**stages, "labels": paste_labels(crop_labels, height, width, border=border), "frame": "crop",
-              "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}
+    result = {**stages, "labels": paste_crop_labels(crop_labels, height, width, border=settings.border),
+              "frame": "crop", "crop_labels": crop_labels, "crop": (top, left, side), "rgb": rgb}
     if scores:
         result["score"], result["mean_kl"] = segment_scores(crop_labels, stages["proposals"], stages["A"],
                                                             index=stages["proposal"])
     return result
 
 
-def _frame_window(geometry):
-    """The image's window in a label map of the whole working frame drawn at
-    the image's own scale: ``(frame_height, frame_width, top, left)`` in image
-    pixels. Frame sizes are rounded to whole pixels (the window is then off
-    by less than one image pixel) and never smaller than the image."""
-    g = geometry
-    sy, sx = g.resized_height / g.height, g.resized_width / g.width  # frame px per image px
-    top, left = round(g.top / sy), round(g.left / sx)
-    return (max(round(g.frame_height / sy), top + g.height), max(round(g.frame_width / sx), left + g.width),
-            top, left)
-
-
-def _finish_whole(rgb, attn, geometry, *, kl_threshold, grid, weights, scores, refine, workers, gemm):
+def _finish_whole(rgb, attn, geometry, settings, scores, workers, gemm):
     """Whole frame: the stages on the frame's grid, labels drawn at the
     image's resolution over the whole frame (padding included, so labels
     line up with the image), then the padding cut off and the labels that
     only the padding held dropped (renumbered in proposal order)."""
-    frame_h, frame_w, top, left = _frame_window(geometry)
-    stages = run_stages(attn, kl_threshold=kl_threshold, grid=grid, size=(frame_h, frame_w), weights=weights,
-                        refine=refine, workers=workers, gemm=gemm)
+    frame_h, frame_w, top, left = geometry.label_window()
+    stages = run_stages(attn, settings, size=(frame_h, frame_w), workers=workers, gemm=gemm)
     frame_labels = stages["labels"]
     window = frame_labels[top:top + geometry.height, left:left + geometry.width]
     present = np.unique(window)  # increasing: proposal order is kept
@@ -207,45 +172,69 @@ def _finish_whole(rgb, attn, geometry, *, kl_threshold, grid, weights, scores, r
     return result
 
 
-def segment(image, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP, weights=None,
-            frame="whole", border="nearest", refine=False, workers=None, gemm=None, vocabulary=None, prompt=None,
-            voting="mean", captioner=None):
+def segment_detailed(image, model=None, settings=None, *, scores=True, captioner=None, workers=None, gemm=None,
+                     **overrides):
+    """Segment one image and keep the intermediate results.
+
+    Arguments as :func:`segment`. Returns a dict: ``labels`` (H, W) int32 at
+    the image's size, ``frame``, ``proposals`` (K, h, w), ``A`` (aggregated
+    attention), ``proposal`` (label -> proposal index), ``seed`` (proposal ->
+    row of ``A`` of its anchor), ``rgb``, ``settings`` (the
+    :class:`Settings` used), and with ``scores`` the per-label ``score`` and
+    ``mean_kl`` (:func:`diffseg.core.segment_scores`). ``frame="crop"`` adds
+    ``crop_labels`` (S, S) of the centre crop and ``crop`` ``(top, left,
+    S)``; ``frame="whole"`` adds ``geometry``
+    (:class:`diffseg.io.images.FrameGeometry`). With names (a vocabulary, a
+    prompt or a captioner) also ``names`` (one per label), ``words``,
+    ``prompt`` and ``caption`` (:class:`diffseg.semantic.Naming`).
+
+    ``model`` may also be any object with ``.attention(image, timestep)``
+    for ``frame="crop"``; ``frame="whole"`` also needs ``.attention(image,
+    timestep, frame="whole")``, ``.image_size`` and ``.multiple``, as
+    :class:`diffseg.Model` has.
+    """
+    from .semantic import naming
+
+    settings = resolve_settings(settings, **overrides)
+    namer = naming(settings, captioner)
+    rgb = load_image(image)  # a bad image fails before any model is opened or exported
+    model = check_model(resolve_model(model, cross_attention=namer is not None))
+    if namer is not None:
+        namer.check_model(model)  # words the prompt cannot hold fail before the pass
+    attn, geometry, info = attend(model, rgb, settings, namer)
+    result = finish_detailed(rgb, attn, geometry, settings, scores=scores, workers=workers, gemm=gemm)
+    result["settings"] = settings
+    return result if namer is None else namer.name(result, info)
+
+
+def segment(image, model=None, settings=None, *, captioner=None, workers=None, gemm=None, **overrides):
     """Segment an image: ``(H, W)`` int32 labels ``0..K-1`` at the input's size;
-    with ``vocabulary``, ``prompt`` or ``captioner``: ``(labels, names)``,
-    ``names[k]`` the word naming label k.
+    when the settings ask for names (``vocabulary``/``prompt``, or a
+    ``captioner``): ``(labels, names)``, ``names[k]`` the word naming label k.
 
     Parameters
     ----------
     image : path, PIL image, or ``(H, W)``/``(H, W, 3)``/``(H, W, 4)`` uint8 array
     model : Model, bundle path, model id, or None (the default model, exported
-        once into the cache; see :func:`load_model`)
-    kl_threshold, grid, weights : see :func:`diffseg.merge` and :func:`diffseg.aggregate`
-    timestep : int
-        UNet timestep (300 as the official code).
-    frame : ``"whole"`` (default) or ``"crop"``
-        Segment the whole image, or the centred square crop as the published
-        protocol does (see the module docstring).
-    border : ``"nearest"`` or int
-        ``frame="crop"`` only: label of pixels outside the centre crop.
-    refine : bool
-        The official k-means refinement after the merge (:func:`diffseg.refine`).
+        once into the cache; see :func:`diffseg.load_model`). A path or id is
+        opened once and reused by later calls.
+    settings : :class:`diffseg.Settings`, optional
+        Every setting of the segmentation (thresholds, grid, timestep,
+        weights, frame, border, refine, names); default ``Settings()``.
+    **overrides : fields of :class:`Settings` (``kl_threshold=0.9``,
+        ``frame="crop"``, ``vocabulary=["cat", "sky"]``...), applied on top
+        of ``settings``.
+    captioner : callable ``captioner(rgb) -> str``, optional
+        Makes the prompt per image; segments are named with its nouns (the
+        official demo, with BLIP; see :class:`diffseg.semantic.Naming`).
     workers, gemm : threads and GEMM backend of this call's post-processing
         (see :func:`diffseg.merge`; default: :func:`diffseg.set_num_threads`
-        and :func:`diffseg.core.use_gemm`). The UNet pass uses libtorch's
-        threads (``load_model(..., threads=)`` or :func:`diffseg.set_num_threads`).
-    vocabulary, prompt, voting, captioner : semantic labels from the
-        cross-attention of a conditional pass (needs a bundle exported with
-        ``--cross-attention``): ``vocabulary=["cat", "grass", "sky"]`` names
-        each segment with one of the words (prompt ``"cat, grass, sky"``
-        unless ``prompt`` is given); ``prompt`` alone names with its nouns;
-        ``captioner(rgb) -> str`` makes the prompt. ``voting``: ``"mean"``
-        (default, the official demo) or ``"majority"``. See
-        :class:`diffseg.semantic.Naming` and :func:`diffseg.name_segments`.
+        and :func:`diffseg.core.use_gemm`); they do not change the result.
+        The UNet pass uses libtorch's threads (``load_model(..., threads=)``
+        or :func:`diffseg.set_num_threads`).
     """
-    result = segment_detailed(image, model, kl_threshold=kl_threshold, grid=grid, timestep=timestep,
-                              weights=weights, frame=frame, border=border, scores=False, refine=refine,
-                              workers=workers, gemm=gemm, vocabulary=vocabulary, prompt=prompt, voting=voting,
-                              captioner=captioner)
+    result = segment_detailed(image, model, settings, scores=False, captioner=captioner, workers=workers,
+                              gemm=gemm, **overrides)
     return (result["labels"], result["names"]) if "names" in result else result["labels"]
 
 
@@ -290,19 +279,12 @@ def _anchor_to_image(result):
     if result.get("frame", "crop") == "crop":
         top, left, side = result["crop"]
         return (lambda v, u: (left + u * side, top + v * side)), [int(left), int(top), int(side), int(side)]
-    g = result["geometry"]
-    sy, sx = g.resized_height / g.height, g.resized_width / g.width
-
-    def to_image(v, u):
-        x = (u * g.frame_width - g.left) / sx
-        y = (v * g.frame_height - g.top) / sy
-        return min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
-
-    return to_image, [0, 0, int(width), int(height)]
+    return result["geometry"].to_image, [0, 0, int(width), int(height)]
 
 
 class MaskGenerator:
-    """DiffSeg with the interface of SAM's ``SamAutomaticMaskGenerator``.
+    """DiffSeg with the interface of SAM's ``SamAutomaticMaskGenerator``:
+    the settings are held by the generator.
 
     ::
 
@@ -312,37 +294,32 @@ class MaskGenerator:
     Parameters
     ----------
     model : Model, bundle path, model id, or None (the default model)
-    kl_threshold : merge threshold(s); 1.1 (COCO-Stuff) by default, 0.9 for Cityscapes
-    grid : anchors along the short side (16: 256 anchors on a square grid),
-        SAM's ``points_per_side``
-    timestep, weights, frame, refine : see :func:`segment` (``frame="whole"``:
-        masks of the whole image)
+    settings : :class:`diffseg.Settings`, optional; ``**overrides`` its fields
+        (``grid`` is SAM's ``points_per_side``: anchors along the short side)
     output_mode : ``"binary_mask"`` (default, as SAM), ``"uncompressed_rle"`` or ``"coco_rle"``
+    captioner, workers, gemm : as :func:`segment`
 
     Unlike SAM's masks, DiffSeg's partition the image: every pixel belongs to
     exactly one mask. See :func:`result_records` for the record keys.
     """
 
-    def __init__(self, model=None, *, kl_threshold=DEFAULT_KL_THRESHOLD, grid=16, timestep=DEFAULT_TIMESTEP,
-                 weights=None, frame="whole", output_mode="binary_mask", refine=False):
+    def __init__(self, model=None, settings=None, *, output_mode="binary_mask", captioner=None, workers=None,
+                 gemm=None, **overrides):
+        from .core import _gemm_arg, _workers_arg
         from .io.records import OUTPUT_MODES
+        from .semantic import naming
 
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
-        if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
-            raise ValueError(f"grid must be a positive integer, got {grid!r}")
-        self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
-        self.kl_threshold = kl_thresholds(kl_threshold)
-        self.grid = int(grid)
-        self.timestep = timestep
-        self.weights = weights
-        self.frame = check_frame(frame)
+        self.settings = resolve_settings(settings, **overrides)
+        naming(self.settings, captioner)  # a bad captioner fails here
+        _workers_arg(workers), _gemm_arg(gemm)
+        self.model = model if model is None else resolve_model(model, cross_attention=self.settings.names_segments)
         self.output_mode = output_mode
-        self.refine = bool(refine)
+        self.captioner, self.workers, self.gemm = captioner, workers, gemm
 
     def generate(self, image):
         """Masks of one image (path, PIL image or uint8 array), as displayed."""
-        result = segment_detailed(image, self.model, kl_threshold=self.kl_threshold, grid=self.grid,
-                                  timestep=self.timestep, weights=self.weights, frame=self.frame,
-                                  refine=self.refine)
+        result = segment_detailed(image, self.model, self.settings, captioner=self.captioner, workers=self.workers,
+                                  gemm=self.gemm)
         return result_records(result, self.output_mode)

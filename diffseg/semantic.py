@@ -214,8 +214,33 @@ def _normal_word(word):
     return "".join(_BYTE_CHARS[b] for b in w.encode("utf-8"))
 
 
+def _occurrences(spans, target):
+    """Start/end span indices of every run of consecutive words of ``spans``
+    that spells ``target``."""
+    texts = [t for t, _ in spans]
+    found = []
+    for start in range(len(spans)):
+        text, end = "", start
+        while end < len(spans) and len(text) < len(target):
+            text += texts[end]
+            end += 1
+        if text == target:
+            found.append((start, end))
+    return found
+
+
+TEXT_TOKENS = 77
+"""Tokens the text encoder of Stable Diffusion takes (begin and end included)."""
+
+
+def _truncated(tokens):
+    """Whether a tokenized prompt filled the text encoder's window (no
+    padding after its end token), i.e. it may have been cut."""
+    return len(tokens) >= TEXT_TOKENS and EOS not in tokens[:-1]
+
+
 def word_token_indices(tokens, words):
-    """Token positions of each word in a tokenized prompt.
+    """Token positions of each word in a tokenized prompt, disjoint.
 
     ``tokens``: the prompt's tokens as strings, as the CLIP tokenizer gives
     them (``tokenizer.convert_ids_to_tokens``; what
@@ -225,31 +250,45 @@ def word_token_indices(tokens, words):
     the prompt, matched case-insensitively, ignoring blanks, to whole words of
     the prompt (consecutive ones for a phrase).
 
-    Returns one list of positions per word: every token of every occurrence.
-    Positions count the begin token, so the official code's ``+1`` is built
-    in. Raises ValueError for a word that is not in the prompt.
+    Returns one list of positions per word: every token of every occurrence
+    that is its own. Each token belongs to one word at most: the longest
+    phrases claim their occurrences first, so with ``["light", "traffic
+    light"]`` the "light" of "traffic light" is the phrase's, and "light"
+    gets only its other occurrences. Positions count the begin token, so the
+    official code's ``+1`` is built in.
+
+    Raises ValueError for a word that is not in the prompt, that is cut off
+    by the text encoder's token limit (77 tokens for Stable Diffusion,
+    begin and end tokens included), or whose every occurrence is part of a
+    longer word of ``words``.
     """
     words = _word_list(words)
     spans = _token_words(tokens)
-    texts = [t for t, _ in spans]
-    result = []
-    for word in words:
-        target = _normal_word(word)
-        found = []
-        for start in range(len(spans)):
-            text, end = "", start
-            while end < len(spans) and len(text) < len(target):
-                text += texts[end]
-                end += 1
-            if text == target:
-                for _, pos in spans[start:end]:
-                    found.extend(pos)
-        if not found:
-            prompt = " ".join(texts)
-            raise ValueError(f"word {word!r} is not in the prompt (its words: {prompt!r}); "
-                             "every word to name segments with must appear in the prompt")
-        result.append(sorted(set(found)))
+    claimed = set()
+    result = [None] * len(words)
+    targets = [_normal_word(w) for w in words]
+    for i in sorted(range(len(words)), key=lambda i: -len(targets[i])):  # stable: ties in the given order
+        occurrences = _occurrences(spans, targets[i])
+        free = [(a, b) for a, b in occurrences if not claimed & set(range(a, b))]
+        if not free:
+            raise ValueError(_missing_word_message(words[i], tokens, spans, occurrences, words, targets))
+        for a, b in free:
+            claimed.update(range(a, b))
+        result[i] = sorted({p for a, b in free for _, pos in spans[a:b] for p in pos})
     return result
+
+
+def _missing_word_message(word, tokens, spans, occurrences, words, targets):
+    prompt = " ".join(t for t, _ in spans)
+    if occurrences:
+        longer = [w for w, t in zip(words, targets) if len(t) > len(_normal_word(word)) and _normal_word(word) in t]
+        return (f"word {word!r} has no tokens of its own: every occurrence of it in the prompt is part of "
+                f"{', '.join(map(repr, longer)) or 'a longer word'}; put it in the prompt separately too")
+    if _truncated(tokens):
+        return (f"word {word!r} does not fit in the prompt: the text encoder takes {len(tokens)} tokens (begin "
+                f"and end included) and the prompt is longer; use fewer or shorter words")
+    return (f"word {word!r} is not in the prompt (its words: {prompt!r}); every word to name segments with "
+            "must appear in the prompt")
 
 
 def _word_list(words):
@@ -267,18 +306,28 @@ def _word_list(words):
 
 
 # ---------------------------------------------------------------- naming
-def _normalised_maps(flat, positions, words):
-    """``(P, N)`` float64: per word the mean of its columns of ``flat`` (P, T'),
-    L2-normalised over the P pixels (the official ``get_semantics``; with the
-    normalisation, the mean of a word's tokens equals their sum)."""
+def _word_maps(flat, positions):
+    """``(P, N)`` float64: per word the mean of its columns of ``flat`` (P, T')."""
     maps = np.stack([flat[:, p].astype(np.float64).mean(axis=1) for p in positions], axis=1)
     if not np.all(np.isfinite(maps)):
         raise ValueError("cross_logits contains NaN or Inf")
-    norm = np.linalg.norm(maps, axis=0)
+    return maps
+
+
+def _normalise(maps, norm, words):
+    """``maps / norm`` per word; a word whose map is zero everywhere cannot be normalised."""
     if np.any(norm == 0):
         bad = [w for w, n in zip(words, norm) if n == 0]
         raise ValueError(f"cross_logits: the map of {bad!r} is zero everywhere (cannot normalise)")
     return maps / norm
+
+
+def _normalised_maps(flat, positions, words):
+    """:func:`_word_maps` L2-normalised over the P pixels (the official
+    ``get_semantics``; with the normalisation, the mean of a word's tokens
+    equals their sum)."""
+    maps = _word_maps(flat, positions)
+    return _normalise(maps, np.linalg.norm(maps, axis=0), words)
 
 
 def _check_labels(labels):
@@ -299,15 +348,25 @@ def _vote(labels, maps, words, voting):
     maps = maps[inside]
     counts = np.bincount(lab, minlength=K)
     N = len(words)
-    if voting == "mean":
-        # Per-label sums of every word map, then argmax of the mean.
+    sums = hist = None
+    if voting == "mean":  # per-label sums of every word map
         sums = np.stack([np.bincount(lab, weights=maps[:, j], minlength=K) for j in range(N)], axis=1)
+    else:  # per-label histogram of the per-pixel argmax word
+        hist = np.bincount(lab * N + np.argmax(maps, axis=1), minlength=K * N).reshape(K, N)
+    return _choose(sums, hist, counts, words, voting)
+
+
+def _choose(sums, hist, counts, words, voting):
+    """``"mean"``: argmax of the mean (``sums / counts``); ``"majority"``:
+    the median of the per-pixel argmax indices from their histogram per
+    label -- the middle element (odd count) or the mean of the two middle
+    ones, floored (``int()`` of a non-negative median)."""
+    K = counts.size
+    if K == 0:
+        return []
+    if voting == "mean":
         choice = np.argmax(sums / np.maximum(counts, 1)[:, None], axis=1)
     else:
-        # Median of the per-pixel argmax indices, from their histogram per
-        # label: the middle element (odd count) or the mean of the two middle
-        # ones; int() of a non-negative median is the floor of that mean.
-        hist = np.bincount(lab * N + np.argmax(maps, axis=1), minlength=K * N).reshape(K, N)
         cum = np.cumsum(hist, axis=1)
         lo = np.argmax(cum > (counts[:, None] - 1) // 2, axis=1)
         hi = np.argmax(cum > counts[:, None] // 2, axis=1)
@@ -356,16 +415,26 @@ def name_segments(labels, cross_logits, tokens, words, voting="mean"):
     return _vote(labels, maps, words, voting)
 
 
-def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None, *, frame=None):
+def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None, *, size=None, window=None):
     """:func:`name_segments` straight from the per-resolution cross-attention
-    (:meth:`diffseg.Model.cross_attention`), aggregated at the labels' size
-    for the words' tokens only (less memory than the ``(H, W, 77)`` logits;
-    the same names).
+    (:meth:`diffseg.Model.cross_attention`), aggregated on a working grid of
+    ``size`` for the words' tokens only.
 
-    ``frame=(frame_h, frame_w, top, left)``: the cross-attention covers a
-    larger frame (e.g. the padded whole frame) of which ``labels`` is the
-    window at ``(top, left)``; it is aggregated at the frame's size and cut.
-    Memory: ``frame_h * frame_w * (tokens of the words)`` float32 values."""
+    ``size``: the working grid ``(height, width)`` the cross-attention is
+    aggregated on (default: the labels' size). ``window``: ``(top, left,
+    height, width)``, where the label map lies on that grid (default: all of
+    it); for the padded whole frame, the image inside its padding. Each
+    label pixel reads the working cell its centre falls in.
+
+    The official code aggregates at 512 x 512, the size of its labels:
+    :class:`Naming` works on the model's own frame (512 px on the short side
+    for SD), whatever the image's size, so memory does not grow with it.
+    Each word's map is L2-normalised over the label pixels (each reading
+    its cell), so the names equal ``name_segments(labels, logits, ...)``
+    with ``logits`` the working grid's logits read at each label pixel (a
+    nearest-neighbour resize); with ``size`` and ``window`` left out, the
+    logits of ``aggregate_cross_attention(cross, labels.shape)``.
+    """
     if voting not in VOTING:
         raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
     labels = _check_labels(labels)
@@ -374,19 +443,61 @@ def name_from_cross(labels, cross, tokens, words, voting="mean", weights=None, *
         T = np.shape(next(iter(cross.values())))[-1]
         if T != len(tokens):
             raise ValueError(f"cross has {T} token columns but tokens has {len(tokens)} entries")
+    Hs, Ws = labels.shape if size is None else _size(size)
+    top, left, height, width = _window(window, Hs, Ws)
     positions = word_token_indices(tokens, words)
     sel = sorted({p for pos in positions for p in pos})
     column = {p: i for i, p in enumerate(sel)}
-    if frame is None:
-        logits = aggregate_cross_attention(cross, labels.shape, weights, tokens=sel)
-    else:
-        frame_h, frame_w, top, left = (int(v) for v in frame)
-        H, W = labels.shape
-        if top < 0 or left < 0 or top + H > frame_h or left + W > frame_w:
-            raise ValueError(f"frame {frame!r}: labels {labels.shape} at ({top}, {left}) do not fit in it")
-        logits = aggregate_cross_attention(cross, (frame_h, frame_w), weights, tokens=sel)[top:top + H, left:left + W]
-    maps = _normalised_maps(logits.reshape(-1, len(sel)), [[column[p] for p in pos] for pos in positions], words)
-    return _vote(labels, maps, words, voting)
+    logits = aggregate_cross_attention(cross, (Hs, Ws), weights, tokens=sel).reshape(Hs * Ws, len(sel))
+    maps = _word_maps(logits, [[column[p] for p in pos] for pos in positions])
+    H, W = labels.shape
+    rows = np.clip(np.floor(top + (np.arange(H) + 0.5) * (height / H)).astype(np.int64), 0, Hs - 1)
+    cols = np.clip(np.floor(left + (np.arange(W) + 0.5) * (width / W)).astype(np.int64), 0, Ws - 1)
+    # L2 norm over the label pixels, each reading its cell: cells weighted by how many pixels read them
+    weight = np.outer(np.bincount(rows, minlength=Hs), np.bincount(cols, minlength=Ws)).reshape(-1)
+    maps = _normalise(maps, np.sqrt(weight @ (maps * maps)), words)
+    return _vote_cells(labels, maps.reshape(Hs, Ws, -1), rows, cols, words, voting)
+
+
+def _window(window, Hs, Ws):
+    if window is None:
+        return 0.0, 0.0, float(Hs), float(Ws)
+    try:
+        top, left, height, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be (top, left, height, width), got {window!r}") from None
+    if not (top >= 0 and left >= 0 and height > 0 and width > 0 and top + height <= Hs + 1e-9
+            and left + width <= Ws + 1e-9):
+        raise ValueError(f"window {window!r} does not lie in the working grid {Hs}x{Ws}")
+    return top, left, height, width
+
+
+ROWS_PER_BLOCK = 256  # label rows handled at once: memory stays O(256 x width) whatever the image's size
+
+
+def _vote_cells(labels, maps, rows, cols, words, voting):
+    """:func:`_vote` with each label pixel ``(y, x)`` reading the map cell
+    ``(rows[y], cols[x])``, in blocks of label rows."""
+    N = len(words)
+    K = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+    counts = np.zeros(K, dtype=np.int64)
+    sums = np.zeros((K, N))
+    hist = np.zeros((K, N), dtype=np.int64)
+    flat_maps = maps.reshape(-1, N)
+    best = np.argmax(flat_maps, axis=1)
+    Ws = maps.shape[1]
+    for y0 in range(0, labels.shape[0], ROWS_PER_BLOCK):
+        lab = labels[y0:y0 + ROWS_PER_BLOCK].reshape(-1).astype(np.int64)
+        cell = (rows[y0:y0 + ROWS_PER_BLOCK, None] * Ws + cols[None, :]).reshape(-1)
+        keep = lab >= 0
+        lab, cell = lab[keep], cell[keep]
+        counts += np.bincount(lab, minlength=K)
+        if voting == "mean":
+            for j in range(N):
+                sums[:, j] += np.bincount(lab, weights=flat_maps[cell, j], minlength=K)
+        else:
+            hist += np.bincount(lab * N + best[cell], minlength=K * N).reshape(K, N)
+    return _choose(sums, hist, counts, words, voting)
 
 
 def group_segments(names):
@@ -538,7 +649,8 @@ class Naming:
         self.captioner, self.use_nltk = captioner, use_nltk
 
     def prompt_and_words(self, rgb):
-        """``(prompt, words, caption or None)`` for one image."""
+        """``(prompt, words, caption or None)`` for one image (``rgb`` is
+        only read by the captioner)."""
         caption = None
         if self.vocabulary is not None:
             return self.prompt or vocabulary_prompt(self.vocabulary), list(self.vocabulary), None
@@ -554,57 +666,67 @@ class Naming:
             raise ValueError(f"no nouns found in the prompt {prompt!r}: pass vocabulary=[...]")
         return prompt, words, caption
 
+    @property
+    def fixed_words(self):
+        """Whether prompt and words are known before seeing an image (no captioner)."""
+        return self.vocabulary is not None or self.prompt is not None
+
+    def check_model(self, model):
+        """Refuse, before any UNet pass, a model that cannot name segments
+        and (when the words are fixed) words that have no tokens of their own
+        in the prompt or do not fit the text encoder's token limit."""
+        if getattr(model, "has_cross_attention", True) is False:
+            raise ValueError(f"naming segments needs a bundle exported with cross-attention; "
+                             f"{getattr(model, 'path', 'this model')} has none: export it again with "
+                             "`diffseg export SOURCE DIR --cross-attention` (or export_bundle(..., "
+                             "cross_attention=True)); a model id or checkpoint is exported with it for you")
+        if self.fixed_words and callable(getattr(model, "tokenize", None)):
+            prompt, words, _ = self.prompt_and_words(None)
+            word_token_indices(model.tokenize(prompt)[1], words)
+
     def attention(self, model, rgb, timestep=None, frame="crop"):
         """One conditional UNet pass (``model.prompt_attention``) in
-        ``frame`` (as :func:`diffseg.pipeline.frame_attention`):
-        ``(self-attention, geometry, info)``; ``geometry`` is None for
-        ``"crop"``; ``info`` holds what :meth:`name` needs. Words absent from
-        the prompt fail before the pass when the model can tokenize."""
-        from .io.images import whole_frame_geometry
-        from .pipeline import check_frame
-
-        check_frame(frame)
+        ``frame``: ``(self-attention, info)``; ``info`` holds what
+        :meth:`name` needs. Words without tokens of their own fail before the
+        pass when the model can tokenize."""
         prompt, words, caption = self.prompt_and_words(rgb)
-        if callable(getattr(model, "tokenize", None)):
+        if not self.fixed_words and callable(getattr(model, "tokenize", None)):
             word_token_indices(model.tokenize(prompt)[1], words)
-        if frame == "crop":
-            geometry = None
-            attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep)
-        else:
-            missing = [a for a in ("image_size", "multiple") if not hasattr(model, a)]
-            if missing:
-                raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} "
-                                f"(a diffseg.Model), not {type(model).__name__}: pass frame='crop'")
-            geometry = whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
-            attn, cross, tokens = model.prompt_attention(rgb, prompt, timestep, frame="whole")
-        info = {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption}
-        return attn, geometry, info
+        attn, cross, tokens = (model.prompt_attention(rgb, prompt, timestep) if frame == "crop"
+                               else model.prompt_attention(rgb, prompt, timestep, frame=frame))
+        size = getattr(model, "image_size", None)
+        info = {"cross": cross, "tokens": tokens, "words": words, "prompt": prompt, "caption": caption,
+                "image_size": size}
+        return attn, info
 
     def name(self, result, info):
         """Add ``names`` (one per label of ``result["labels"]``), ``words``,
         ``prompt`` and ``caption`` to a segmentation result of
-        :func:`diffseg.pipeline.finish_detailed`. The cross-attention is
-        aggregated on the label map the stages drew: the centre crop
-        (``crop_labels``), or the whole working frame at the image's scale,
-        whose window on the image is ``labels``."""
-        if result.get("geometry") is not None:
-            from .pipeline import _frame_window
+        :func:`diffseg.pipeline.finish_detailed`.
 
-            frame_h, frame_w, top, left = _frame_window(result["geometry"])
+        The cross-attention is aggregated on the model's own frame, as the
+        official code at 512 x 512: the centre crop at the model's image size,
+        or the padded whole frame (e.g. 512 x 704 for a 4:3 photo); each
+        pixel of the labels reads the cell of that frame it lies in."""
+        g = result.get("geometry")
+        if g is not None:
             names = name_from_cross(result["labels"], info["cross"], info["tokens"], info["words"], self.voting,
-                                    frame=(frame_h, frame_w, top, left))
+                                    size=(g.frame_height, g.frame_width),
+                                    window=(g.top, g.left, g.resized_height, g.resized_width))
         else:
-            names = name_from_cross(result["crop_labels"], info["cross"], info["tokens"], info["words"],
-                                    self.voting)
+            labels = result["crop_labels"]
+            side = info.get("image_size") or labels.shape[0]
+            names = name_from_cross(labels, info["cross"], info["tokens"], info["words"], self.voting,
+                                    size=(side, side))
         result.update(names=names, words=info["words"], prompt=info["prompt"], caption=info["caption"])
         return result
 
 
-def naming(vocabulary=None, prompt=None, voting="mean", captioner=None):
-    """A :class:`Naming`, or None when nothing asks for names (``voting``
-    is still checked)."""
-    if vocabulary is None and prompt is None and captioner is None:
-        if voting not in VOTING:
-            raise ValueError(f"voting must be one of {VOTING}, got {voting!r}")
+def naming(settings, captioner=None):
+    """A :class:`Naming` for :class:`diffseg.Settings` (its ``vocabulary``,
+    ``prompt`` and ``voting``) and an optional ``captioner``; None when
+    nothing asks for names."""
+    if not settings.names_segments and captioner is None:
         return None
-    return Naming(vocabulary, prompt, voting, captioner)
+    return Naming(None if settings.vocabulary is None else list(settings.vocabulary), settings.prompt,
+                  settings.voting, captioner)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffseg import viz
+from diffseg import Settings, viz
 from diffseg.evaluation.metrics import match_labels
 from diffseg.io.images import center_crop_box, whole_frame_geometry
 from diffseg.pipeline import finish_detailed
@@ -70,8 +70,8 @@ def main(out=None):
     whole_attn = planted_attention(grid_truth_whole(truth, g, h, w),
                                    resolutions=[(h // f, w // f) for f in (1, 2, 4, 8)], seed=2)
     crop_attn = planted_attention(grid_truth_crop(truth, 64), resolutions=(64, 32, 16, 8), seed=2)
-    whole = finish_detailed(image, whole_attn, geometry=g, scores=False)["labels"]
-    crop = finish_detailed(image, crop_attn, scores=False)["labels"]
+    whole = finish_detailed(image, whole_attn, g, Settings(), scores=False)["labels"]
+    crop = finish_detailed(image, crop_attn, None, Settings(frame="crop"), scores=False)["labels"]
 
     panels, titles = [image], [f"{WIDTH}x{HEIGHT} image (planted segments)"]
     for name, labels in (("crop", crop), ("whole", whole)):

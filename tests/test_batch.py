@@ -48,7 +48,7 @@ def test_planted_equals_one_at_a_time(workers):
     model = PlantedModel()
     imgs = images(7)
     want = [diffseg.segment(im, model, kl_threshold=0.9, grid=4) for im in imgs]
-    got = list(segment_many(imgs, model, workers=workers, kl_threshold=0.9, grid=4))
+    got = list(segment_many(imgs, model, pool_size=workers, kl_threshold=0.9, grid=4))
     assert [i for i, _ in got] == list(range(7))
     for (_, labels), w in zip(got, want):
         assert labels.dtype == w.dtype and labels.shape == (40, 32)
@@ -70,8 +70,10 @@ def test_detailed_equals_segment_detailed(frame, border):
 
 def test_unordered_yields_every_image_once():
     model = PlantedModel()
-    got = dict(segment_many(images(6), model, workers=3, ordered=False, grid=4))
+    got = dict(segment_many(images(6), model, pool_size=3, ordered=False, grid=4))
     assert sorted(got) == list(range(6))
+    for i, img in enumerate(images(6)):
+        np.testing.assert_array_equal(got[i], diffseg.segment(img, PlantedModel(), grid=4))
 
 
 def test_errors_per_image():
@@ -104,7 +106,7 @@ def test_memory_bound_and_early_close():
             in_flight["max"] = max(in_flight["max"], in_flight["now"])
         return x
 
-    gen = pipelined(range(100), produce, lambda x: x * 2, workers=2, max_pending=3)
+    gen = pipelined(range(100), produce, lambda x: x * 2, pool_size=2, max_pending=3)
     for i, value in gen:
         assert value == 2 * i
         yielded.append(i)
@@ -156,8 +158,9 @@ def test_bad_arguments():
 
 def test_tiny_model_equals_one_at_a_time(tiny_model):
     imgs = [np.random.default_rng(k).integers(0, 256, (160 + 16 * k, 128, 3), dtype=np.uint8) for k in range(4)]
-    want = [diffseg.segment(im, tiny_model, grid=8) for im in imgs]
-    got = list(segment_many(imgs, tiny_model, grid=8, workers=2))
+    want = [diffseg.segment(im, tiny_model, grid=8, kl_threshold=0.3) for im in imgs]
+    assert min(w.max() for w in want) >= 2  # many segments: the comparison can fail
+    got = list(segment_many(imgs, tiny_model, grid=8, kl_threshold=0.3, pool_size=2))
     assert [i for i, _ in got] == list(range(4))
     for (_, labels), w in zip(got, want):
         np.testing.assert_array_equal(labels, w)
@@ -176,7 +179,7 @@ def test_evaluate_overlaps_attention_with_scoring_and_matches_serial(tmp_path, m
     class Model:
         name = "planted"
 
-        def attention(self, image):
+        def attention(self, image, timestep=None):
             k = int(image[0, 0, 0])
             started[k].set()
             return planted_example(R=16, n_segments=3 + k, seed=k)[0]

@@ -41,7 +41,7 @@ def photos(tmp_path):
 
 
 def _use(monkeypatch, model):
-    monkeypatch.setattr(_common, "open_model", lambda args: model)
+    monkeypatch.setattr(_common, "open_model", lambda args, **kw: model)
     return model
 
 
@@ -104,8 +104,25 @@ def test_kl_threshold_one_syntax():
                  ["eval", "--dataset", "folder", "--kl-threshold", "0.9,1.0,1.1"]):
         got = parser.parse_args(argv).kl_threshold
         assert (got if argv[0] != "eval" else got[0]) == (0.9, 1.0, 1.1)
-    assert parser.parse_args(["eval", "--dataset", "folder", "--kl-threshold", "0.9", "1.1"]).kl_threshold == \
-        [(0.9,) * 3, (1.1,) * 3]
+    # several settings in eval: the option repeated, each one setting
+    assert parser.parse_args(["eval", "--dataset", "folder", "--kl-threshold", "0.9", "--kl-threshold",
+                              "0.9,1,1.1"]).kl_threshold == [0.9, (0.9, 1.0, 1.1)]
+    with pytest.raises(SystemExit):  # not two settings: an unknown argument
+        parser.parse_args(["eval", "--dataset", "folder", "--kl-threshold", "0.9", "1.1"])
+
+
+@pytest.mark.parametrize("argv", [["segment", "{photos}"], ["demo"], ["eval", "--dataset", "folder", "--root", "{photos}",
+                                                                     "--attention-dir", "{photos}"]])
+def test_another_iteration_count_only_when_asked(argv, photos, tmp_path, monkeypatch, capsys):
+    """Two values mean two iterations in every subcommand, and only with --iterations 2."""
+    model = _use(monkeypatch, PlantedModel())
+    argv = [a.format(photos=photos) for a in argv] + ["-o", str(tmp_path / "out"), "--kl-threshold", "0.9 1.0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--kl-threshold has 2 value(s) for 3 merge iterations" in err and "--iterations 2" in err
+    assert model.calls == 0 and not (tmp_path / "out").exists()
+    if argv[0] == "segment":
+        assert cli.main(argv + ["--iterations", "2", "-q"]) == 0 and model.calls == 3
 
 
 def test_threads_means_core_and_libtorch(photos, tmp_path, monkeypatch):
@@ -117,7 +134,27 @@ def test_threads_means_core_and_libtorch(photos, tmp_path, monkeypatch):
     _use(monkeypatch, PlantedModel())
     assert cli.main(["segment", str(photos), "-o", str(tmp_path / "s"), "--threads", "1", "-q"]) == 0
     assert cli.main(["attention", str(photos), "-o", str(tmp_path / "a"), "--threads", "2"]) == 0
-    assert seen == [1, 2]
+    (photos / "labels").mkdir()
+    for p in photos.glob("*.*"):
+        Image.fromarray(np.zeros((24, 32), np.uint8)).save(photos / "labels" / f"{p.stem}.png")
+    assert cli.main(["eval", "--dataset", "folder", "--image-dir", str(photos), "--label-dir", str(photos / "labels"),
+                     "--attention-dir", str(tmp_path / "a"), "--n-classes", "2", "--size", "16", "--grid", "4",
+                     "--no-progress", "-o", str(tmp_path / "e"), "--threads", "3"]) == 0
+    assert seen == [1, 2, 3]
+
+
+def test_threads_reach_libtorch(tiny_model, photos, tmp_path, monkeypatch):
+    """--threads with the shim loaded: libtorch runs on that many threads too."""
+    from diffseg import _torch
+
+    before = diffseg.get_num_threads()
+    _use(monkeypatch, tiny_model)
+    monkeypatch.setattr(tiny_model, "close", lambda: None)  # the session's model stays open
+    try:
+        assert cli.main(["segment", str(photos), "-o", str(tmp_path / "s"), "--threads", "1", "-q"]) == 0
+        assert _torch.get_num_threads() == 1 and diffseg.get_num_threads() == 1
+    finally:
+        diffseg.set_num_threads(before)
 
 
 def test_output_folder_may_be_the_input_folder(photos, monkeypatch, capsys):

@@ -233,3 +233,16 @@ def test_first_bad_value_is_named_whatever_the_threads(workers, bad):
             _core.merge(B, 4, [1.1], workers)
         with pytest.raises(ValueError, match=rf"flat index {first}\)"):
             _core.aggregate([B], [1.0], 32, workers)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0, np.inf])
+def test_aggregate_names_the_key_of_a_bad_map(bad):
+    """A bad value in one resolution names that map by the caller's key, not its position."""
+    attn = {8: np.full((64, 64), 1 / 64, np.float32), 4: np.full((16, 16), 1 / 16, np.float32)}
+    attn[4][3, 2] = bad
+    with pytest.raises(ValueError, match=r"^attn\[4\] must be finite and non-negative \(bad value at flat index 50\)"):
+        diffseg.aggregate(attn)
+    rect = {(8, 12): np.full((96, 96), 1 / 96, np.float32), (4, 6): np.full((24, 24), 1 / 24, np.float32)}
+    rect[(4, 6)][0, 1] = bad
+    with pytest.raises(ValueError, match=r"^attn\[\(4, 6\)\] must be finite"):
+        diffseg.aggregate(rect)

@@ -215,9 +215,12 @@ def test_folder_dataset(tmp_path):
     np.testing.assert_array_equal(s.label, want)
     assert s.image.shape == (10, 6, 3)
     ds = FolderDataset(tmp_path / "images", tmp_path / "labels", n_classes=3, size=12)
-    assert ds.n_classes == 3 and ds[0].label.shape == (12, 12) and ds[0].label.max() <= 2
+    crop = labels["img0"][2:8].astype(int)  # centre 6 x 6 of 10 x 6
+    want = np.where(crop < 3, crop, -1)  # classes 3, 4 and 255 are outside n_classes=3: ignored
+    assert ds.n_classes == 3
+    np.testing.assert_array_equal(ds[0].label, np.kron(want, np.ones((2, 2), int)))  # 6 -> 12: each pixel twice
     mapped = FolderDataset(tmp_path / "images", tmp_path / "labels", label_map={1: 0, 2: 1}, size=None)
-    assert set(np.unique(mapped[0].label).tolist()) <= {-1, 0, 1}
+    np.testing.assert_array_equal(mapped[0].label, np.select([crop == 1, crop == 2], [0, 1], -1))
     assert mapped.n_classes == 2
 
 

@@ -12,7 +12,7 @@ import diffseg
 from diffseg import cli
 from diffseg.io.attention import save_attention
 from diffseg.evaluation.datasets import COCO_CURATED_LIST, CocoStuff27, Cityscapes, FolderDataset
-from diffseg.evaluation.runner import evaluate, kl_settings, markdown_table, setting_label
+from diffseg.evaluation.runner import evaluate, evaluation_settings, markdown_table, setting_label
 from diffseg.evaluation.metrics import HungarianMetrics
 
 R = 16          # latent side of the test attention (resolutions 16, 8, 4)
@@ -72,12 +72,14 @@ def _one_thread(one_core_thread):
     """Tiny matrices: threads only add overhead (and 2 CPUs are shared)."""
 
 
-def by_hand(dataset, attn_dir, setting):
-    """The same evaluation, spelled out with the public stages."""
+def by_hand(dataset, attn_dir, setting, limit=None):
+    """The same evaluation, spelled out with the pure-NumPy reference stages."""
     m = HungarianMetrics(dataset.n_classes)
-    for s in dataset:
+    for k, s in enumerate(dataset):
+        if limit is not None and k == limit:
+            break
         attn = diffseg.load_attention(attn_dir / f"{s.id}.npz")
-        pred = diffseg.segment_attention(attn, kl_threshold=setting, grid=GRID, size=s.label.shape)
+        pred = diffseg.reference.segment_attention(attn, kl_threshold=setting, grid=GRID, size=s.label.shape)
         m.update(pred, s.label)
     return m.compute()
 
@@ -114,7 +116,10 @@ def test_limit_and_default_threshold(folder, tmp_path):
 
     res = diffseg.evaluate(folder, attention_dir=tmp_path / "data" / "attn", grid=GRID, limit=2, progress=False)
     assert res["images"] == 2 and len(res["settings"]) == 1
-    assert res["settings"][0]["kl_threshold"] == [1.1, 1.1, 1.1]
+    assert res["settings"][0]["settings"]["kl_threshold"] == [1.1, 1.1, 1.1]
+    want = by_hand(folder, tmp_path / "data" / "attn", 1.1, limit=2)
+    assert (res["settings"][0]["tp"], res["settings"][0]["fp"], res["settings"][0]["fn"]) == \
+        (want["tp"], want["fp"], want["fn"])
 
 
 def test_outputs_and_resume_after_interruption(folder, tmp_path):
@@ -158,7 +163,7 @@ def test_outputs_and_resume_after_interruption(folder, tmp_path):
                      output_dir=out, progress=False)
     assert seen == [] and strip_time(again) == strip_time(full)
     # other settings: refused, unless starting over
-    with pytest.raises(ValueError, match="different settings.*kl_thresholds"):
+    with pytest.raises(ValueError, match="different settings.*kl_threshold"):
         evaluate(folder, kl_threshold=0.7, attention_dir=attn_dir, grid=GRID, output_dir=out,
                  progress=False)
     fresh = evaluate(folder, kl_threshold=0.7, attention_dir=attn_dir, grid=GRID, output_dir=out,
@@ -166,9 +171,9 @@ def test_outputs_and_resume_after_interruption(folder, tmp_path):
     assert fresh["images"] == 5
 
     md = (tmp_path / "full" / "results.md").read_text()
-    assert "| KL threshold | ACC (%) | mIoU (%) | images | s / image |" in md
+    assert "| KL threshold | grid | refine | ACC (%) | mIoU (%) | images | s / image |" in md
     acc = full["settings"][0]["pixel_accuracy"]
-    assert f"| 1.1 | {100 * acc:.2f} |" in md
+    assert f"| 1.1 | {GRID} | no | {100 * acc:.2f} |" in md
     assert "## Per-class IoU (%)" in md and "| 4 |" in md
     assert "per image" in md
 
@@ -193,7 +198,7 @@ def test_fake_model_and_attention_cache(folder, tmp_path):
         def __init__(self):
             self.calls = 0
 
-        def attention(self, image):
+        def attention(self, image, timestep=None):
             assert image.dtype == np.uint8 and image.shape == (40, 32, 3)
             self.calls += 1
             return diffseg.load_attention(attn_dir / f"im{self.calls - 1:02d}.npz")
@@ -243,16 +248,34 @@ def test_bad_arguments(folder, tmp_path):
                  kl_threshold=0.001, limit=1, progress=False)
 
 
-def test_kl_settings_parsing():
-    assert kl_settings(1.1) == [(1.1, 1.1, 1.1)]
-    assert kl_settings((0.9, 1.0, 1.1)) == [(0.9, 1.0, 1.1)]
-    assert kl_settings([0.9, 1.1]) == [(0.9,) * 3, (1.1,) * 3]
-    assert kl_settings(["0.9,1,1.1", "1.2", [0.5, 0.5]]) == [(0.9, 1.0, 1.1), (1.2,) * 3, (0.5, 0.5)]
-    assert kl_settings(((0.9,) * 3, 1.1)) == [(0.9,) * 3, (1.1,) * 3]
-    assert setting_label((0.9, 1.0, 1.1)) == "0.9,1,1.1" and setting_label((1.1,) * 3) == "1.1"
-    for bad in ([], "x", -1.0, (1.0, float("nan")), ()):
+def test_evaluation_settings():
+    from diffseg import Settings
+
+    crop = Settings(frame="crop")
+    assert evaluation_settings(dataset=None) == [crop]  # no dataset: COCO-Stuff's 1.1 on the crop
+    assert evaluation_settings(kl_threshold=[0.9, 1.1]) == [crop.replace(kl_threshold=0.9), crop]
+    assert evaluation_settings(kl_threshold=["0.9,1,1.1", 1.2]) == [crop.replace(kl_threshold=(0.9, 1, 1.1)),
+                                                                   crop.replace(kl_threshold=1.2)]
+    two = evaluation_settings(kl_threshold=[(0.5, 0.5)], iterations=2)[0]
+    assert two.kl_threshold == (0.5, 0.5) and two.iterations == 2
+    # several Settings: they may differ in threshold, iterations, grid and refinement
+    several = [crop, crop.replace(grid=8), crop.replace(refine=True)]
+    assert evaluation_settings(several) == several
+    assert [setting_label(s, several) for s in several] == ["1.1 grid 16 no refine", "1.1 grid 8 no refine",
+                                                              "1.1 grid 16 refine"]
+    assert setting_label(crop.replace(kl_threshold=(0.9, 1.0, 1.1))) == "0.9,1,1.1"
+    assert setting_label(crop.replace(kl_threshold=0.9, iterations=2)) == "0.9 x2"
+    with pytest.raises(ValueError, match="same timestep"):
+        evaluation_settings([crop, crop.replace(timestep=200)])
+    with pytest.raises(ValueError, match="frame='crop'"):
+        evaluation_settings(Settings())  # the whole frame is not the published protocol
+    with pytest.raises(ValueError, match="does not name segments"):
+        evaluation_settings(crop.replace(vocabulary=["cat"]))
+    with pytest.raises(ValueError, match="twice"):
+        evaluation_settings([crop, crop])
+    for bad in ([], ["x"], [-1.0], [(1.0, float("nan"), 1.0)], [(1.0, 1.0)]):
         with pytest.raises((ValueError, TypeError), match="kl_threshold"):
-            kl_settings(bad)
+            evaluation_settings(kl_threshold=bad)
 
 
 # -- command line --------------------------------------------------------------------
@@ -261,7 +284,7 @@ def test_cli_folder_end_to_end(folder, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["eval", "--dataset", "folder", "--root", str(data), "--attention-dir", str(data / "attn"),
             "--n-classes", str(N_CLASSES), "--size", str(LABEL), "--grid", str(GRID),
-            "--kl-threshold", "1.1", "0.011,0.011,0.011", "--kl-threshold", "0.009,1.1,1.1",
+            "--kl-threshold", "1.1", "--kl-threshold", "0.011,0.011,0.011", "--kl-threshold", "0.009,1.1,1.1",
             "-o", str(out), "--no-progress", "--threads", "1"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -312,7 +335,7 @@ def test_cli_coco_stuff_subprocess(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"]["name"] == "coco-stuff-27" and res["images"] == 3
     row = res["settings"][0]
-    assert row["kl_threshold"] == [1.1, 1.1, 1.1]
+    assert row["settings"]["kl_threshold"] == [1.1, 1.1, 1.1]
     assert set(row["iou"]) == set(CocoStuff27.class_names)
     assert row["pixel_accuracy"] > 0.9
     assert row["iou"]["water"] is None  # never occurs
@@ -340,7 +363,7 @@ def test_cityscapes_from_attention(tmp_path):
     assert ds.ids == ["lindau_000000_000000_leftImg8bit", "lindau_000000_000001_leftImg8bit"]
     res = evaluate(ds, attention_dir=tmp_path / "attn", grid=GRID, progress=False)
     row = res["settings"][0]
-    assert row["kl_threshold"] == [0.9, 0.9, 0.9]  # the Cityscapes default
+    assert row["settings"]["kl_threshold"] == [0.9, 0.9, 0.9]  # the Cityscapes default
     assert row["pixel_accuracy"] > 0.9
     assert row["iou"]["road"] > 0.8 and row["iou"]["sky"] is not None and np.isnan(row["iou"]["sky"])
 
@@ -353,7 +376,7 @@ def test_cli_with_model(folder, tmp_path, monkeypatch, capsys):
     calls = []
 
     class FakeModel:
-        def attention(self, image):
+        def attention(self, image, timestep=None):
             calls.append(image.shape)
             return diffseg.load_attention(data / "attn" / f"im{len(calls) - 1:02d}.npz")
 
@@ -415,7 +438,7 @@ def test_resume_is_keyed_on_the_model_bundle(folder, tmp_path):
             self.attn = {s.id: diffseg.load_attention(tmp_path / "data" / "attn" / f"{s.id}.npz")
                          for s in folder}
 
-        def attention(self, image):
+        def attention(self, image, timestep=None):
             return next(iter(self.attn.values()))
 
     bundle = tmp_path / "b.pt"
@@ -436,7 +459,7 @@ def test_attention_cache_belongs_to_one_model(folder, tmp_path):
             self.path, self.metadata = tmp_path / "b.pt", {"model_id": "m", "created": created}
             self.attn = diffseg.load_attention(tmp_path / "data" / "attn" / "im00.npz")
 
-        def attention(self, image):
+        def attention(self, image, timestep=None):
             return self.attn
 
     cache = tmp_path / "cache"
@@ -450,11 +473,15 @@ def test_refine_matches_by_hand_and_keys_the_resume(folder, tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
     res = evaluate(folder, kl_threshold=0.011, attention_dir=data / "attn", grid=GRID, refine=True,
                    output_dir=out, progress=False)
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
     m = HungarianMetrics(folder.n_classes)
-    for s in folder:
+    for s in folder:  # the oracle: the reference merge, scikit-learn's k-means (the official refine), the reference NMS
         attn = diffseg.load_attention(data / "attn" / f"{s.id}.npz")
-        m.update(diffseg.segment_attention(attn, kl_threshold=0.011, grid=GRID, size=s.label.shape,
-                                           refine=True), s.label)
+        A = diffseg.reference.aggregate(attn).astype(np.float64)
+        init = diffseg.reference.merge(A, grid=GRID, kl_threshold=0.011).reshape(-1, R * R).astype(np.float64)
+        labels = sklearn_cluster.KMeans(n_clusters=len(init), init=init, n_init=1).fit(A).labels_
+        means = np.stack([A[labels == j].mean(0) for j in np.unique(labels)]).reshape(-1, R, R)
+        m.update(diffseg.reference.nms(means, s.label.shape), s.label)
     want = m.compute()
     row = res["settings"][0]
     assert (row["tp"], row["fp"], row["fn"]) == (want["tp"], want["fp"], want["fn"])
@@ -476,3 +503,35 @@ def test_refine_matches_by_hand_and_keys_the_resume(folder, tmp_path, capsys):
     capsys.readouterr()
     cli_res = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert strip_time(cli_res)["settings"] == strip_time(res)["settings"]
+
+
+def test_image_and_label_of_other_sizes_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A 64 x 64 image with a 45 x 30 label map would be cropped on its own and
+    scored against the wrong pixels: refused, naming the file and both sizes."""
+    import diffseg.sd.model as model_mod
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for stem, label_shape in (("a_ok", (64, 64)), ("bad", (30, 45))):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros(label_shape, np.uint8)).save(root / "labels" / f"{stem}.png")
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model must not be opened")
+
+    monkeypatch.setattr(model_mod, "load_model", no_model)
+    assert cli.main(["eval", "--dataset", "folder", "--root", str(root), "--n-classes", "2", "--model", "m.pt",
+                     "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) and label map(s) differ in size" in err
+    assert "bad.png is 64x64, its label map" in err and "45x30" in err and "a_ok.png" not in err
+    ds = FolderDataset(root / "images", root / "labels", n_classes=2)
+
+    class Model:
+        def attention(self, image, timestep=None):
+            raise AssertionError("no UNet pass before the check")
+
+    with pytest.raises(ValueError, match="bad.png is 64x64"):
+        evaluate(ds, Model(), progress=False)
+    ds.check_sizes(limit=1)  # only "a_ok", which fits

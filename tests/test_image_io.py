@@ -63,6 +63,32 @@ def test_center_crop_box(h, w):
     assert top == (h - side) // 2 and left == (w - side) // 2
 
 
+def test_frame_geometry_by_hand():
+    """The padded whole frame and its window at the image's scale, computed by hand.
+
+    A 100 x 150 photo for a 64 px model (multiple 64): the short side 100 -> 64
+    (scale 0.64), the long side 150 * 0.64 = 96, padded to 128: 16 px left and
+    right. At the photo's scale the frame is 128 / 0.64 = 200 px wide, its
+    window starts 16 / 0.64 = 25 px in."""
+    g = image.whole_frame_geometry(100, 150, 64, 64)
+    assert (g.resized_height, g.resized_width, g.frame_height, g.frame_width) == (64, 96, 64, 128)
+    assert (g.top, g.bottom, g.left, g.right, g.scale) == (0, 0, 16, 16, 0.64)
+    assert g.label_window() == (100, 200, 0, 25)
+    # the frame's corners and centre in photo pixels (padding clipped to the photo's edge)
+    assert g.to_image(0.0, 0.0) == (0.0, 0.0)  # in the left padding
+    assert g.to_image(0.5, 0.5) == (75.0, 50.0)  # (64 - 16) / 0.64 = 75
+    assert g.to_image(1.0, 1.0) == (150.0, 100.0)  # in the right padding
+    assert g.to_image(0.25, 0.25) == (25.0, 25.0)  # (32 - 16) / 0.64 = 25; 16 / 0.64 = 25
+    # the tiny test model's frames (128 px): resize, padding and window rounded as the rule says
+    for (h, w), window in {(300, 420): (300, 451, 0, 14), (420, 300): (451, 300, 14, 0),
+                           (97, 251): (97, 291, 0, 20), (96, 160): (96, 192, 0, 16)}.items():
+        assert image.whole_frame_geometry(h, w, 128, 64).label_window() == window
+    # 300 x 420: 420 * 128 / 300 = 179.2 -> 179, padded to 192: 6 left, 7 right; 6 * 420 / 179 = 14.08 -> 14,
+    # 192 * 420 / 179 = 450.5 -> 451; 97 x 251: 251 * 128 / 97 = 331.2 -> 331, frame 384, 26 left:
+    # 26 * 251 / 331 = 19.7 -> 20, 384 * 251 / 331 = 291.2 -> 291; 96 x 160: 213.3 -> 213, frame 256, 21 left:
+    # 21 * 160 / 213 = 15.8 -> 16, 256 * 160 / 213 = 192.3 -> 192
+
+
 def test_preprocess_matches_torch_bilinear():
     torch = pytest.importorskip("torch")
     a = rgb(48, 80, seed=1)
@@ -143,7 +169,7 @@ def test_segment_viz_and_cli_follow_exif(tmp_path, monkeypatch):
     labels = diffseg.segment(path, Planted())
     assert labels.shape == (600, 400)
     assert overlay(path, labels).shape == (600, 400, 3)
-    monkeypatch.setattr(_common, "open_model", lambda args: Planted())
+    monkeypatch.setattr(_common, "open_model", lambda args, **kw: Planted())
     assert cli.main(["segment", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
     with Image.open(tmp_path / "out" / "phone.labels.png") as im:
         assert im.size == (400, 600)  # (width, height) as displayed
@@ -181,7 +207,7 @@ def test_attention_cli_orientation_for_datasets(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(_common, "open_model", lambda args: Recorder())
+    monkeypatch.setattr(_common, "open_model", lambda args, **kw: Recorder())
     path = _phone_jpeg(tmp_path / "phone.jpg")
     assert cli.main(["attention", str(path), "-o", str(tmp_path / "a")]) == 0
     assert cli.main(["attention", str(path), "-o", str(tmp_path / "b"), "--stored-orientation"]) == 0

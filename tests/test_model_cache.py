@@ -115,7 +115,11 @@ def test_bad_image_fails_before_the_model(tmp_path, monkeypatch):
     def no_model(*a, **kw):
         raise AssertionError("the model must not be opened for a missing image")
 
+    import diffseg.sd.model
+
     monkeypatch.setattr(pipeline, "_default_model", None)
-    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(diffseg.sd.model, "load_model", no_model)
     with pytest.raises(FileNotFoundError, match="x.jpg"):
         diffseg.segment(tmp_path / "x.jpg")
+    with pytest.raises(ValueError, match="grid"):
+        diffseg.segment(tmp_path / "x.jpg", grid=100)  # bad settings fail first

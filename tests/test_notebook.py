@@ -30,6 +30,7 @@ def test_notebook_tiny_model(tiny_bundle, tmp_path, monkeypatch):
     pytest.importorskip("diffseg._torch")
     text, images = _run(str(tiny_bundle), tmp_path, monkeypatch)
     assert "diffseg.Model" in text
+    assert "Warning" not in text
     assert "exit status 0" in text
     assert "pixel accuracy" in text
     assert images >= 4
@@ -39,6 +40,8 @@ def test_notebook_tiny_model(tiny_bundle, tmp_path, monkeypatch):
 def test_notebook_planted(tmp_path, monkeypatch):
     text, images = _run("planted", tmp_path, monkeypatch)
     assert "model: None" in text and "no model: skipped" in text
+    assert "Warning" not in text  # no third-party warnings in the outputs
+    assert "-> 1 segments" not in text
     assert images >= 4
     # planted attention: the segments are found
     line = next(l for l in text.splitlines() if "pixel accuracy" in l)

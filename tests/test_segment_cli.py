@@ -21,7 +21,7 @@ from planted_model import PlantedModel
 @pytest.fixture
 def fake_model(monkeypatch):
     model = PlantedModel()
-    monkeypatch.setattr(_common, "open_model", lambda args: model)
+    monkeypatch.setattr(_common, "open_model", lambda args, **kw: model)
     return model
 
 
@@ -57,12 +57,13 @@ def test_folder(fake_model, photos, tmp_path, capsys):
     labels, doc = _read(out, "wide")
     assert labels.shape == (40, 70) and labels.dtype == np.uint8
     assert labels.max() >= 2  # planted segments found
+    np.testing.assert_array_equal(labels, diffseg.segment(photos / "wide.png", PlantedModel()))
     assert doc["height"] == 40 and doc["width"] == 70
     # the whole frame: short side 40 -> 128 px, long 70 -> 224 px padded to 256 (16 px each side)
-    assert "crop" not in doc and doc["settings"]["frame"] == "whole"
+    assert "crop" not in doc and doc["made_with"]["settings"]["frame"] == "whole"
     assert doc["frame"] == {"height": 128, "width": 256, "grid": [16, 32], "scale": 3.2,
                             "padding": {"top": 0, "bottom": 0, "left": 16, "right": 16}}
-    assert doc["settings"]["kl_threshold"] == [1.1, 1.1, 1.1]
+    assert doc["made_with"]["settings"]["kl_threshold"] == [1.1, 1.1, 1.1]
     assert doc["n_segments"] == len(doc["annotations"]) == labels.max() + 1
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)
     for r in doc["annotations"]:
@@ -70,8 +71,10 @@ def test_folder(fake_model, photos, tmp_path, capsys):
                           "proposal"}
         assert 0 < r["score"] <= 1 and r["score"] == pytest.approx(np.exp(-r["mean_kl"]))
         assert isinstance(r["segmentation"]["counts"], str)
+    from diffseg.viz import overlay as draw_overlay
+
     overlay = np.asarray(Image.open(out / "wide.overlay.png"))
-    assert overlay.shape == (40, 70, 3)
+    np.testing.assert_array_equal(overlay, draw_overlay(diffseg.load_image(photos / "wide.png"), labels))
     assert capsys.readouterr().err == ""
 
 
@@ -97,6 +100,7 @@ def test_unreadable_files_are_counted(fake_model, photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.png" in err and "missing.jpg" in err
     assert "2 failed" in err and "Traceback" not in err
+    assert all(line.count("diffseg segment:") == 1 for line in err.splitlines())  # one prefix per line
     assert (out / "wide.json").is_file() and not (out / "broken.json").exists()
 
 
@@ -131,12 +135,14 @@ def test_skip_existing_and_output_inside_input(fake_model, photos):
 
 def test_knobs_reach_the_pipeline(fake_model, photos, tmp_path):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    main(["segment", str(photos / "wide.png"), "-o", str(out_a), "-q", "--kl-threshold", "0.05"])
-    main(["segment", str(photos / "wide.png"), "-o", str(out_b), "-q", "--kl-threshold", "1.1,1.1,1.1",
-          "--grid", "4"])
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out_a), "-q", "--kl-threshold", "0.05"]) == 0
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out_b), "-q", "--kl-threshold", "1.1,1.1,1.1",
+                 "--grid", "4"]) == 0
     la, da = _read(out_a, "wide")
     lb, db = _read(out_b, "wide")
-    assert da["settings"]["kl_threshold"] == [0.05] * 3 and db["settings"]["grid"] == 4
+    np.testing.assert_array_equal(la, diffseg.segment(photos / "wide.png", PlantedModel(), kl_threshold=0.05))
+    np.testing.assert_array_equal(lb, diffseg.segment(photos / "wide.png", PlantedModel(), grid=4))
+    assert da["made_with"]["settings"]["kl_threshold"] == [0.05] * 3 and db["made_with"]["settings"]["grid"] == 4
     assert la.max() > lb.max()
 
 
@@ -190,7 +196,7 @@ def test_subprocess_with_tiny_bundle(tiny_bundle, photos, tmp_path):
     assert "2 image(s) segmented" in proc.stderr
     labels, doc = _read(out, "tall")
     assert labels.shape == (50, 30)
-    assert doc["settings"]["timestep"] == 300
+    assert doc["made_with"]["settings"]["timestep"] == 300
     assert np.array_equal(records_to_labels(doc["annotations"]), labels)
 
 
@@ -204,11 +210,30 @@ def test_refine_flag(fake_model, photos, tmp_path):
                  "--refine"]) == 0
     assert fake_model.calls == 2  # kept
     labels, doc = _read(out, "wide")
-    assert doc["settings"]["refine"] is True
+    assert doc["made_with"]["settings"]["refine"] is True
     np.testing.assert_array_equal(labels, diffseg.segment(photos / "wide.png", fake_model, refine=True))
-    # outputs saved before the option existed count as made without it
-    doc["settings"].pop("refine")
+    # outputs that do not record what made them (older diffseg) are made again
+    del doc["made_with"]
     (out / "wide.json").write_text(json.dumps(doc))
     calls = fake_model.calls
-    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q", "--skip-existing"]) == 0
-    assert fake_model.calls == calls
+    assert main(["segment", str(photos / "wide.png"), "-o", str(out), "-q", "--skip-existing", "--refine"]) == 0
+    assert fake_model.calls == calls + 1
+
+
+def test_skip_existing_without_json_reads_the_png_records(fake_model, photos, tmp_path):
+    """Label maps alone record their settings (a PNG text chunk): other settings redo them."""
+    out = tmp_path / "out"
+    wide = str(photos / "wide.png")
+    assert main(["segment", wide, "-o", str(out), "-q", "--format", "labels", "--kl-threshold", "0.7"]) == 0
+    first = np.asarray(Image.open(out / "wide.labels.png"))
+    assert json.loads(Image.open(out / "wide.labels.png").text["diffseg"])["settings"]["kl_threshold"] == [0.7] * 3
+    assert main(["segment", wide, "-o", str(out), "-q", "--format", "labels", "--kl-threshold", "0.7",
+                 "--skip-existing"]) == 0
+    assert fake_model.calls == 1  # same settings: kept
+    assert main(["segment", wide, "-o", str(out), "-q", "--format", "labels", "--kl-threshold", "0.05",
+                 "--skip-existing"]) == 0
+    assert fake_model.calls == 2  # other settings: made again, not kept
+    assert not np.array_equal(np.asarray(Image.open(out / "wide.labels.png")), first)
+    # the overlay records them too
+    assert main(["segment", wide, "-o", str(out), "-q", "--format", "overlay"]) == 0
+    assert json.loads(Image.open(out / "wide.overlay.png").text["diffseg"])["settings"]["kl_threshold"] == [1.1] * 3

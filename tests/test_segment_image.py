@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("diffseg._torch", reason="diffseg._torch not built (pip install --no-build-isolation)")
 
 import diffseg  # noqa: E402
+from diffseg import reference  # noqa: E402
 from diffseg.io.attention import load_attention  # noqa: E402
 from diffseg.io.images import center_crop, center_crop_box  # noqa: E402
 
@@ -46,7 +47,8 @@ def test_segment_non_square_crop_frame(tiny_model, height, width):
     crop = labels[top:top + side, left:left + side]
     # The crop's labels are DiffSeg on the centre crop, at the crop's size.
     attn = tiny_model.attention(center_crop(img))
-    expected = diffseg.segment_attention(attn, kl_threshold=FINE, size=(side, side))
+    expected = reference.segment_attention(attn, kl_threshold=FINE, size=(side, side))
+    assert expected.max() >= 2
     np.testing.assert_array_equal(crop, expected)
     # Outside the crop: the nearest crop pixel's label.
     if width > side:
@@ -74,12 +76,19 @@ def test_segment_border_value(tiny_model):
 
 def test_segment_defaults_and_parameters(tiny_model):
     img = test_image(100, 100, seed=2)
+    attn = tiny_model.attention(img, frame="whole")  # the default frame (antialiased resize)
     labels = diffseg.segment(img, tiny_model)  # official defaults
     check_labels(labels, 100, 100)
+    np.testing.assert_array_equal(labels, reference.segment_attention(attn, size=(100, 100)))
     fine = diffseg.segment(img, tiny_model, kl_threshold=(FINE, FINE, FINE), grid=8)
     check_labels(fine, 100, 100)
+    np.testing.assert_array_equal(fine, reference.segment_attention(attn, kl_threshold=FINE, grid=8, size=(100, 100)))
+    assert fine.max() >= 2
+    # the timestep reaches the UNet: other attention, other labels
     other_t = diffseg.segment(img, tiny_model, kl_threshold=FINE, timestep=50)
-    check_labels(other_t, 100, 100)
+    attn_50 = tiny_model.attention(img, timestep=50, frame="whole")
+    np.testing.assert_array_equal(other_t, reference.segment_attention(attn_50, kl_threshold=FINE, size=(100, 100)))
+    assert not np.array_equal(other_t, diffseg.segment(img, tiny_model, kl_threshold=FINE))
     with pytest.raises(ValueError):
         diffseg.segment(img, tiny_model, grid=17)  # more anchors than the 16x16 latent
     with pytest.raises(ValueError):
@@ -96,9 +105,11 @@ def test_image_kinds(tiny_model, tmp_path):
     np.testing.assert_array_equal(diffseg.segment(str(path), tiny_model, kl_threshold=FINE), ref)
     np.testing.assert_array_equal(diffseg.segment(path, tiny_model, kl_threshold=FINE), ref)
     np.testing.assert_array_equal(diffseg.segment(Image.fromarray(rgb), tiny_model, kl_threshold=FINE), ref)
+    assert ref.max() >= 2
     gray = rgb[:, :, 0]
-    check_labels(diffseg.segment(gray, tiny_model, kl_threshold=FINE), 60, 90)
-    check_labels(diffseg.segment(Image.fromarray(gray), tiny_model, kl_threshold=FINE), 60, 90)
+    gray_ref = diffseg.segment(np.dstack([gray] * 3), tiny_model, kl_threshold=FINE)  # replicated to RGB
+    np.testing.assert_array_equal(diffseg.segment(gray, tiny_model, kl_threshold=FINE), gray_ref)
+    np.testing.assert_array_equal(diffseg.segment(Image.fromarray(gray), tiny_model, kl_threshold=FINE), gray_ref)
     rgba = np.dstack([rgb, np.full((60, 90), 255, np.uint8)])
     np.testing.assert_array_equal(diffseg.segment(rgba, tiny_model, kl_threshold=FINE), ref)
     with pytest.raises(TypeError):
@@ -109,10 +120,12 @@ def test_image_kinds(tiny_model, tmp_path):
         diffseg.segment(np.zeros((5, 5, 2), np.uint8), tiny_model)
 
 
-def test_segment_with_bundle_path(tiny_bundle):
+def test_segment_with_bundle_path(tiny_bundle, tiny_model):
     img = test_image(70, 50, seed=4)
     labels = diffseg.segment(img, tiny_bundle, kl_threshold=FINE)
     check_labels(labels, 70, 50)
+    np.testing.assert_array_equal(labels, diffseg.segment(img, tiny_model, kl_threshold=FINE))
+    assert labels.max() >= 2
 
 
 def test_load_model_exports_once_into_cache(tiny_sd_dir, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ of a bundle against eager diffusers."""
 import numpy as np
 import pytest
 
-from diffseg import semantic
+from diffseg import reference, semantic
 from diffseg.semantic import (aggregate_cross_attention, extract_nouns, group_segments, name_segments,
                               vocabulary_prompt, word_token_indices)
 
@@ -127,6 +127,38 @@ def test_word_token_indices_with_the_clip_tokenizer(tmp_path):
         word_token_indices(tokens, ["dog"])
     with pytest.raises(ValueError, match="not in the prompt"):
         word_token_indices(tokens, ["ca"])  # part of a word is not a word
+
+
+def test_word_token_indices_are_disjoint_longest_phrase_first():
+    """A word inside a longer phrase of the vocabulary does not take the
+    phrase's tokens: the phrase claims its occurrence first."""
+    tokens = _tokens("light</w>", ",</w>", "traffic</w>", "light</w>", length=12)
+    assert word_token_indices(tokens, ["light", "traffic light"]) == [[1], [3, 4]]
+    assert word_token_indices(tokens, ["traffic light", "light"]) == [[3, 4], [1]]
+    # every occurrence of "light" is inside "traffic light": it has no tokens of its own
+    only = _tokens("traffic</w>", "light</w>", length=12)
+    with pytest.raises(ValueError, match="'light' has no tokens of its own.*'traffic light'"):
+        word_token_indices(only, ["light", "traffic light"])
+    assert word_token_indices(only, ["light"]) == [[2]]  # alone it is a word of the prompt
+
+
+def test_word_token_indices_names_the_token_limit():
+    """A prompt longer than the text encoder's 77 tokens is cut: a word past the
+    cut is refused for that reason, not as "not in the prompt"."""
+    words = [f"w{i}" for i in range(40)]
+    body = []
+    for w in words:
+        body += [w + "</w>", ",</w>"]
+    tokens = [BOS] + body[:75] + [EOS]  # what the tokenizer gives: cut at 77 with the end token
+    assert len(tokens) == 77
+    assert word_token_indices(tokens, words[:37]) == [[1 + 2 * i] for i in range(37)]
+    with pytest.raises(ValueError, match="'w38' does not fit in the prompt: the text encoder takes 77 tokens"):
+        word_token_indices(tokens, words)
+    with pytest.raises(ValueError, match="'dog' does not fit"):
+        word_token_indices(tokens, ["dog"])  # with a cut prompt, any missing word may be past the cut
+    padded = _tokens("cat</w>", length=77)
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        word_token_indices(padded, ["dog"])
 
 
 def test_word_token_indices_non_ascii():
@@ -353,8 +385,12 @@ def test_segment_with_vocabulary_names_planted_regions(planted_model):
 def test_segment_with_prompt_and_captioner(planted_model):
     import diffseg
 
-    _, names = diffseg.segment(_image(), planted_model, prompt="a sky over a tree and grass", grid=8, frame="crop")
-    assert set(names) <= {"sky", "tree", "grass"}
+    labels, names = diffseg.segment(_image(), planted_model, prompt="a sky over a tree and grass", grid=8,
+                                    frame="crop")
+    truth = np.kron(planted_model.truth, np.ones((4, 4), np.int32))
+    assert len(names) >= 2
+    for k, name in enumerate(names):  # each segment named after the region most of it covers
+        assert name == planted_model.region_words[np.bincount(truth[labels == k]).argmax()]
     seen = []
 
     def captioner(rgb):
@@ -391,7 +427,7 @@ def test_segment_naming_bad_inputs(planted_model):
         diffseg.segment(_image(), planted_model, vocabulary=["sky"], voting="best")
     with pytest.raises(ValueError, match="voting must be one of"):
         diffseg.segment(_image(), planted_model, voting="best")
-    with pytest.raises(ValueError, match="must not be empty"):
+    with pytest.raises(ValueError, match="vocabulary is empty"):
         diffseg.segment(_image(), planted_model, vocabulary=[])
     with pytest.raises(ValueError, match="prompt must be a non-empty string"):
         diffseg.segment(_image(), planted_model, prompt="  ")
@@ -438,23 +474,31 @@ def test_cli_segment_vocabulary_writes_names(planted_model, monkeypatch, tmp_pat
 
     planted_model.metadata, planted_model.path = {"model_id": "planted"}, "planted"
     planted_model.close = lambda: None
-    monkeypatch.setattr(_common, "open_model", lambda args: planted_model)
+    monkeypatch.setattr(_common, "open_model", lambda args, **kw: planted_model)
     Image.fromarray(_image()).save(tmp_path / "a.png")
     out = tmp_path / "out"
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q", "--frame", "crop",
                  "--vocabulary", "sky, tree,grass", "--voting", "majority"]) == 0
     doc = json.loads((out / "a.json").read_text())
     assert doc["prompt"] == "sky, tree, grass" and doc["words"] == ["sky", "tree", "grass"]
-    assert doc["settings"]["vocabulary"] == ["sky", "tree", "grass"] and doc["settings"]["voting"] == "majority"
+    assert doc["made_with"]["settings"]["vocabulary"] == ["sky", "tree", "grass"] and doc["made_with"]["settings"]["voting"] == "majority"
     names = [r["name"] for r in doc["annotations"]]
-    assert set(names) <= {"sky", "tree", "grass"} and len(names) == doc["n_segments"]
+    assert len(names) == doc["n_segments"] >= 2
+    from diffseg.io.records import records_to_labels
+
+    labels = records_to_labels(doc["annotations"])
+    truth = np.kron(planted_model.truth, np.ones((4, 4), np.int32))
+    for r in doc["annotations"]:  # named after the planted region most of the segment covers
+        assert r["name"] == planted_model.region_words[np.bincount(truth[labels == r["id"]]).argmax()]
+    from diffseg.viz import named_overlay
+
     overlay = np.asarray(Image.open(out / "a.overlay.png"))
-    assert overlay.shape == (64, 64, 3)
+    np.testing.assert_array_equal(overlay, named_overlay(_image(), labels, names))
     # --prompt alone: its nouns; --skip-existing redoes outputs made with other words.
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--grid", "8", "-q", "--skip-existing",
                  "--frame", "crop", "--prompt", "grass and sky"]) == 0
     doc = json.loads((out / "a.json").read_text())
-    assert doc["words"] == ["grass", "sky"] and doc["settings"]["prompt"] == "grass and sky"
+    assert doc["words"] == ["grass", "sky"] and doc["made_with"]["settings"]["prompt"] == "grass and sky"
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(out), "--vocabulary", " , "]) == 2
 
 
@@ -594,12 +638,34 @@ def test_name_from_cross_equals_name_segments_on_full_logits(voting):
         name_segments(labels, full, tokens, words, voting)
     with pytest.raises(ValueError, match="76 entries"):
         semantic.name_from_cross(labels, cross, tokens[:76], words, voting)
-    # A window of a larger frame: the frame's logits, cut.
+    # A window of a larger working grid, one label pixel per cell: the grid's logits, cut.
     big = aggregate_cross_attention(cross, (50, 60))[3:43, 12:52]
-    assert semantic.name_from_cross(labels, cross, tokens, words, voting, frame=(50, 60, 3, 12)) == \
+    assert semantic.name_from_cross(labels, cross, tokens, words, voting, size=(50, 60), window=(3, 12, 40, 40)) == \
         name_segments(labels, big, tokens, words, voting)
-    with pytest.raises(ValueError, match="do not fit"):
-        semantic.name_from_cross(labels, cross, tokens, words, voting, frame=(50, 60, 20, 12))
+    with pytest.raises(ValueError, match="does not lie in the working grid"):
+        semantic.name_from_cross(labels, cross, tokens, words, voting, size=(50, 60), window=(20, 12, 40, 40))
+
+
+@pytest.mark.parametrize("voting", ["mean", "majority"])
+def test_name_from_cross_on_a_coarser_working_grid(voting):
+    """Labels 4x finer than the working grid (a large photo named at the model's
+    size): each label pixel reads its cell, as if the grid's logits were
+    repeated 4 x 4 (the oracle), without ever making the full-size logits."""
+    rng = np.random.default_rng(6)
+    tokens = _tokens("ca", "t</w>", ",</w>", "gr", "a", "ss</w>", ",</w>", "sky</w>", length=77)
+    cross = _random_cross(rng, ((8, 6), (4, 3), (2, 2)))
+    labels = np.repeat(np.repeat(rng.integers(0, 6, size=(25, 20)), 8, 0), 8, 1).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.2] = 3  # not aligned with the cells
+    words = ["cat", "grass", "sky"]
+    cells = aggregate_cross_attention(cross, (50, 40))
+    oracle = np.repeat(np.repeat(cells, 4, axis=0), 4, axis=1)
+    assert semantic.name_from_cross(labels, cross, tokens, words, voting, size=(50, 40)) == \
+        name_segments(labels, oracle, tokens, words, voting)
+    # the same with the labels in a padded window: rows 5..45 of a 60-row grid
+    padded = aggregate_cross_attention(cross, (60, 40))
+    oracle = np.repeat(np.repeat(padded[5:55], 4, axis=0), 4, axis=1)
+    assert semantic.name_from_cross(labels, cross, tokens, words, voting, size=(60, 40), window=(5, 0, 50, 40)) \
+        == name_segments(labels, oracle, tokens, words, voting)
 
 
 # ---------------------------------------------------------------- through the libtorch shim
@@ -657,10 +723,12 @@ def test_names_from_the_shim_model(cross_model):
 
     rgb = np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     words = ["tabby cat", "grass", "sky"]
-    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, frame="crop")
+    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, kl_threshold=0.3, frame="crop")
     assert result["prompt"] == "tabby cat, grass, sky"
     attn, cross, tokens = cross_model.prompt_attention(rgb, "tabby cat, grass, sky")
-    np.testing.assert_array_equal(diffseg.segment_attention(attn, grid=8, size=(128, 128)), result["crop_labels"])
+    want = reference.segment_attention(attn, grid=8, kl_threshold=0.3, size=(128, 128))
+    assert want.max() >= 2  # several segments to name
+    np.testing.assert_array_equal(result["crop_labels"], want)
     logits = diffseg.semantic.aggregate_cross_attention(cross, (128, 128))
     assert result["names"] == diffseg.name_segments(result["crop_labels"], logits, tokens, words)
     assert set(result["names"]) <= set(words)
@@ -670,17 +738,23 @@ def test_names_from_the_shim_model_whole_frame(cross_model):
     """frame="whole" on a non-square image: the cross-attention is aggregated
     on the padded working frame and cut to the image, as the labels are."""
     import diffseg
-    from diffseg.pipeline import _frame_window, segment_detailed
+    from diffseg.io.images import resize_nearest
+    from diffseg.pipeline import segment_detailed
 
     rgb = np.random.default_rng(4).integers(0, 256, (96, 160, 3), dtype=np.uint8)
     words = ["cat", "grass"]
-    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, frame="whole")
+    result = segment_detailed(rgb, cross_model, vocabulary=words, grid=8, kl_threshold=0.3, frame="whole")
     assert result["labels"].shape == (96, 160) and len(result["names"]) == result["labels"].max() + 1
+    assert result["labels"].max() >= 2
     _, cross, tokens = cross_model.prompt_attention(rgb, "cat, grass", frame="whole")
-    frame_h, frame_w, top, left = _frame_window(result["geometry"])
-    logits = diffseg.semantic.aggregate_cross_attention(cross, (frame_h, frame_w))[top:top + 96, left:left + 160]
+    # tiny model (128 px): 96x160 -> resized 128x213, padded to a 128x256 frame, 21 px left, 22 right
+    g = result["geometry"]
+    assert (g.frame_height, g.frame_width, g.resized_width, g.left) == (128, 256, 213, 21)
+    cells = diffseg.semantic.aggregate_cross_attention(cross, (128, 256))[:, 21:21 + 213]
+    # each image pixel reads the frame cell its centre falls in
+    logits = np.stack([resize_nearest(cells[:, :, k], 96, 160) for k in range(cells.shape[2])], axis=2)
     assert result["names"] == diffseg.name_segments(result["labels"], logits, tokens, words)
-    labels, names = diffseg.segment(rgb, cross_model, vocabulary=words, grid=8)  # frame="whole" is the default
+    labels, names = diffseg.segment(rgb, cross_model, vocabulary=words, grid=8, kl_threshold=0.3)  # whole frame
     np.testing.assert_array_equal(labels, result["labels"])
     assert names == result["names"]
 
@@ -726,3 +800,86 @@ def test_cli_segment_vocabulary_with_the_tiny_bundle(cross_bundle, tiny_bundle, 
     assert main(["segment", str(tmp_path / "a.png"), "-o", str(tmp_path / "out2"), "--model", tiny_bundle, "-q",
                  "--vocabulary", "cat"]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_naming_refuses_words_before_any_pass(planted_model):
+    """Words that the prompt cannot hold, or that have no tokens of their own,
+    fail before any UNet pass (one error, not one per image)."""
+    import diffseg
+
+    words = [f"w{i}" for i in range(40)]  # "w0, w1, ..., w39": past the 77 tokens
+    with pytest.raises(ValueError, match="does not fit in the prompt"):
+        diffseg.segment(_image(), planted_model, vocabulary=words, frame="crop")
+    with pytest.raises(ValueError, match="'tree' has no tokens of its own"):
+        list(diffseg.segment_many([_image()] * 3, planted_model, vocabulary=["tree", "palm tree"],
+                                  prompt="a palm tree", frame="crop"))
+    assert planted_model.prompts == []  # no pass ran
+
+
+def test_default_model_for_naming_has_cross_attention(monkeypatch):
+    """diffseg.segment(img, vocabulary=...) with the default model loads (exports)
+    it with cross-attention; that model then also serves plain calls."""
+    import diffseg
+    import diffseg.sd.model
+    from diffseg import pipeline
+
+    loaded = []
+
+    class Fake(PlantedModel):
+        closed = False
+
+        def __init__(self, cross_attention):
+            truth = np.zeros((16, 16), np.int32)
+            truth[:, 8:] = 1
+            super().__init__(truth, ["sky", "tree"])
+            self.has_cross_attention = cross_attention
+
+    def fake_load_model(path_or_id=None, *, cross_attention=False, **kw):
+        loaded.append((path_or_id, cross_attention))
+        return Fake(cross_attention)
+
+    monkeypatch.setattr(diffseg.sd.model, "load_model", fake_load_model)
+    monkeypatch.setattr(pipeline, "_default_model", None)
+    diffseg.segment(_image(), frame="crop")
+    assert loaded == [(None, False)]
+    _, names = diffseg.segment(_image(), vocabulary=["sky", "tree"], frame="crop", grid=8)
+    assert loaded == [(None, False), (None, True)] and set(names) <= {"sky", "tree"}
+    diffseg.segment(_image(), frame="crop")  # the cross-attention model runs plain passes too
+    diffseg.segment(_image(), vocabulary=["sky"], frame="crop")
+    assert len(loaded) == 2
+
+
+def test_a_model_path_is_opened_once(tmp_path, monkeypatch):
+    """segment(img, "bundle-dir") opens the bundle on the first call only;
+    a bundle rewritten since (other size or mtime) is opened again."""
+    import os
+
+    import diffseg
+    import diffseg.sd.model
+    from diffseg import pipeline
+
+    opened = []
+
+    def fake_load_model(path_or_id=None, *, cross_attention=False, **kw):
+        truth = np.zeros((16, 16), np.int32)
+        truth[8:] = 1
+        model = PlantedModel(truth, ["sky"])
+        model.closed = False
+        opened.append(path_or_id)
+        return model
+
+    monkeypatch.setattr(diffseg.sd.model, "load_model", fake_load_model)
+    monkeypatch.setattr(pipeline, "_opened", {})
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "diffseg_bundle.pt").write_bytes(b"x" * 10)
+    first = diffseg.segment(_image(), str(bundle), frame="crop")
+    diffseg.segment(_image(), bundle, frame="crop")  # a Path to the same folder
+    diffseg.segment(_image(), str(bundle / "diffseg_bundle.pt"), frame="crop")  # the file itself
+    assert len(opened) == 1
+    st = os.stat(bundle / "diffseg_bundle.pt")
+    os.utime(bundle / "diffseg_bundle.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten
+    np.testing.assert_array_equal(diffseg.segment(_image(), str(bundle), frame="crop"), first)
+    assert len(opened) == 2
+    pipeline.release_models()
+    assert pipeline._opened == {}

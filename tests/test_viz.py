@@ -83,9 +83,10 @@ def test_merge_stages(planted):
     _, A, _ = planted
     stages = viz.merge_stages(A, grid=8, kl_threshold=(1.1, 1.0, 0.9))
     assert len(stages) == 3
-    assert len(stages[0]) == 64
-    assert np.array_equal(stages[-1], diffseg.merge(A, grid=8, kl_threshold=(1.1, 1.0, 0.9)))
-    assert np.array_equal(stages[1], diffseg.merge(A, grid=8, kl_threshold=(1.1, 1.0)))
+    for i, want in enumerate([(1.1,), (1.1, 1.0), (1.1, 1.0, 0.9)]):  # the pure-NumPy reference
+        np.testing.assert_allclose(stages[i], diffseg.reference.merge(A, grid=8, kl_threshold=want),
+                                   rtol=1e-5, atol=1e-9)
+    assert len(stages[0]) == 64 and len(stages[2]) < len(stages[0])
 
 
 def test_stage_figures(planted, tmp_path):

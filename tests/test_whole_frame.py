@@ -14,7 +14,7 @@ import diffseg  # noqa: E402
 from diffseg import reference  # noqa: E402
 from diffseg.cli import main  # noqa: E402
 from diffseg.io.images import whole_frame_geometry  # noqa: E402
-from diffseg.pipeline import _frame_window, result_records, segment_detailed  # noqa: E402
+from diffseg.pipeline import result_records, segment_detailed  # noqa: E402
 
 FINE = 0.3  # many segments on random tiny-SD attention (see test_segment_image.py)
 
@@ -31,7 +31,7 @@ def expected_labels(attn, geometry, grid):
     """The whole-frame labels from the pure-NumPy reference: the stages on the
     frame's grid, labels drawn over the whole frame at the image's scale, the
     padding cut off, labels renumbered in order."""
-    frame_h, frame_w, top, left = _frame_window(geometry)
+    frame_h, frame_w, top, left = geometry.label_window()  # checked by hand in test_image_io.py::test_frame_geometry_by_hand
     labels = reference.segment_attention(attn, kl_threshold=FINE, grid=grid, size=(frame_h, frame_w))
     window = labels[top:top + geometry.height, left:left + geometry.width]
     _, compact = np.unique(window, return_inverse=True)
@@ -76,10 +76,15 @@ def test_records_of_a_whole_frame(tiny_model):
     result = segment_detailed(img, tiny_model, kl_threshold=FINE, grid=8)
     records = result_records(result, "binary_mask")
     assert len(records) == result["labels"].max() + 1
+    rows, cols = diffseg.anchor_grid((16, 24), 8)  # the 128 x 192 frame's 16 x 24 grid
     for r in records:
         assert r["crop_box"] == [0, 0, 420, 300]
-        (x, y), = r["point_coords"]
-        assert 0 <= x <= 420 and 0 <= y <= 300
+        # by hand: 300 x 420 -> 128 x 179 in a 128 x 192 frame, 6 px padding on the left
+        i, j = divmod(int(result["seed"][r["proposal"]]), 24)
+        x = ((j + 0.5) / 24 * 192 - 6) * 420 / 179
+        y = (i + 0.5) / 16 * 128 * 300 / 128
+        assert r["point_coords"] == [[pytest.approx(min(max(x, 0), 420)), pytest.approx(y)]]
+        assert i in rows and j in cols
         assert np.array_equal(r["segmentation"], result["labels"] == r["id"])
         assert 0 < r["score"] <= 1
 
@@ -131,22 +136,26 @@ def test_cli_whole_and_crop_outputs(tiny_bundle, tmp_path):
                  "--kl-threshold", str(FINE), "--grid", "8"]) == 0
     doc = json.loads((out / "wide.json").read_text())
     assert "crop" not in doc and doc["frame"]["width"] > doc["frame"]["height"]
-    assert doc["settings"]["frame"] == "whole"
+    assert doc["made_with"]["settings"]["frame"] == "whole"
     labels = np.asarray(Image.open(out / "wide.labels.png"))
     assert labels.shape == (96, 200)
     # --skip-existing does not keep outputs of another frame
     assert main(["segment", str(src), "-o", str(out), "--model", str(tiny_bundle), "-q", "--skip-existing",
                  "--kl-threshold", str(FINE), "--grid", "8", "--frame", "crop"]) == 0
     doc = json.loads((out / "wide.json").read_text())
-    assert doc["crop"] == {"top": 0, "left": 52, "size": 96} and doc["settings"]["frame"] == "crop"
+    assert doc["crop"] == {"top": 0, "left": 52, "size": 96} and doc["made_with"]["settings"]["frame"] == "crop"
 
 
-def test_segment_many_batches_through_the_shim(tiny_model):
+def test_segment_many_batches_through_the_shim(tiny_model, monkeypatch):
     """batch_size=3: one UNet call per batch and size; labels as one image at a
     time up to the batched kernels' rounding (see diffseg.segment_many)."""
     images = [photo(128, 192, seed=s) for s in range(4)] + [photo(128, 128, seed=9)]
     serial = [diffseg.segment(img, tiny_model, kl_threshold=FINE, grid=8) for img in images]
+    calls, batch = [], tiny_model.attention_batch
+    monkeypatch.setattr(tiny_model, "attention_batch", lambda imgs, *a, **kw: calls.append(len(imgs)) or batch(imgs, *a, **kw))
     got = dict(diffseg.segment_many(images, tiny_model, kl_threshold=FINE, grid=8, batch_size=3))
+    # batches [3 x 128x192], [128x192, 128x128]: the second runs as one call per size
+    assert calls == [3, 1, 1]
     assert sorted(got) == list(range(5))
     for i, labels in got.items():
         assert labels.shape == serial[i].shape

@@ -22,6 +22,8 @@ def register_cli(subparsers):
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("-r", "--recursive", action="store_true", help="also images in subfolders of folders")
     add_model_arguments(p)
+    p.add_argument("--timestep", type=_common._int_at_least(0, 999), default=300, metavar="T",
+                   help="UNet timestep, 0..999 (default 300, as the official code)")
     p.add_argument("--stored-orientation", action="store_true",
                    help="ignore EXIF orientation: the image as stored, like evaluation datasets "
                         "(their labels are stored that way); default: as displayed")
@@ -36,20 +38,21 @@ def register_cli(subparsers):
 
 
 def _run(args):
+    with _common.output_folder(args.out, "-o/--out") as out:
+        return _write_attention(args, out)
+
+
+def _write_attention(args, out):
     from ..io.attention import save_attention
     from ..io.images import load_image
 
     apply_threads(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o/--out: {out} is a file, not a folder")
     inputs, problems = collect_inputs(args.images, args.recursive)
     for message in problems:
         report("attention", message)
     if not inputs:
         raise UserError("no images to read")
     model = _common.open_model(args)
-    out.mkdir(parents=True, exist_ok=True)
     written, failed = 0, len(problems)
     try:
         for image, name in unique_names([(p, p.stem) for p, _ in inputs]):

@@ -1,11 +1,17 @@
 """``diffseg demo``: DiffSeg's post-processing on planted synthetic attention
 (no model needed): the main job until a Stable Diffusion bundle is used."""
-from ._common import KL_HELP, kl_setting, positive_int
+from ._common import KL_HELP, kl_threshold, output_folder, positive_int, settings_from_args
 
 
 def _run(args):
     from pathlib import Path
 
+    settings = settings_from_args(args)
+    with output_folder(Path(args.output), "-o/--output") as out:
+        return _demo(args, settings, out)
+
+
+def _demo(args, settings, out):
     from PIL import Image
 
     from .._util import atomic_path
@@ -16,9 +22,7 @@ def _run(args):
     from ..viz import colorize
 
     attn, truth = planted_example(args.resolution, args.segments, args.seed)
-    labels = segment_attention(attn, kl_threshold=args.kl_threshold, size=(args.size, args.size))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    labels = segment_attention(attn, settings, size=(args.size, args.size))
     truth_big = resize_nearest(truth, args.size, args.size)
     # One palette, and a found segment coloured like the planted one it matches.
     for name, image in (("labels.png", match_labels(labels, truth_big)), ("truth.png", truth_big)):
@@ -42,6 +46,8 @@ def register_cli(subparsers):
     p.add_argument("--segments", type=positive_int, default=6, help="planted segments (default 6)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the planted partition (default 0)")
     p.add_argument("--size", type=positive_int, default=512, help="output side in pixels (default 512)")
-    p.add_argument("--kl-threshold", type=kl_setting, default=kl_setting("1.1"), metavar="T",
+    p.add_argument("--kl-threshold", type=kl_threshold, default=None, metavar="T",
                    help=f"merge threshold: {KL_HELP} (default 1.1)")
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                   help="merge iterations (default 3, as the official code)")
     p.set_defaults(func=_run)

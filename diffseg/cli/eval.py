@@ -5,7 +5,8 @@ from pathlib import Path
 from ..evaluation.runner import RESULTS_JSON, RESULTS_MD, STATE_FILE, evaluate, markdown_table
 from . import _common
 from .segment import add_throughput_arguments
-from ._common import KL_HELP, UserError, add_model_arguments, apply_threads, kl_setting, positive_int, report
+from ._common import (UserError, add_model_arguments, add_settings_arguments, apply_threads,
+                      positive_int, report, settings_from_args)
 
 
 def _open_dataset(args, need_images):
@@ -35,19 +36,36 @@ def _open_dataset(args, need_images):
                          require_images=need_images)
 
 
+def _settings(args):
+    """The settings scored: the dataset's published ones with the options given on top."""
+    from ..evaluation.datasets import dataset_kind
+    from ..settings import PRESETS, Settings
+
+    kind = dataset_kind(args.dataset)
+    base = Settings.preset(kind) if kind in PRESETS else Settings(frame="crop")
+    settings = settings_from_args(args, base)
+    return settings if isinstance(settings, list) else [settings]
+
+
 def _run(args):
     if args.model is None and args.attention_dir is None:
         raise UserError("give --attention-dir (precomputed attention) or --model (a bundle)")
-    apply_threads(args)
+    settings = _settings(args)
+    with _common.output_folder(args.output_dir, "-o/--output-dir") as output_dir:
+        return _evaluate(args, settings, output_dir)
+
+
+def _evaluate(args, settings, output_dir):
     dataset = _open_dataset(args, need_images=args.model is not None)
+    if args.model is not None:
+        dataset.check_sizes(args.limit)  # before the model is opened
+    apply_threads(args)
     if args.ray is not None:
-        return _run_ray(args, dataset)
+        return _run_ray(args, dataset, settings, output_dir)
     model = _common.open_model(args) if args.model is not None else None
-    output_dir = Path(args.output_dir)
     try:
         results = evaluate(
-            dataset, model, kl_threshold=args.kl_threshold, attention_dir=args.attention_dir,
-            limit=args.limit, protocol=args.protocol, grid=args.grid, refine=args.refine,
+            dataset, model, settings, attention_dir=args.attention_dir, limit=args.limit, protocol=args.protocol,
             n_classes=args.n_classes if args.dataset == "folder" else None,
             output_dir=output_dir, resume=not args.no_resume, progress=not args.no_progress,
         )
@@ -63,7 +81,7 @@ def _run(args):
     return 0
 
 
-def _run_ray(args, dataset):
+def _run_ray(args, dataset, settings, output_dir):
     """``diffseg eval --ray``: actors score images, the driver sums their counts (no resume)."""
     from ..distributed import evaluate_dataset, init_ray
     from ..sd.model import _resolve_bundle
@@ -72,12 +90,11 @@ def _run_ray(args, dataset):
         raise UserError("--ray needs --model BUNDLE (an exported bundle file or folder readable by every worker)")
     if args.attention_dir is not None:
         raise UserError("--ray computes attention in its actors: leave out --attention-dir")
-    init_ray(args.ray)
-    output_dir = Path(args.output_dir)
+    init_ray(args.ray, quiet=args.no_progress)
     results = evaluate_dataset(
-        dataset, args.model, kl_threshold=args.kl_threshold, limit=args.limit, protocol=args.protocol,
-        grid=args.grid, n_classes=args.n_classes if args.dataset == "folder" else None, output_dir=output_dir,
-        concurrency=args.actors, num_gpus=args.gpus_per_actor or None, threads=args.threads, refine=args.refine)
+        dataset, args.model, settings, limit=args.limit, protocol=args.protocol,
+        n_classes=args.n_classes if args.dataset == "folder" else None, output_dir=output_dir,
+        actors=args.actors, num_gpus=args.gpus_per_actor or None, threads=args.threads or None)
     print(markdown_table(results))
     print(f"wrote {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}")
     return 0
@@ -127,14 +144,8 @@ def register_cli(subparsers):
                    help="label size after the centre crop (default 512; 0 = crop only)")
     p.add_argument("--attention-dir", help="precomputed attention, <id>.npz per image "
                    "(with --model: a cache, missing files are computed and saved)")
-    add_model_arguments(p, timestep_help=None)
-    p.add_argument("--kl-threshold", type=kl_setting, nargs="+", action="extend", metavar="T",
-                   help=f"KL threshold setting(s), each {KL_HELP}; several settings are evaluated from "
-                        "one attention pass (default: 1.1 COCO-Stuff, 0.9 Cityscapes)")
-    p.add_argument("--grid", type=positive_int, default=16, help="anchor grid per axis (default 16)")
-    p.add_argument("--refine", action="store_true",
-                   help="k-means refinement after the merge, as the official refine=True "
-                        "(off in the official benchmarks)")
+    add_model_arguments(p)
+    add_settings_arguments(p, several=True, frame=False, default_threshold="1.1 COCO-Stuff, 0.9 Cityscapes")
     p.add_argument("--protocol", default="per-image", choices=["per-image", "per-dataset"],
                    help="Hungarian matching per image (DiffSeg; default) or over the dataset")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images")
@@ -142,6 +153,6 @@ def register_cli(subparsers):
                    help="results.json, results.md and the resume state (default: diffseg-eval)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a saved state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_throughput_arguments(p, workers=False)
+    add_throughput_arguments(p, local=False)
     p.set_defaults(func=_run)
     return p

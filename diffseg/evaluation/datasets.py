@@ -290,6 +290,30 @@ class SegmentationDataset:
         for i in range(len(self)):
             yield self[i]
 
+    def check_sizes(self, limit=None):
+        """Refuse image and label files of different sizes (each would be
+        centre-cropped on its own and scored against the wrong pixels): a
+        ValueError naming the files and both sizes. Reads the files' headers
+        only; items without an image are skipped."""
+        from PIL import Image
+
+        bad = []
+        for sample_id, image_path, label_path in self._items[:limit]:
+            if image_path is None:
+                continue
+            try:
+                with Image.open(image_path) as im, Image.open(label_path) as lab:
+                    sizes = im.size, lab.size
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"{self.name}: cannot read {image_path} or {label_path}: {e}") from None
+            if sizes[0] != sizes[1]:
+                bad.append(f"{image_path} is {sizes[0][0]}x{sizes[0][1]}, its label map {label_path} "
+                           f"{sizes[1][0]}x{sizes[1][1]}")
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ValueError(f"{self.name}: {len(bad)} image(s) and label map(s) differ in size (width x height), "
+                             f"so their pixels do not line up: {'; '.join(bad[:3])}{more}")
+
     def describe(self):
         """Short JSON-able description (written into evaluation results)."""
         first, last = self._items[0][2], self._items[-1][2]

@@ -3,8 +3,8 @@
 Per image, the attention maps come from precomputed ``<attention_dir>/<id>.npz``
 files (:func:`diffseg.save_attention`, ``diffseg attention``) or from a model
 (``model.attention(image)``, one UNet pass); they are aggregated once, then
-merged and labelled once per KL-threshold setting, so several settings cost one
-attention computation. Labels are predicted at the label map's size (512 after
+merged and labelled once per :class:`diffseg.Settings`, so several settings
+(other thresholds, grids, refinement) cost one attention computation. Labels are predicted at the label map's size (512 after
 the standard preprocessing).
 
 With ``output_dir``, the accumulated counts are saved after every image
@@ -22,49 +22,88 @@ from pathlib import Path
 
 import numpy as np
 
-from .._util import atomic_write
+from .._util import atomic_write, progress_bar
 from ..batch import pipelined
-from ..core import DEFAULT_KL_THRESHOLD, aggregate, kl_thresholds, run_stages
+from ..core import aggregate, run_stages
+from ..settings import Settings, resolve_settings
 from .metrics import HungarianMetrics, _check_protocol
 
-STATE_VERSION = 2  # 2: attention source and per-file identities
+STATE_VERSION = 3  # 2: attention source and per-file identities; 3: whole settings records
 STATE_FILE = "state.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-# -- KL threshold settings ----------------------------------------------------
-def kl_settings(kl_threshold):
-    """Normalise ``kl_threshold`` to a list of settings (tuples of floats).
+# -- settings -----------------------------------------------------------------
+SHARED_FIELDS = ("timestep", "weights", "frame")
+"""Fields every setting of one evaluation shares: they determine the attention
+and its aggregation, computed once per image."""
+VARYING_FIELDS = ("kl_threshold", "iterations", "grid", "refine")
+"""Fields in which the settings of one evaluation may differ."""
 
-    A number (``1.1`` = ``(1.1, 1.1, 1.1)``), a tuple of numbers (one
-    threshold per iteration) or a string (``"1.1"``, ``"0.9,1.0,1.1"``) is one
-    setting; a **list** -- or a tuple holding tuples, lists or strings -- is
-    several settings, each a number, tuple/list or string.
+
+def dataset_settings(dataset):
+    """The published settings for ``dataset``: its threshold (1.1
+    COCO-Stuff-27, 0.9 Cityscapes) on the centre crop."""
+    return Settings(kl_threshold=getattr(dataset, "kl_threshold", None) or 1.1, frame="crop")
+
+
+def evaluation_settings(settings=None, dataset=None, **overrides):
+    """The list of :class:`Settings` one evaluation scores.
+
+    ``settings``: a :class:`Settings`, a list of them, or None (the dataset's
+    published settings, :func:`dataset_settings`). ``overrides`` apply to
+    each; ``kl_threshold`` may be a **list** of thresholds (each a number or a
+    per-iteration sequence), which gives one setting per threshold. The
+    settings must share :data:`SHARED_FIELDS`, use the centre crop (the
+    published protocol) and not name segments.
     """
-    nested = isinstance(kl_threshold, tuple) and any(
-        isinstance(v, (tuple, list, str)) for v in kl_threshold)
-    if isinstance(kl_threshold, list) or nested:
-        kl_threshold = list(kl_threshold)
-        if not kl_threshold:
-            raise ValueError("kl_threshold: empty list of settings")
-        settings = [kl_thresholds(v, f"kl_threshold[{i}]") for i, v in enumerate(kl_threshold)]
+    if isinstance(settings, (list, tuple)):
+        if not settings:
+            raise ValueError("settings: empty list")
+        base = list(settings)
     else:
-        settings = [kl_thresholds(kl_threshold)]
-    seen = set()
-    for s in settings:
-        if s in seen:
-            raise ValueError(f"kl_threshold: setting {setting_label(s)} is given twice")
-        seen.add(s)
-    return settings
+        base = [dataset_settings(dataset) if settings is None else settings]
+    thresholds = overrides.pop("kl_threshold", None)
+    if isinstance(thresholds, list):
+        if len(base) > 1:
+            raise ValueError("give several settings or a list of kl_threshold values, not both")
+        if not thresholds:
+            raise ValueError("kl_threshold: empty list of thresholds")
+        result = [resolve_settings(base[0], kl_threshold=t, **overrides) for t in thresholds]
+    else:
+        more = {} if thresholds is None else {"kl_threshold": thresholds}
+        result = [resolve_settings(s, **more, **overrides) for s in base]
+    first = result[0]
+    for s in result:
+        if s.frame != "crop":
+            raise ValueError("settings: frame='whole' -- evaluation follows the published protocol on the centre "
+                             "crop: use Settings(frame='crop', ...) or Settings.preset('coco-stuff-27')")
+        if s.names_segments:
+            raise ValueError("settings: evaluation does not name segments; leave vocabulary and prompt unset")
+        differ = [f for f in SHARED_FIELDS if getattr(s, f) != getattr(first, f)]
+        if differ:
+            raise ValueError(f"settings: the settings of one evaluation share one attention pass per image, so "
+                             f"they must have the same {', '.join(differ)}")
+    if len(set(result)) != len(result):
+        raise ValueError("settings: a setting is given twice")
+    return result
 
 
-def setting_label(setting):
-    """``(1.1, 1.1, 1.1)`` -> ``"1.1"``; ``(0.9, 1.0, 1.1)`` -> ``"0.9,1,1.1"``."""
+def setting_label(setting, others=()):
+    """A short name of ``setting``: its threshold (``"1.1"``, or
+    ``"0.9,1,1.1"`` per iteration), with the fields in which it differs from
+    ``others`` (``"1.1 grid 8 refine"``)."""
     fmt = lambda t: f"{t:g}"  # noqa: E731
-    if len(setting) == len(DEFAULT_KL_THRESHOLD) and len(set(setting)) == 1:
-        return fmt(setting[0])
-    return ",".join(fmt(t) for t in setting)
+    kl = setting.kl_threshold
+    parts = [fmt(kl[0]) if len(set(kl)) == 1 else ",".join(fmt(t) for t in kl)]
+    if any(o.iterations != setting.iterations for o in others) or setting.iterations != 3:
+        parts.append(f"x{setting.iterations}")
+    if any(o.grid != setting.grid for o in others):
+        parts.append(f"grid {setting.grid}")
+    if any(o.refine != setting.refine for o in others):
+        parts.append("refine" if setting.refine else "no refine")
+    return " ".join(parts)
 
 
 # -- helpers ----------------------------------------------------------------
@@ -88,14 +127,6 @@ def _write_json(path, data):
         f.write("\n")
 
 
-def _weights_json(weights):
-    if weights is None:
-        return None
-    if isinstance(weights, dict):
-        return {str(int(k)): float(v) for k, v in weights.items()}
-    return [float(v) for v in np.asarray(weights, dtype=np.float64).ravel()]
-
-
 def _item_parts(item):
     """Sample, or an ``(id, image, label)`` tuple -> (id, label, image getter)."""
     if hasattr(item, "id") and hasattr(item, "label"):
@@ -117,49 +148,50 @@ def _describe(dataset, n_classes):
 
 
 # -- evaluation ---------------------------------------------------------------
-def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limit=None,
-             protocol="per-image", grid=16, weights=None, n_classes=None, class_names=None,
-             ignore_index=-1, output_dir=None, resume=True, progress=True, refine=False):
+def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=None, protocol="per-image",
+             n_classes=None, class_names=None, ignore_index=-1, output_dir=None, resume=True, progress=True,
+             workers=None, **overrides):
     """Segment every image of ``dataset`` and score it.
 
     Parameters
     ----------
     dataset : a :mod:`diffseg.evaluation.datasets` dataset, or a sequence of
         ``(id, image, label)`` (image may be None with ``attention_dir``).
-    model : object with ``.attention(image) -> {res: array}``, or a bundle
-        path for :func:`diffseg.load_model`; optional with ``attention_dir``.
-    kl_threshold : setting or list of settings
-        A number, a per-iteration tuple, or a list of those (several settings
-        from one attention computation per image). Default: the dataset's
-        official value (1.1 COCO-Stuff, 0.9 Cityscapes), else ``(1.1,)*3``.
+    model : object with ``.attention(image, timestep) -> {res: array}``, or a
+        bundle path for :func:`diffseg.load_model`; optional with ``attention_dir``.
+    settings : :class:`diffseg.Settings`, or a list of them
+        Several settings are scored from one attention computation per image;
+        they may differ in ``kl_threshold``, ``iterations``, ``grid`` and
+        ``refine``. Default: the dataset's published settings (threshold 1.1
+        COCO-Stuff, 0.9 Cityscapes; centre crop). The frame must be
+        ``"crop"`` (the published protocol). ``**overrides`` apply to each;
+        ``kl_threshold=[0.9, 1.0, 1.1]`` (a list) gives one setting per value.
     attention_dir : directory of ``<id>.npz`` attention files. Without a
         model every file must exist; with a model, missing ones are computed
         and saved there (a cache).
     limit : evaluate only the first ``limit`` images.
     protocol : ``"per-image"`` (DiffSeg) or ``"per-dataset"`` (see
         :mod:`diffseg.evaluation.metrics`).
-    grid, weights : passed to :func:`diffseg.merge` / :func:`diffseg.aggregate`.
-    refine : k-means refinement after the merge (:func:`diffseg.refine`; the
-        official benchmark leaves it off).
     n_classes, class_names : default from the dataset.
     output_dir : where ``state.json``, ``results.json`` and ``results.md`` go.
         Needed to resume.
     resume : continue the run saved in ``output_dir`` (same settings); False
         starts over.
     progress : show a tqdm progress bar.
+    workers : C-core threads of each post-processing call (see :func:`diffseg.merge`).
 
     Returns
     -------
-    dict with ``dataset``, ``protocol``, ``settings`` (one entry per KL
-    setting: ``kl_threshold``, ``pixel_accuracy``, ``miou``, ``iou`` and
-    counts, ``seconds_per_image``) and timing.
+    dict with ``dataset``, ``protocol``, ``settings`` (one entry per setting:
+    ``settings`` (its :meth:`Settings.to_dict`), ``label``,
+    ``pixel_accuracy``, ``miou``, ``iou`` and counts, ``seconds_per_image``)
+    and timing.
     """
-    from tqdm.auto import tqdm
+    from ..core import _workers_arg
 
     protocol = _check_protocol(protocol)
-    if kl_threshold is None:
-        kl_threshold = getattr(dataset, "kl_threshold", None) or DEFAULT_KL_THRESHOLD
-    settings = kl_settings(kl_threshold)
+    settings = evaluation_settings(settings, dataset, **overrides)
+    _workers_arg(workers)
     if n_classes is None:
         n_classes = getattr(dataset, "n_classes", None)
         if n_classes is None:
@@ -169,8 +201,6 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
     class_names = [str(c) for c in class_names]
     if len(class_names) != n_classes:
         class_names = [str(i) for i in range(n_classes)]
-    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
-        raise ValueError(f"grid must be a positive integer, got {grid!r}")
     total = len(dataset)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
@@ -180,17 +210,19 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
         raise ValueError("dataset is empty")
 
     if isinstance(model, (str, os.PathLike)):
-        from ..sd.model import load_model  # lazy: torch
+        from ..pipeline import resolve_model  # lazy: torch
 
-        model = load_model(model)
+        model = resolve_model(model)
     if model is not None and not callable(getattr(model, "attention", None)):
-        raise TypeError(f"model must have an .attention(image) method, got {type(model).__name__}")
+        raise TypeError(f"model must have an .attention(image, timestep) method, got {type(model).__name__}")
     if attention_dir is not None:
         attention_dir = Path(attention_dir)
         if model is None and not attention_dir.is_dir():
             raise FileNotFoundError(f"attention_dir: no such directory: {attention_dir}")
     elif model is None:
         raise ValueError("give a model or attention_dir (precomputed attention)")
+    if model is not None and hasattr(dataset, "check_sizes"):
+        dataset.check_sizes(total)  # before any work: a label that does not fit its image
     if model is not None and attention_dir is not None:
         _claim_cache(attention_dir, _model_identity(model))
 
@@ -206,18 +238,15 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
                                  "`diffseg attention`; or pass a model)")
 
     described = _describe(dataset, n_classes)
+    source = _attention_source(model, attention_dir)
     config = {  # everything that determines the numbers: a saved run resumes only if all match
         "dataset": {k: v for k, v in described.items() if k != "images"},
         "attention": {"dir": None if attention_dir is None else str(attention_dir.resolve()),
                       "model": None if model is None else _model_identity(model)},
         "protocol": protocol,
         "ignore_index": int(ignore_index),
-        "kl_thresholds": [list(s) for s in settings],
-        "grid": int(grid),
-        "weights": _weights_json(weights),
+        "settings": [s.to_dict() for s in settings],
     }
-    if refine:  # only when on: states saved before the option existed still resume
-        config["refine"] = True
 
     metrics = [HungarianMetrics(n_classes, protocol, ignore_index) for _ in settings]
     done = []
@@ -233,11 +262,9 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
             _check_attention_files(state_path, files, attention_dir, model is not None)
 
     done_set = set(done)
-    source = (f"precomputed attention ({attention_dir})" if model is None
-              else f"model {getattr(model, 'name', type(model).__name__)}"
-              + (f", cache {attention_dir}" if attention_dir is not None else ""))
     todo = [index for index in range(total) if ids is None or ids[index] not in done_set]
     produced = set(done_set)  # the producer's view: ids read so far (a repeated id is scored once)
+    timestep = settings[0].timestep
 
     def load(index):
         """Read one item and its attention; runs one image ahead of the scoring, in a thread."""
@@ -249,10 +276,10 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
         label = np.asarray(label)
         if label.ndim != 2:
             raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
-        attn, identity = _attention(sample_id, get_image, model, attention_dir)
+        attn, identity = _attention(sample_id, get_image, model, attention_dir, timestep)
         return sample_id, label, attn, identity, time.perf_counter() - t_start
 
-    bar = tqdm(total=total, initial=total - len(todo), disable=not progress, unit="img",
+    bar = progress_bar(total=total, initial=total - len(todo), disable=not progress, unit="img",
                desc=f"eval {config['dataset'].get('name', '')}".strip(), dynamic_ncols=True)
     try:
         # The attention of the next image (a UNet pass, or a file read) overlaps the scoring of this one.
@@ -263,13 +290,11 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
                     continue
                 sample_id, label, attn, files[sample_id], t_load = item
                 t0 = time.perf_counter()
-                A = aggregate(attn, weights=weights)
+                A = aggregate(attn, weights=settings[0].weights_for(list(attn)), workers=workers)
                 seconds["attention"] += t_load + time.perf_counter() - t0
                 for k, setting in enumerate(settings):
                     t0 = time.perf_counter()
-                    pred = run_stages(A=A, grid=grid, kl_threshold=setting, size=label.shape,
-                                      refine=refine)["labels"]
-                    metrics[k].update(pred, label)
+                    metrics[k].update(score_labels(A, setting, label.shape, workers), label)
                     seconds["segment"][k] += time.perf_counter() - t0
                 now = time.perf_counter()
                 seconds["total"] += now - t_last  # wall time per image: overlapped stages count once
@@ -289,10 +314,53 @@ def evaluate(dataset, model=None, *, kl_threshold=None, attention_dir=None, limi
     results = _results(config, settings, metrics, seconds, len(done), class_names, source)
     results["dataset"] = _json_clean({**described, "evaluated": len(done)})
     if output_dir is not None:
-        _write_json(output_dir / RESULTS_JSON, results)
-        with atomic_write(output_dir / RESULTS_MD) as f:
-            f.write(markdown_table(results))
+        write_results(output_dir, results)
     return results
+
+
+def score_labels(A, setting, size, workers=None):
+    """The labels that ``setting`` gives on aggregated attention ``A``, at the label map's ``size``."""
+    return run_stages(A=A, settings=setting, size=size, workers=workers)["labels"]
+
+
+def write_results(output_dir, results):
+    """``results.json`` and ``results.md`` in ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(output_dir / RESULTS_JSON, results)
+    with atomic_write(output_dir / RESULTS_MD) as f:
+        f.write(markdown_table(results))
+
+
+def _attention_source(model, attention_dir):
+    """What the attention came from, for the results: the bundle (path and
+    metadata) or the attention folder."""
+    source = {"attention_dir": None if attention_dir is None else str(Path(attention_dir).resolve())}
+    if model is not None:
+        source["model"] = _model_identity(model)
+        metadata = getattr(model, "metadata", None)
+        if isinstance(metadata, dict):
+            source["bundle_metadata"] = {k: metadata.get(k) for k in BUNDLE_FIELDS if k in metadata}
+    return source
+
+
+BUNDLE_FIELDS = ("model_id", "sd_version", "torch_version", "dtype", "device", "image_size", "created",
+                 "format_version", "layers")
+"""Bundle metadata recorded with evaluation results."""
+
+
+def describe_source(source):
+    """One line for a report: ``bundle PATH (model id, dtype)`` or the attention folder."""
+    model = source.get("model")
+    parts = []
+    if model is not None:
+        meta = source.get("bundle_metadata") or {}
+        what = model.get("path") or model.get("name")
+        detail = ", ".join(str(meta[k]) for k in ("model_id", "dtype") if meta.get(k))
+        parts.append(f"bundle {what}" + (f" ({detail})" if detail else ""))
+    if source.get("attention_dir"):
+        parts.append(("cache " if model is not None else "precomputed attention in ") + source["attention_dir"])
+    return "; ".join(parts) or "unknown"
 
 
 def _model_identity(model):
@@ -353,7 +421,7 @@ def _check_attention_files(state_path, files, attention_dir, have_model):
                          f"use another output directory, or resume=False / --no-resume to start over")
 
 
-def _attention(sample_id, get_image, model, attention_dir):
+def _attention(sample_id, get_image, model, attention_dir, timestep):
     """``(attention, identity of its file or None)``."""
     from ..io.attention import load_attention, save_attention
 
@@ -366,7 +434,7 @@ def _attention(sample_id, get_image, model, attention_dir):
     image = get_image()
     if image is None:
         raise ValueError(f"sample {sample_id!r} has no image to run the model on")
-    attn = model.attention(image)
+    attn = model.attention(image, timestep)
     if path is None:
         return attn, None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -419,8 +487,8 @@ def _results(config, settings, metrics, seconds, n_done, class_names, source):
     for k, (setting, m) in enumerate(zip(settings, metrics)):
         r = m.compute()
         rows.append({
-            "kl_threshold": list(setting),
-            "label": setting_label(setting),
+            "settings": setting.to_dict(),
+            "label": setting_label(setting, settings),
             "pixel_accuracy": r["pixel_accuracy"],
             "miou": r["miou"],
             "iou": dict(zip(class_names, r["iou"])),
@@ -434,8 +502,6 @@ def _results(config, settings, metrics, seconds, n_done, class_names, source):
         "dataset": config["dataset"],
         "protocol": config["protocol"],
         "ignore_index": config["ignore_index"],
-        "grid": config["grid"],
-        "weights": config["weights"],
         "attention": source,
         "class_names": list(class_names),
         "images": n_done,
@@ -454,7 +520,8 @@ def markdown_table(results):
     ds = results["dataset"]
     protocol = {"per-image": "Hungarian matching per image (DiffSeg, DiffCut)",
                 "per-dataset": "Hungarian matching over the dataset (PiCIE, STEGO)"}
-    weights = results["weights"]
+    shared = results["settings"][0]["settings"]
+    weights = shared["weights"]
     lines = [
         f"# DiffSeg evaluation: {ds.get('name', 'dataset')}",
         "",
@@ -464,17 +531,19 @@ def markdown_table(results):
         f"| images | {results['images']} |",
         f"| classes | {ds.get('n_classes')} |",
         f"| label size | {ds.get('size')} |",
-        f"| attention | {results['attention']} |",
-        f"| anchor grid | {results['grid']} |",
+        f"| attention | {describe_source(results['attention'])} |",
+        f"| timestep | {shared['timestep']} |",
         f"| resolution weights | {'proportional to resolution' if weights is None else weights} |",
         f"| seconds per image | {results['seconds_per_image']:.3f} "
         f"(reading, attention and aggregation: {results['attention_seconds_per_image']:.3f}) |",
         "",
-        "| KL threshold | ACC (%) | mIoU (%) | images | s / image |",
-        "|---|---:|---:|---:|---:|",
+        "| KL threshold | grid | refine | ACC (%) | mIoU (%) | images | s / image |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in results["settings"]:
-        lines.append(f"| {row['label']} | {_pct(row['pixel_accuracy'])} | {_pct(row['miou'])} "
+        s = row["settings"]
+        lines.append(f"| {row['label']} | {s['grid']} | {'yes' if s['refine'] else 'no'} "
+                     f"| {_pct(row['pixel_accuracy'])} | {_pct(row['miou'])} "
                      f"| {row['images']} | {row['seconds_per_image']:.3f} |")
     lines += ["", "## Per-class IoU (%)", "",
               "| class | " + " | ".join(r["label"] for r in results["settings"]) + " |",

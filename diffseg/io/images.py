@@ -79,6 +79,29 @@ def center_crop_box(height, width):
     return (height - side) // 2, (width - side) // 2, side
 
 
+def paste_crop_labels(labels, height, width, border="nearest"):
+    """Put a label map of the centre crop back into an ``(height, width)`` frame.
+
+    ``border="nearest"``: pixels outside the crop take the nearest crop
+    pixel's label; an integer: they get that label (e.g. -1).
+    """
+    top, left, side = center_crop_box(height, width)
+    labels = np.asarray(labels)
+    if labels.shape != (side, side):
+        raise ValueError(f"labels must be ({side}, {side}) for a {height}x{width} image, got {labels.shape}")
+    if (height, width) == (side, side):
+        return labels
+    if border == "nearest":
+        rows = np.clip(np.arange(height) - top, 0, side - 1)
+        cols = np.clip(np.arange(width) - left, 0, side - 1)
+        return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
+    if isinstance(border, bool) or not isinstance(border, (int, np.integer)):
+        raise ValueError(f"border must be 'nearest' or an integer label, got {border!r}")
+    out = np.full((height, width), int(border), dtype=labels.dtype)
+    out[top:top + side, left:left + side] = labels
+    return out
+
+
 def center_crop(array):
     """Centred square crop of the first two axes."""
     top, left, side = center_crop_box(array.shape[0], array.shape[1])
@@ -111,6 +134,26 @@ class FrameGeometry:
     def inner(self):
         """``(top, left, resized_height, resized_width)``: the image inside the frame."""
         return self.top, self.left, self.resized_height, self.resized_width
+
+    def label_window(self):
+        """Where the image lies in a label map of the whole working frame
+        drawn at the image's own scale: ``(frame_height, frame_width, top,
+        left)`` in image pixels. Frame sizes are rounded to whole pixels (the
+        window is then off by less than one image pixel) and never smaller
+        than the image."""
+        sy, sx = self.resized_height / self.height, self.resized_width / self.width  # frame px per image px
+        top, left = round(self.top / sy), round(self.left / sx)
+        return (max(round(self.frame_height / sy), top + self.height),
+                max(round(self.frame_width / sx), left + self.width), top, left)
+
+    def to_image(self, v, u):
+        """A point of the frame given as fractions ``(v, u)`` of its height
+        and width -> image pixel coordinates ``(x, y)``, clipped to the image
+        (a point in the padding lands on the image's edge)."""
+        sy, sx = self.resized_height / self.height, self.resized_width / self.width
+        x = (u * self.frame_width - self.left) / sx
+        y = (v * self.frame_height - self.top) / sy
+        return min(max(x, 0.0), float(self.width)), min(max(y, 0.0), float(self.height))
 
 
 def _positive_int(value, name):
@@ -211,9 +254,10 @@ def preprocess_labels(labels, size=512):
     return resize_nearest(center_crop(np.asarray(labels)), size, size)
 
 
-def save_label_png(path, labels):
+def save_label_png(path, labels, *, pnginfo=None):
     """Label map -> single-channel PNG: 8-bit when every label is in 0..255,
-    else 16-bit (0..65535). Negative labels are refused."""
+    else 16-bit (0..65535). Negative labels are refused. ``pnginfo``: text
+    chunks to store (a ``PIL.PngImagePlugin.PngInfo``)."""
     from PIL import Image
 
     labels = np.asarray(labels)
@@ -222,4 +266,4 @@ def save_label_png(path, labels):
         raise ValueError(f"labels must be in 0..65535 for a PNG, got {low}..{high}")
     arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=pnginfo)
