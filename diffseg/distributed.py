@@ -303,7 +303,7 @@ def evaluate_dataset(dataset, model, settings=None, *, limit=None, protocol="per
     import time
 
     from .evaluation import runner
-    from .evaluation.metrics import HungarianMetrics, _check_protocol
+    from .evaluation.metrics import HungarianMetrics
 
     ray = _ray()
     settings = runner.evaluation_settings(settings, dataset, **overrides)
@@ -319,7 +319,8 @@ def evaluate_dataset(dataset, model, settings=None, *, limit=None, protocol="per
     if hasattr(dataset, "check_sizes"):
         dataset.check_sizes(total)
     bundle = _bundle_path(model)
-    metric = {"n_classes": int(n_classes), "protocol": _check_protocol(protocol), "ignore_index": int(ignore_index)}
+    metric = {"n_classes": int(n_classes), "protocol": runner.segmentation_protocol(protocol),
+              "ignore_index": int(ignore_index)}
     device = device or ("cuda" if num_gpus else "cpu")
     t_start = time.perf_counter()
     args = (bundle, device, actor_threads(threads, actors), dataset, settings, metric)

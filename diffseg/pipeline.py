@@ -118,7 +118,16 @@ def frame_geometry(model, rgb, frame):
         raise TypeError(f"frame='whole' needs a model with {' and '.join('.' + m for m in missing)} and "
                         f".attention(image, timestep, frame=...) (a diffseg.Model), not "
                         f"{type(model).__name__}: use frame='crop'")
-    return whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+    g = whole_frame_geometry(rgb.shape[0], rgb.shape[1], model.image_size, model.multiple)
+    grids = getattr(model, "grids", None)
+    if callable(grids):
+        try:
+            grids(g.frame_height, g.frame_width)
+        except ValueError as e:  # said of the image the user gave, not of its resized frame
+            raise ValueError(f"image: {rgb.shape[1]}x{rgb.shape[0]} px (width x height) is too elongated for the "
+                             f"whole frame: its {g.frame_width}x{g.frame_height} px frame is beyond this model's "
+                             f"bound ({e}); use frame='crop' (the centred square)") from None
+    return g
 
 
 def attend(model, rgb, settings, namer=None):

@@ -139,7 +139,7 @@ def test_threads_means_core_and_libtorch(photos, tmp_path, monkeypatch):
         Image.fromarray(np.zeros((24, 32), np.uint8)).save(photos / "labels" / f"{p.stem}.png")
     assert cli.main(["eval", "--dataset", "folder", "--image-dir", str(photos), "--label-dir", str(photos / "labels"),
                      "--attention-dir", str(tmp_path / "a"), "--n-classes", "2", "--size", "16", "--grid", "4",
-                     "--no-progress", "-o", str(tmp_path / "e"), "--threads", "3"]) == 0
+                     "--no-progress", "-o", str(tmp_path / "e"), "--threads", "3", "--decoder", "accurate"]) == 0
     assert seen == [1, 2, 3]
 
 
@@ -236,4 +236,32 @@ def test_output_that_is_a_file_is_a_usage_error(command, photos, tmp_path, monke
     (tmp_path / "o").write_text("a file")
     assert cli.main([command, str(photos), "-o", str(tmp_path / "o")]) == 2
     _one_error_line(capsys.readouterr().err, "is a file")
+    assert model.calls == 0
+
+
+def test_too_elongated_image_names_its_own_size(tmp_path, monkeypatch, capsys):
+    """The whole frame's bound is reported with the image's own size and the CLI's option."""
+    class Bounded(PlantedModel):
+        def grids(self, height, width):  # as diffseg.Model: refuses frames past its bound
+            if width > 40 * height:
+                raise ValueError(f"a {height}x{width} image gives a grid above the bound")
+            return [(height // 8, width // 8)]
+
+    Image.fromarray(np.zeros((20, 2000, 3), np.uint8)).save(tmp_path / "strip.png")
+    _use(monkeypatch, Bounded())
+    assert cli.main(["segment", str(tmp_path / "strip.png"), "-o", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "2000x20 px (width x height) is too elongated" in err and "use --frame crop" in err
+    assert "frame='crop'" not in err
+    with pytest.raises(ValueError, match=r"2000x20 px .* use frame='crop'"):
+        diffseg.segment(np.zeros((20, 2000, 3), np.uint8), Bounded())
+
+
+def test_unwritable_output_folder_before_the_model(tmp_path, monkeypatch, capsys):
+    """-o into a place that cannot hold a folder: one line, exit 2, no model opened."""
+    model = _use(monkeypatch, PlantedModel())
+    (tmp_path / "file").write_text("x")
+    for out in ("/proc/nope", str(tmp_path / "file" / "sub"), str(tmp_path / "file")):
+        assert cli.main(["segment", str(tmp_path), "-o", out, "-q"]) == 2
+        _one_error_line(capsys.readouterr().err, "-o/--output")
     assert model.calls == 0

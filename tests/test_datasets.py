@@ -243,3 +243,88 @@ def test_dataset_kind():
     assert dataset_kind("cityscapes") == "cityscapes"
     with pytest.raises(ValueError, match="dataset must be one of"):
         dataset_kind("pascal")
+
+
+# -- decoding as the official loader -------------------------------------------------
+def _photo(h, w, seed):
+    """Smooth colours with edges: JPEG's IDCT choices show on such content."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(x * 255 / max(w - 1, 1)), (y * 255 / max(h - 1, 1)), ((x + y) % 64) * 4], axis=-1)
+    rgb = rgb + rng.normal(0, 18, rgb.shape)
+    rgb[h // 3: h // 2, w // 4: w // 2] = [250, 20, 30]
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+JPEG_KINDS = {  # Pillow's writer: baseline or progressive, chroma 4:2:0 (subsampling=2) or 4:4:4 (0)
+    "baseline 4:2:0": {"subsampling": 2},
+    "baseline 4:4:4": {"subsampling": 0},
+    "progressive 4:2:0": {"subsampling": 2, "progressive": True},
+    "progressive 4:4:4": {"subsampling": 0, "progressive": True, "quality": 60},
+    "grayscale": None,
+}
+
+
+@pytest.mark.parametrize("kind", list(JPEG_KINDS))
+@pytest.mark.parametrize("shape", [(37, 53), (64, 64), (101, 67)])
+def test_dataset_jpegs_decode_as_the_official_loader(tmp_path, kind, shape):
+    """CocoStuff27(...)[i].image equals libjpeg-turbo's fast integer IDCT with
+    fancy upsampling (TensorFlow's decode_jpeg defaults, via simplejpeg), byte
+    for byte; decoder="accurate" equals Pillow."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    make_coco(tmp_path, shape=shape)
+    ds = CocoStuff27(tmp_path, size=None)
+    path = ds[0].image_path
+    rgb = _photo(*shape, seed=len(kind))
+    if JPEG_KINDS[kind] is None:
+        Image.fromarray(rgb[:, :, 0]).save(path, quality=85)
+    else:
+        options = {"quality": 85, **JPEG_KINDS[kind]}
+        Image.fromarray(rgb).save(path, **options)
+    data = path.read_bytes()
+    official = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    got = ds[0].image
+    assert got.dtype == np.uint8 and got.shape == (*shape, 3)
+    np.testing.assert_array_equal(got, official)
+    pillow = np.asarray(Image.open(path).convert("RGB"))
+    accurate = CocoStuff27(tmp_path, size=None, decoder="accurate")[0].image
+    np.testing.assert_array_equal(accurate, pillow)
+    if JPEG_KINDS[kind] is not None:  # colour: the two IDCTs differ somewhere
+        assert not np.array_equal(official, pillow)
+        assert np.abs(official.astype(int) - pillow).max() <= 16
+
+
+def test_dataset_png_images_are_the_same_for_both_decoders(tmp_path):
+    raw = make_cityscapes(tmp_path)
+    a, b = Cityscapes(tmp_path)[0].image, Cityscapes(tmp_path, decoder="accurate")[0].image
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="decoder"):
+        Cityscapes(tmp_path, decoder="tensorflow")
+    assert len(raw) == 3
+
+
+# -- STEGO's frame --------------------------------------------------------------------
+def test_stego_preprocessing_by_hand(tmp_path):
+    """STEGO's frame on a 6 x 9 label and image, size 4: the short side 6 -> 4, the
+    long side int(4 * 9 / 6) = 6, nearest neighbour (rows 0, 2, 3, 5; columns
+    0, 2, 3, 5, 6, 8), then the centre 4 x 4: columns from round((6 - 4) / 2) = 1."""
+    from diffseg.io.images import stego_resize_crop
+
+    raw = np.arange(54).reshape(6, 9)
+    want = raw[np.ix_([0, 2, 3, 5], [2, 3, 5, 6])]
+    np.testing.assert_array_equal(stego_resize_crop(raw, 4), want)
+    rgb = np.stack([raw, raw + 100, raw + 200], axis=-1).astype(np.uint8)
+    np.testing.assert_array_equal(stego_resize_crop(rgb, 4)[:, :, 1], want + 100)
+    np.testing.assert_array_equal(stego_resize_crop(raw.T, 4), want.T)  # portrait: the same on the rows
+    # torchvision's crop offset rounds half to even: 427 wide at 320 high -> (427 - 320) / 2 = 53.5 -> 54
+    wide = np.tile(np.arange(427), (320, 1))
+    assert stego_resize_crop(wide, 320)[0, 0] == 54
+    # a folder dataset in STEGO's frame: labels and images through the same resize and crop
+    root = tmp_path / "ds"
+    save_png(root / "images" / "a.png", np.stack([raw.astype(np.uint8)] * 3, axis=-1))
+    save_png(root / "labels" / "a.png", (raw % 5).astype(np.uint8))
+    ds = FolderDataset(root / "images", root / "labels", n_classes=5, size=4, preprocessing="stego")
+    np.testing.assert_array_equal(ds[0].label, want % 5)
+    np.testing.assert_array_equal(ds[0].image[:, :, 0], want)
+    with pytest.raises(ValueError, match="preprocessing"):
+        FolderDataset(root / "images", root / "labels", preprocessing="stego", size=None)

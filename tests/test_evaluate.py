@@ -10,7 +10,7 @@ from PIL import Image
 
 import diffseg
 from diffseg import cli
-from diffseg.io.attention import save_attention
+from diffseg.io.attention import attention_record, read_attention_record, save_attention
 from diffseg.evaluation.datasets import COCO_CURATED_LIST, CocoStuff27, Cityscapes, FolderDataset
 from diffseg.evaluation.runner import evaluate, evaluation_settings, markdown_table, setting_label
 from diffseg.evaluation.metrics import HungarianMetrics
@@ -36,6 +36,12 @@ def planted_attention(blocks, rng, noise=0.3, eps=0.05):
     return attn
 
 
+def recorded(image_shape, image_path=None, **changes):
+    """The record that diffseg writes with attention made from this image."""
+    return {**attention_record(image_path=image_path, image_shape=image_shape, exif_applied=False, exif_rotated=False,
+                               decoder=None, frame="crop", timestep=300), **changes}
+
+
 def make_eval_folder(root, n_images=5, seed=0):
     """A folder dataset (40 x 32 label PNGs: the centre 32 x 32 is the crop) and
     one attention .npz per image."""
@@ -53,7 +59,8 @@ def make_eval_folder(root, n_images=5, seed=0):
         full[4:36] = lab
         Image.fromarray(full).save(root / "labels" / f"{stem}.png")
         Image.fromarray(rng.integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
-        save_attention(root / "attn" / f"{stem}.npz", planted_attention(blocks, rng))
+        save_attention(root / "attn" / f"{stem}.npz", planted_attention(blocks, rng),
+                       record=recorded((40, 32), root / "images" / f"{stem}.png"))
     return FolderDataset(root / "images", root / "labels", n_classes=N_CLASSES, size=LABEL)
 
 
@@ -316,7 +323,7 @@ def write_coco_with_attention(root, n=3):
         full = np.zeros((32, 48), np.uint8)
         full[:, 8:40] = lab
         Image.fromarray(full).save(lab_dir / f"{i}.png")
-        save_attention(root / "attn" / f"{i}.npz", planted_attention(blocks, rng, noise=0.1))
+        save_attention(root / "attn" / f"{i}.npz", planted_attention(blocks, rng, noise=0.1), record=recorded((32, 48)))
     lst = root / "curated" / "val2017" / COCO_CURATED_LIST
     lst.parent.mkdir(parents=True)
     lst.write_text("\n".join(ids) + "\n")
@@ -358,7 +365,8 @@ def test_cityscapes_from_attention(tmp_path):
         lab = np.zeros((32, 64), np.uint8)  # labelId 0: ignored, and cropped anyway
         lab[:, 16:48] = np.kron(ids, np.ones((8, 8), int))
         Image.fromarray(lab).save(lab_dir / f"{i}_gtFine_labelIds.png")
-        save_attention(tmp_path / "attn" / f"{i}_leftImg8bit.npz", planted_attention(blocks, rng, noise=0.1))
+        save_attention(tmp_path / "attn" / f"{i}_leftImg8bit.npz", planted_attention(blocks, rng, noise=0.1),
+                       record=recorded((32, 64)))
     ds = Cityscapes(tmp_path, size=32, require_images=False)
     assert ds.ids == ["lindau_000000_000000_leftImg8bit", "lindau_000000_000001_leftImg8bit"]
     res = evaluate(ds, attention_dir=tmp_path / "attn", grid=GRID, progress=False)
@@ -405,7 +413,8 @@ def test_resume_refuses_other_attention_source(folder, tmp_path):
     gt.mkdir()
     rng = np.random.default_rng(7)
     for s in folder:
-        save_attention(gt / f"{s.id}.npz", planted_attention(rng.integers(0, 2, (4, 4)), rng))
+        save_attention(gt / f"{s.id}.npz", planted_attention(rng.integers(0, 2, (4, 4)), rng),
+                       record=recorded((40, 32), s.image_path))
     out = tmp_path / "out"
     first = evaluate(folder, attention_dir=coco, grid=GRID, output_dir=out, progress=False)
     with pytest.raises(ValueError, match=r"attention: saved .*attn.*, now .*gt"):
@@ -425,7 +434,8 @@ def test_resume_refuses_rewritten_attention_file(folder, tmp_path):
     evaluate(folder, attention_dir=attn_dir, grid=GRID, output_dir=out, progress=False, limit=2)
     first = sorted(attn_dir.glob("*.npz"))[0]
     rng = np.random.default_rng(3)
-    save_attention(first, planted_attention(rng.integers(0, 3, (4, 4)), rng))  # regenerated in place
+    save_attention(first, planted_attention(rng.integers(0, 3, (4, 4)), rng),  # regenerated in place
+                   record=read_attention_record(first))
     with pytest.raises(ValueError, match=f"{first.name}.*rewritten"):
         evaluate(folder, attention_dir=attn_dir, grid=GRID, output_dir=out, progress=False)
 
@@ -535,3 +545,148 @@ def test_image_and_label_of_other_sizes_are_refused_before_any_work(tmp_path, mo
     with pytest.raises(ValueError, match="bad.png is 64x64"):
         evaluate(ds, Model(), progress=False)
     ds.check_sizes(limit=1)  # only "a_ok", which fits
+
+
+def _one_file(folder, tmp_path, **record_changes):
+    """The folder's attention copied, with the first file's record changed."""
+    import shutil
+
+    src = tmp_path / "data" / "attn"
+    dst = tmp_path / "attn2"
+    shutil.copytree(src, dst)
+    # the last file: without a model, the first file's bundle is the one the others must share
+    first = sorted(dst.glob("*.npz"))[-1 if "bundle" in record_changes else 0]
+    record = read_attention_record(first)
+    for key, value in record_changes.items():
+        if key in record["image"]:
+            record["image"][key] = value
+        else:
+            record[key] = value
+    save_attention(first, diffseg.load_attention(first), record=record)
+    return dst, first
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"exif_rotated": True}, "turned by its EXIF orientation"),
+    ({"height": 32, "width": 40}, "made from a 40x32 image, the dataset's is 32x40"),
+    ({"sha256": "0" * 64}, "made from another image"),
+    ({"timestep": 200}, "made at timestep 200, the settings say 300"),
+    ({"frame": "whole"}, "attention of the whole frame"),
+    ({"decoder": "accurate"}, "decoder='accurate', the dataset's is 'official'"),
+    ({"bundle": {"model_id": "other"}}, "made by another bundle"),
+])
+def test_attention_files_that_do_not_match_are_refused(folder, tmp_path, capsys, change, why):
+    attn, first = _one_file(folder, tmp_path, **change)
+    with pytest.raises(ValueError, match=f"attention file .*{first.name} does not match: .*{why}"):
+        evaluate(folder, attention_dir=attn, grid=GRID, progress=False)
+    argv = ["eval", "--dataset", "folder", "--root", str(tmp_path / "data"), "--n-classes", str(N_CLASSES),
+            "--size", str(LABEL), "--grid", str(GRID), "--attention-dir", str(attn), "-o", str(tmp_path / "out"),
+            "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert first.name in err and len(err.strip().splitlines()) == 1
+
+
+def test_attention_files_of_another_model_are_refused(folder, tmp_path):
+    """With a model, the cache's files must come from its bundle."""
+    class Model:
+        metadata = {"model_id": "mine", "created": "2026-01-01"}
+
+        def attention(self, image, timestep=None):
+            raise AssertionError("every file exists")
+
+    with pytest.raises(ValueError, match="made by another bundle"):
+        evaluate(folder, Model(), attention_dir=tmp_path / "data" / "attn", grid=GRID, progress=False)
+
+
+def test_attention_files_without_a_record_are_scored_with_a_warning(folder, tmp_path):
+    attn = tmp_path / "data" / "attn"
+    for f in attn.glob("*.npz"):
+        save_attention(f, diffseg.load_attention(f))  # as an older diffseg wrote them
+    with pytest.warns(RuntimeWarning, match="5 attention file.*record nothing"):
+        res = evaluate(folder, attention_dir=attn, grid=GRID, progress=False)
+    assert res["images"] == 5
+
+
+def test_cache_files_record_their_source(folder, tmp_path):
+    """Attention computed by a model into the cache records the image and the bundle."""
+    from diffseg.io.attention import file_sha256
+
+    class Model:
+        metadata = {"model_id": "mine", "created": "2026-01-01"}
+
+        def attention(self, image, timestep=None):
+            return planted_attention(np.zeros((4, 4), int), np.random.default_rng(0))
+
+    cache = tmp_path / "cache"
+    evaluate(folder, Model(), attention_dir=cache, grid=GRID, limit=1, progress=False)
+    record = read_attention_record(cache / "im00.npz")
+    assert record["image"] == {"sha256": file_sha256(folder[0].image_path), "height": 40, "width": 32,
+                               "orientation": "stored", "exif_rotated": False, "decoder": None}
+    assert record["bundle"] == {"model_id": "mine", "created": "2026-01-01"}
+    assert record["frame"] == "crop" and record["timestep"] == 300
+
+
+def _stego_folder(root):
+    """Three 4 x 4 images; labels: 2 classes; predictions: dataset-wide cluster ids."""
+    label_a = np.array([[0, 0, 1, 1]] * 4)
+    halves = np.array([[0] * 4] * 2 + [[1] * 4] * 2)
+    pred_a = np.array([[1, 1, 0, 0]] * 3 + [[1, 1, 1, 1]])
+    pred_b = 1 - halves
+    pred_b[3, 3] = 1
+    pred_c = halves.copy()  # the clusters the other way round
+    for d in ("images", "labels", "preds"):
+        (root / d).mkdir(parents=True)
+    for name, label, pred in (("a", label_a, pred_a), ("b", halves, pred_b), ("c", halves, pred_c)):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(label.astype(np.uint8)).save(root / "labels" / f"{name}.png")
+        Image.fromarray(pred.astype(np.uint8)).save(root / "preds" / f"{name}.png")
+
+
+def test_stego_protocol_by_hand(tmp_path, capsys):
+    """One matching over the dataset. Confusion (rows: classes 0, 1; columns:
+    clusters 0, 1) summed over a, b, c = [[8, 16], [13, 11]]: the matching pairs
+    class 0 with cluster 1 (16) and class 1 with cluster 0 (13), 29 of 48 pixels.
+    TP (16, 13); FP: cluster 1's other 11, cluster 0's other 8; FN: 8, 11."""
+    from diffseg.evaluation.runner import score_predictions
+
+    _stego_folder(tmp_path)
+    ds = FolderDataset(tmp_path / "images", tmp_path / "labels", n_classes=2, size=4, preprocessing="stego")
+    res = score_predictions(ds, tmp_path / "preds", protocol="stego", progress=False, output_dir=tmp_path / "out")
+    row = res["settings"][0]
+    assert (row["tp"], row["fp"], row["fn"]) == ([16, 13], [11, 8], [8, 11])
+    assert row["pixel_accuracy"] == 29 / 48
+    assert row["miou"] == pytest.approx((16 / 35 + 13 / 32) / 2)
+    # per image, c is matched on its own: 29 + 16 of 48
+    crop = FolderDataset(tmp_path / "images", tmp_path / "labels", n_classes=2, size=4)
+    assert score_predictions(crop, tmp_path / "preds", progress=False)["settings"][0]["pixel_accuracy"] == 45 / 48
+    assert "STEGO's frame" in (tmp_path / "out" / "results.md").read_text()
+    # the command line: the same numbers
+    assert cli.main(["eval", "--dataset", "folder", "--root", str(tmp_path), "--n-classes", "2", "--size", "4",
+                     "--protocol", "stego", "--predictions-dir", str(tmp_path / "preds"), "-o", str(tmp_path / "cli"),
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["settings"][0]["tp"] == [16, 13]
+    # STEGO's protocol on DiffSeg's frame, DiffSeg's per-image segments with a dataset-wide matching: refused
+    with pytest.raises(ValueError, match="STEGO's frame"):
+        score_predictions(crop, tmp_path / "preds", protocol="stego", progress=False)
+    with pytest.raises(ValueError, match="numbers its segments per image"):
+        evaluate(crop, attention_dir=tmp_path, protocol="stego", progress=False)
+    assert cli.main(["eval", "--dataset", "folder", "--root", str(tmp_path), "--n-classes", "2", "--protocol", "stego",
+                     "--attention-dir", str(tmp_path), "-o", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "--predictions-dir" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_predictions_at_the_image_size_get_the_label_preprocessing(tmp_path):
+    """`diffseg segment` writes labels at the image's size: scored after the labels' crop and resize."""
+    from diffseg.evaluation.runner import score_predictions
+
+    folder = make_eval_folder(tmp_path / "data")
+    (tmp_path / "preds").mkdir()
+    for s in folder:  # the truth itself, at the image's 40 x 32, as <id>.labels.png
+        Image.open(s.label_path).save(tmp_path / "preds" / f"{s.id}.labels.png")
+    row = score_predictions(folder, tmp_path / "preds", progress=False)["settings"][0]
+    assert row["pixel_accuracy"] == 1.0 and row["fp"] == [0] * N_CLASSES
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(tmp_path / "preds" / "im00.labels.png")
+    with pytest.raises(ValueError, match="im00.labels.png: a 9x7 prediction fits neither"):
+        score_predictions(folder, tmp_path / "preds", progress=False)

@@ -212,3 +212,30 @@ def test_attention_cli_orientation_for_datasets(tmp_path, monkeypatch):
     assert cli.main(["attention", str(path), "-o", str(tmp_path / "a")]) == 0
     assert cli.main(["attention", str(path), "-o", str(tmp_path / "b"), "--stored-orientation"]) == 0
     assert shapes == [(600, 400, 3), (400, 600, 3)]
+    # each file records how its image was read; evaluation refuses the one that does not fit the dataset
+    from diffseg.io.attention import file_sha256, read_attention_record
+
+    turned, stored = read_attention_record(tmp_path / "a" / "phone.npz"), read_attention_record(tmp_path / "b" / "phone.npz")
+    assert turned["image"] == {"sha256": file_sha256(path), "height": 600, "width": 400, "orientation": "exif-applied",
+                               "exif_rotated": True, "decoder": "accurate"}
+    assert stored["image"]["orientation"] == "stored" and not stored["image"]["exif_rotated"]
+    assert (stored["image"]["height"], stored["image"]["width"]) == (400, 600)
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "labels").mkdir()
+    import shutil
+
+    shutil.copy(path, tmp_path / "ds" / "images" / "phone.jpg")
+    Image.fromarray(np.zeros((400, 600), np.uint8)).save(tmp_path / "ds" / "labels" / "phone.png")
+    from diffseg.evaluation.datasets import FolderDataset
+
+    ds = FolderDataset(tmp_path / "ds" / "images", tmp_path / "ds" / "labels", n_classes=2)
+    with pytest.raises(ValueError, match="phone.npz does not match: its image was turned by its EXIF orientation"):
+        diffseg.evaluate(ds, attention_dir=tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="phone.npz does not match: its JPEG was decoded with decoder='accurate'"):
+        diffseg.evaluate(ds, attention_dir=tmp_path / "b", progress=False)
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "c"), "--stored-orientation",
+                     "--decoder", "official"]) == 0
+    assert shapes[-1] == (400, 600, 3)
+    assert diffseg.evaluate(ds, attention_dir=tmp_path / "c", progress=False, grid=1)["images"] == 1
+    # --decoder official of a turned photo without --stored-orientation: refused per image
+    assert cli.main(["attention", str(path), "-o", str(tmp_path / "d"), "--decoder", "official"]) == 1

@@ -98,7 +98,7 @@ def _vocabulary(text):
 
 _OPTION = {"kl_threshold": "--kl-threshold", "iterations": "--iterations", "grid": "--grid",
            "timestep": "--timestep", "frame": "--frame", "refine": "--refine", "vocabulary": "--vocabulary",
-           "prompt": "--prompt", "voting": "--voting", "border": "--border", "weights": "--weights"}
+           "prompt": "--prompt", "voting": "--voting"}
 
 
 def settings_from_args(args, base=None):
@@ -128,6 +128,7 @@ def cli_message(text):
     for name, option in _OPTION.items():
         text = re.sub(rf"\b{name}=('?)([\w.-]+)\1", rf"{option} \2", text)
         text = re.sub(rf"^{name}\b", option, text)  # the field the message is about
+    text = re.sub(r"\bframe='(\w+)'", r"--frame \1", text)
     return text.replace("--refine True", "--refine")
 
 

@@ -1,7 +1,14 @@
 """``diffseg attention``: write the self-attention maps of images (.npz).
 
 Inputs are files, folders and glob patterns as for ``diffseg segment``; files
-that cannot be read are reported, skipped and counted (exit status 1).
+that cannot be read are reported, skipped and counted (exit status 1). Each
+file records how it was made (:func:`diffseg.io.attention.attention_record`):
+the image's hash and size, its orientation and decoding, the frame, the
+timestep and the bundle; ``diffseg eval --attention-dir`` checks them.
+
+For an evaluation dataset, ``--stored-orientation --decoder official`` gives
+the pixels the evaluation uses (or let ``diffseg eval --model M
+--attention-dir DIR`` compute and keep them).
 """
 import time
 from pathlib import Path
@@ -27,6 +34,9 @@ def register_cli(subparsers):
     p.add_argument("--stored-orientation", action="store_true",
                    help="ignore EXIF orientation: the image as stored, like evaluation datasets "
                         "(their labels are stored that way); default: as displayed")
+    p.add_argument("--decoder", choices=("accurate", "official"), default="accurate",
+                   help="how JPEGs are decoded: accurate (default: Pillow, as diffseg segment reads photos) or "
+                        "official (as the official evaluation loader: what diffseg eval's datasets use)")
     p.add_argument("--frame", choices=("crop", "whole"), default="crop",
                    help="crop (default: the centre crop of the published protocol, which diffseg eval "
                         "--attention-dir expects) or whole (the whole image on a grid of its aspect ratio, "
@@ -44,7 +54,6 @@ def _run(args):
 
 def _write_attention(args, out):
     from ..io.attention import save_attention
-    from ..io.images import load_image
 
     apply_threads(args)
     inputs, problems = collect_inputs(args.images, args.recursive)
@@ -59,10 +68,10 @@ def _write_attention(args, out):
             t0 = time.perf_counter()
             target = out / f"{name}.npz"
             try:
-                rgb = load_image(image, exif_transpose=not args.stored_orientation)
+                rgb, record = _read(image, args, model)
                 attn = (model.attention(rgb, args.timestep) if args.frame == "crop"
                         else model.attention(rgb, args.timestep, frame="whole"))
-                save_attention(target, attn, dtype=args.dtype)
+                save_attention(target, attn, dtype=args.dtype, record=record)
             except (ValueError, OSError) as e:  # unreadable image, unwritable output
                 failed += 1
                 report("attention", f"skipped {image}: {e}")
@@ -78,3 +87,25 @@ def _write_attention(args, out):
     if failed:
         report("attention", f"{written} file(s) written to {out}, {failed} failed")
     return 1 if failed else 0
+
+
+def _read(path, args, model):
+    """``(rgb, record)``: the image as the options say, and how it was read (and by which bundle)."""
+    from PIL import Image
+
+    from ..io.attention import attention_record
+    from ..io.images import load_image, read_dataset_image
+
+    with open(path, "rb") as f:
+        jpeg = f.read(3) == b"\xff\xd8\xff"
+    with Image.open(path) as im:
+        orientation = im.getexif().get(0x0112, 1)
+    rotated = not args.stored_orientation and orientation not in (0, 1)  # 1 or none: nothing to turn
+    if rotated and args.decoder == "official":
+        raise ValueError("it has an EXIF rotation and --decoder official reads images as stored: "
+                         "add --stored-orientation")
+    rgb = load_image(path) if rotated else read_dataset_image(path, args.decoder)
+    record = attention_record(image_path=path, image_shape=rgb.shape, exif_applied=not args.stored_orientation,
+                              exif_rotated=rotated, decoder=args.decoder if jpeg else None, frame=args.frame,
+                              timestep=args.timestep, model=model)
+    return rgb, record

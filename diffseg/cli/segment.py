@@ -261,7 +261,7 @@ def _write_or_message(result, path, paths, rle, record):
             raise result
         _write(result, path, paths, rle, record)
     except (ValueError, OSError) as e:  # unreadable image, unwritable output
-        return f"skipped {path}: {e}"
+        return f"skipped {path}: {_common.cli_message(str(e))}"
     except Exception as e:  # noqa: BLE001 -- keep going; the exit status says so
         return f"failed on {path}: {type(e).__name__}: {e}"
     return None

@@ -11,10 +11,19 @@ Every dataset is a sequence of :class:`Sample` objects with
   resize to ``size`` (512), as the official benchmark (DESIGN.md "Evaluation
   protocol"). What the crop cuts off is not evaluated. ``size=None`` keeps the
   crop at its own resolution;
-* ``image`` -- the **original** image as ``(H, W, 3)`` uint8 RGB, read from disk
-  on access (evaluating from precomputed attention never reads it). The model
-  applies the same centre crop and resize (``diffseg.io.images.preprocess_image``),
-  so its output lines up with ``label``.
+* ``image`` -- the **original** image as ``(H, W, 3)`` uint8 RGB in its stored
+  orientation, read from disk on access (evaluating from precomputed attention
+  never reads it), JPEGs decoded as the official loader decodes them
+  (``decoder="official"``, :func:`diffseg.io.images.read_dataset_image`; or
+  ``decoder="accurate"``: Pillow). The model applies the same centre crop and
+  resize (``diffseg.io.images.preprocess_image``), so its output lines up with
+  ``label``.
+
+``preprocessing="stego"`` gives STEGO's evaluation frame instead (PiCIE/STEGO
+tables; ``size`` 320): image and label have their short side resized to
+``size`` with nearest neighbour and are centre-cropped
+(:func:`diffseg.io.images.stego_resize_crop`); ``image`` is then that
+``(size, size)`` crop.
 
 ``id, image, label = sample`` unpacks a sample.
 
@@ -27,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.images import IMAGE_SUFFIXES, load_image, preprocess_labels
+from ..io.images import DECODERS, IMAGE_SUFFIXES, preprocess_labels, read_dataset_image, stego_resize_crop
 
 IGNORE = -1
+PREPROCESSING = ("crop", "stego")
+"""``"crop"``: DiffSeg's (centre crop, nearest-exact resize of labels to
+``size``); ``"stego"``: STEGO's (:func:`diffseg.io.images.stego_resize_crop`)."""
 
 # ---------------------------------------------------------------------------
 # COCO-Stuff-27
@@ -211,22 +223,25 @@ def read_label_png(path, channel0=False):
 
 
 class Sample:
-    """One evaluation item: ``id``, ``label`` and a lazily loaded ``image``."""
+    """One evaluation item: ``id``, ``label`` and a lazily loaded ``image``
+    (``image_path`` and ``label_path`` name its files)."""
 
-    __slots__ = ("id", "label", "image_path")
+    __slots__ = ("id", "label", "image_path", "label_path", "_read")
 
-    def __init__(self, id, label, image_path=None):
+    def __init__(self, id, label, image_path=None, label_path=None, read=None):
         self.id = id
         self.label = label
         self.image_path = image_path
+        self.label_path = label_path
+        self._read = read or read_dataset_image
 
     @property
     def image(self):
-        """The original image, ``(H, W, 3)`` uint8 RGB in its stored orientation
-        (EXIF Orientation ignored, like the label map; read on each access)."""
+        """The image, ``(H, W, 3)`` uint8 RGB in its stored orientation (EXIF
+        Orientation ignored, like the label map; read on each access)."""
         if self.image_path is None:
             raise FileNotFoundError(f"sample {self.id!r} has no image file")
-        return load_image(self.image_path, exif_transpose=False)  # labels are stored unturned
+        return self._read(self.image_path)
 
     def __iter__(self):
         return iter((self.id, self.image, self.label))
@@ -244,10 +259,18 @@ class SegmentationDataset:
     class_names = ()
     kl_threshold = 1.1
 
-    def __init__(self, items, size=512):
+    def __init__(self, items, size=512, *, decoder="official", preprocessing="crop"):
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
             raise ValueError(f"size must be a positive integer or None, got {size!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {', '.join(map(repr, PREPROCESSING))}, "
+                             f"got {preprocessing!r}")
+        if preprocessing == "stego" and size is None:
+            raise ValueError("preprocessing='stego' needs a size (STEGO's tables: 320)")
         self.size = None if size is None else int(size)
+        self.decoder, self.preprocessing = decoder, preprocessing
         self._items = list(items)
         if not self._items:
             raise ValueError(f"{self.name}: no images found")
@@ -273,6 +296,8 @@ class SegmentationDataset:
     def load_label(self, index):
         _, _, label_path = self._items[index]
         label = self.map_labels(self._read_raw_label(label_path))
+        if self.preprocessing == "stego":
+            return stego_resize_crop(label, self.size)
         if self.size is None:
             from ..io.images import center_crop
 
@@ -283,8 +308,13 @@ class SegmentationDataset:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]  # IndexError, negative indices
-        sample_id, image_path, _ = self._items[index]
-        return Sample(sample_id, self.load_label(index), image_path)
+        sample_id, image_path, label_path = self._items[index]
+        return Sample(sample_id, self.load_label(index), image_path, label_path, self.read_image)
+
+    def read_image(self, path):
+        """An image file of this dataset as the model gets it (see the module docstring)."""
+        image = read_dataset_image(path, self.decoder)
+        return stego_resize_crop(image, self.size) if self.preprocessing == "stego" else image
 
     def __iter__(self):
         for i in range(len(self)):
@@ -319,7 +349,7 @@ class SegmentationDataset:
         first, last = self._items[0][2], self._items[-1][2]
         labels = os.path.commonpath([os.path.abspath(first), os.path.abspath(last)])
         return {"name": self.name, "n_classes": self.n_classes, "images": len(self),
-                "size": self.size, "labels": labels}
+                "size": self.size, "labels": labels, "decoder": self.decoder, "preprocessing": self.preprocessing}
 
     def __repr__(self):
         return f"{type(self).__name__}({len(self)} images, {self.n_classes} classes, size={self.size})"
@@ -382,7 +412,7 @@ class CocoStuff27(SegmentationDataset):
     kl_threshold = 1.1
 
     def __init__(self, root=None, image_list=None, *, image_dir=None, label_dir=None,
-                 size=512, require_images=True):
+                 size=512, require_images=True, decoder="official", preprocessing="crop"):
         root = Path(root) if root is not None else None
         if root is not None and not root.is_dir():
             raise FileNotFoundError(f"root: no such directory: {root}")
@@ -444,7 +474,7 @@ class CocoStuff27(SegmentationDataset):
                     raise _missing_error("images", missing, len(ids), "(COCO val2017 <id>.jpg)")
                 images = [p if p.is_file() else None for p in images]
         self.image_dir, self.label_dir = image_dir, label_dir
-        super().__init__(zip(ids, images, labels), size=size)
+        super().__init__(zip(ids, images, labels), size=size, decoder=decoder, preprocessing=preprocessing)
 
     def _read_raw_label(self, path):
         return read_label_png(path, channel0=True)  # official: decode 3 channels, use channel 0
@@ -474,7 +504,8 @@ class Cityscapes(SegmentationDataset):
     IMAGE_SUFFIX = "_leftImg8bit.png"
     LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-    def __init__(self, root, split="val", *, size=512, require_images=True):
+    def __init__(self, root, split="val", *, size=512, require_images=True, decoder="official",
+                 preprocessing="crop"):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"root: no such directory: {root}")
@@ -512,7 +543,7 @@ class Cityscapes(SegmentationDataset):
             image_files = [p if p.is_file() else None for p in image_files]
         ids = [f"{b}{Path(self.IMAGE_SUFFIX).stem}" for b in bases]  # = the image file's stem
         self.root, self.split = root, split
-        super().__init__(zip(ids, image_files, labels), size=size)
+        super().__init__(zip(ids, image_files, labels), size=size, decoder=decoder, preprocessing=preprocessing)
 
     def map_labels(self, raw):
         raw = np.asarray(raw).astype(np.int64)
@@ -542,7 +573,7 @@ class FolderDataset(SegmentationDataset):
 
     def __init__(self, image_dir, label_dir, *, n_classes=None, class_names=None,
                  label_suffix=".png", ignore_values=(255,), label_map=None, size=512,
-                 require_images=True):
+                 require_images=True, decoder="official", preprocessing="crop"):
         label_dir = Path(label_dir)
         if not label_dir.is_dir():
             raise FileNotFoundError(f"label_dir: no such directory: {label_dir}")
@@ -599,7 +630,7 @@ class FolderDataset(SegmentationDataset):
             raise ValueError(f"class_names has {len(self._class_names)} names for "
                              f"n_classes={self._n_classes}")
         self.image_dir, self.label_dir = image_dir, label_dir
-        super().__init__(items, size=size)
+        super().__init__(items, size=size, decoder=decoder, preprocessing=preprocessing)
 
     def map_labels(self, raw):
         raw = np.asarray(raw).astype(np.int64)

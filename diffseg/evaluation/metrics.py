@@ -13,14 +13,18 @@ Two protocols:
     over the dataset. This is google/diffseg ``diffseg/utils.py``
     (``hungarian_matching``), which adapts PiCIE's ``_fast_hist``.
 
-``"per-dataset"`` (PiCIE, STEGO)
+``"per-dataset"`` and ``"stego"`` (PiCIE, STEGO)
     One ``n_classes x n_classes`` confusion matrix summed over the dataset and
     one matching at :meth:`HungarianMetrics.compute`. Predictions must be
     dataset-wide cluster ids in ``[0, n_classes)``; DiffSeg's segment ids are
     per image (segment 3 of one image has nothing to do with segment 3 of the
-    next), so this protocol does not apply to raw DiffSeg output.
+    next), so this protocol does not apply to raw DiffSeg output. ``"stego"``
+    is the same matching on STEGO's evaluation frame (320 px, nearest-neighbour
+    resize of the short side, centre crop: the datasets' ``preprocessing="stego"``),
+    the frame of the PiCIE/STEGO-family tables; ``"per-dataset"`` keeps
+    DiffSeg's frame.
 
-Both: ground-truth values outside ``[0, n_classes)`` (``-1``, ``255``, ...) and
+All: ground-truth values outside ``[0, n_classes)`` (``-1``, ``255``, ...) and
 the value ``ignore_index`` are ignored. Pixel accuracy = sum(TP) / valid pixels;
 IoU = TP / (TP + FP + FN) per class (NaN for a class that never occurs and is
 never predicted); mIoU = nanmean(IoU).
@@ -29,7 +33,9 @@ import numbers
 
 import numpy as np
 
-PROTOCOLS = ("per-image", "per-dataset")
+PROTOCOLS = ("per-image", "per-dataset", "stego")
+DATASET_WIDE = ("per-dataset", "stego")
+"""Protocols with one matching over the dataset."""
 
 # Above this many confusion-matrix entries, segment ids are compacted
 # (np.unique) before matching instead of allocating n_classes x (max id + 1).
@@ -217,11 +223,11 @@ class HungarianMetrics:
         mask = self._mask(gt)
         g = gt[mask].astype(np.int64)
         p = pred[mask].astype(np.int64)
-        if self.protocol == "per-dataset":
+        if self.protocol in DATASET_WIDE:
             top = int(pred.max())
             if top >= n:
                 raise ValueError(
-                    f"pred has segment id {top} but protocol='per-dataset' needs dataset-wide "
+                    f"pred has segment id {top} but protocol={self.protocol!r} needs dataset-wide "
                     f"class ids in [0, {n}) (n_classes={n}); per-image segment ids, as DiffSeg "
                     f"produces, need protocol='per-image'"
                 )
@@ -254,9 +260,9 @@ class HungarianMetrics:
         return _match_counts(self.confusion)
 
     def matching(self):
-        """Per-dataset protocol: ``assignment[c]`` = predicted id matched to class ``c``."""
-        if self.protocol != "per-dataset":
-            raise ValueError("matching() is only defined for protocol='per-dataset'")
+        """Dataset-wide protocols: ``assignment[c]`` = predicted id matched to class ``c``."""
+        if self.protocol not in DATASET_WIDE:
+            raise ValueError("matching() is only defined for the dataset-wide protocols ('per-dataset', 'stego')")
         from scipy.optimize import linear_sum_assignment
 
         rows, cols = linear_sum_assignment(self.confusion, maximize=True)

@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from .._util import atomic_write, progress_bar
 from ..batch import pipelined
 from ..core import aggregate, run_stages
 from ..settings import Settings, resolve_settings
-from .metrics import HungarianMetrics, _check_protocol
+from .metrics import DATASET_WIDE, HungarianMetrics, _check_protocol
 
 STATE_VERSION = 3  # 2: attention source and per-file identities; 3: whole settings records
 STATE_FILE = "state.json"
@@ -128,14 +129,15 @@ def _write_json(path, data):
 
 
 def _item_parts(item):
-    """Sample, or an ``(id, image, label)`` tuple -> (id, label, image getter)."""
+    """Sample, or an ``(id, image, label)`` tuple -> (id, label, image getter, image path, label path)."""
     if hasattr(item, "id") and hasattr(item, "label"):
-        return str(item.id), item.label, lambda: item.image
+        return (str(item.id), item.label, lambda: item.image, getattr(item, "image_path", None),
+                getattr(item, "label_path", None))
     try:
         sample_id, image, label = item
     except (TypeError, ValueError):
         raise TypeError("dataset items must be Samples or (id, image, label) tuples") from None
-    return str(sample_id), label, lambda: image
+    return str(sample_id), label, lambda: image, None, None
 
 
 def _describe(dataset, n_classes):
@@ -148,6 +150,17 @@ def _describe(dataset, n_classes):
 
 
 # -- evaluation ---------------------------------------------------------------
+def segmentation_protocol(protocol):
+    """``protocol`` for scoring DiffSeg's own segments: per image only."""
+    protocol = _check_protocol(protocol)
+    if protocol in DATASET_WIDE:
+        raise ValueError(f"protocol={protocol!r} matches dataset-wide class ids once over the dataset; DiffSeg "
+                         "numbers its segments per image, so its output is scored per image (protocol='per-image'). "
+                         "Label maps with dataset-wide ids (e.g. of a STEGO-family method) are scored with "
+                         "score_predictions / `diffseg eval --predictions-dir`")
+    return protocol
+
+
 def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=None, protocol="per-image",
              n_classes=None, class_names=None, ignore_index=-1, output_dir=None, resume=True, progress=True,
              workers=None, **overrides):
@@ -170,8 +183,10 @@ def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=No
         model every file must exist; with a model, missing ones are computed
         and saved there (a cache).
     limit : evaluate only the first ``limit`` images.
-    protocol : ``"per-image"`` (DiffSeg) or ``"per-dataset"`` (see
-        :mod:`diffseg.evaluation.metrics`).
+    protocol : ``"per-image"`` (DiffSeg's: one Hungarian matching per image).
+        The dataset-wide protocols (``"per-dataset"``, ``"stego"``) need
+        dataset-wide class ids, which DiffSeg's per-image segments are not:
+        score such predictions with :func:`score_predictions`.
     n_classes, class_names : default from the dataset.
     output_dir : where ``state.json``, ``results.json`` and ``results.md`` go.
         Needed to resume.
@@ -189,7 +204,7 @@ def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=No
     """
     from ..core import _workers_arg
 
-    protocol = _check_protocol(protocol)
+    protocol = segmentation_protocol(protocol)
     settings = evaluation_settings(settings, dataset, **overrides)
     _workers_arg(workers)
     if n_classes is None:
@@ -264,19 +279,19 @@ def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=No
     done_set = set(done)
     todo = [index for index in range(total) if ids is None or ids[index] not in done_set]
     produced = set(done_set)  # the producer's view: ids read so far (a repeated id is scored once)
-    timestep = settings[0].timestep
+    source_of = AttentionSource(model, attention_dir, dataset, settings[0].timestep)
 
     def load(index):
         """Read one item and its attention; runs one image ahead of the scoring, in a thread."""
         t_start = time.perf_counter()
-        sample_id, label, get_image = _item_parts(dataset[index])
+        sample_id, label, get_image, image_path, label_path = _item_parts(dataset[index])
         if sample_id in produced:
             return None
         produced.add(sample_id)
         label = np.asarray(label)
         if label.ndim != 2:
             raise ValueError(f"label of {sample_id!r} must be (H, W), got shape {label.shape}")
-        attn, identity = _attention(sample_id, get_image, model, attention_dir, timestep)
+        attn, identity = source_of.get(sample_id, get_image, image_path, label_path)
         return sample_id, label, attn, identity, time.perf_counter() - t_start
 
     bar = progress_bar(total=total, initial=total - len(todo), disable=not progress, unit="img",
@@ -311,11 +326,118 @@ def evaluate(dataset, model=None, settings=None, *, attention_dir=None, limit=No
     finally:
         bar.close()
 
+    if source_of.unrecorded:
+        warnings.warn(f"{source_of.unrecorded} attention file(s) in {attention_dir} record nothing about how they "
+                      "were made (an older diffseg): they could not be checked against the dataset images",
+                      RuntimeWarning, stacklevel=2)
     results = _results(config, settings, metrics, seconds, len(done), class_names, source)
     results["dataset"] = _json_clean({**described, "evaluated": len(done)})
     if output_dir is not None:
         write_results(output_dir, results)
     return results
+
+
+def score_predictions(dataset, predictions_dir, *, protocol="per-image", limit=None, n_classes=None,
+                      ignore_index=-1, output_dir=None, progress=True):
+    """Score label maps that exist as files: ``<predictions_dir>/<id>.png``
+    per image (``diffseg segment --frame crop`` writes ``<id>.labels.png``,
+    also read), with any protocol.
+
+    A prediction is at the size of the dataset's label after its
+    preprocessing, or at the image's own size (in its stored orientation),
+    in which case it gets the label's preprocessing (centre crop and
+    nearest resize; STEGO's with ``preprocessing="stego"``). ``protocol``:
+    ``"per-image"``, or a dataset-wide one for dataset-wide class ids:
+    ``"stego"`` needs a dataset opened with ``preprocessing="stego"`` (the
+    PiCIE/STEGO tables' frame), ``"per-dataset"`` one with DiffSeg's. Returns
+    the results dict of :func:`evaluate`, one row.
+    """
+    from .datasets import read_label_png
+
+    protocol = _check_protocol(protocol)
+    preprocessing = getattr(dataset, "preprocessing", "crop")
+    if (protocol == "stego") != (preprocessing == "stego"):
+        raise ValueError(f"protocol={protocol!r} with a dataset in the {preprocessing!r} preprocessing: STEGO's "
+                         "protocol is scored on STEGO's frame (open the dataset with preprocessing='stego', "
+                         "size=320; `diffseg eval --protocol stego`), the others on DiffSeg's")
+    predictions_dir = Path(predictions_dir)
+    if not predictions_dir.is_dir():
+        raise FileNotFoundError(f"predictions_dir: no such directory: {predictions_dir}")
+    n_classes = n_classes if n_classes is not None else getattr(dataset, "n_classes", None)
+    if n_classes is None:
+        raise ValueError("n_classes: the dataset does not say; pass n_classes=")
+    total = len(dataset) if limit is None else min(len(dataset), int(limit))
+    paths = []
+    for sample_id in [str(i) for i in getattr(dataset, "ids", range(total))][:total]:
+        found = [predictions_dir / f"{sample_id}{suffix}" for suffix in (".png", ".labels.png")]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"predictions_dir: no {sample_id}.png (or {sample_id}.labels.png) in "
+                                    f"{predictions_dir}")
+        paths.append(found[0])
+    metric = HungarianMetrics(n_classes, protocol, ignore_index)
+    t0 = time.perf_counter()
+    bar = progress_bar(total=total, disable=not progress, unit="img", desc="score", dynamic_ncols=True)
+    try:
+        for index, path in enumerate(paths):
+            sample = dataset[index]
+            label = np.asarray(sample.label)
+            raw = _image_shape(getattr(sample, "label_path", None))
+            metric.update(_prediction_in_frame(read_label_png(path), label, raw, dataset, path), label)
+            bar.update(1)
+    finally:
+        bar.close()
+    class_names = [str(c) for c in (getattr(dataset, "class_names", ()) or ())]
+    if len(class_names) != n_classes:
+        class_names = [str(i) for i in range(n_classes)]
+    described = _describe(dataset, n_classes)
+    r = metric.compute()
+    per = max(len(paths), 1)
+    row = {"settings": None, "label": f"predictions in {predictions_dir}", "pixel_accuracy": r["pixel_accuracy"],
+           "miou": r["miou"], "iou": dict(zip(class_names, r["iou"])), "tp": r["tp"], "fp": r["fp"], "fn": r["fn"],
+           "images": r["images"], "valid_pixels": r["valid_pixels"],
+           "seconds_per_image": (time.perf_counter() - t0) / per}
+    results = {"dataset": _json_clean({**described, "evaluated": len(paths)}), "protocol": protocol,
+               "ignore_index": int(ignore_index), "attention": {"predictions_dir": str(predictions_dir.resolve())},
+               "class_names": class_names, "images": len(paths), "seconds_per_image": row["seconds_per_image"],
+               "attention_seconds_per_image": 0.0, "settings": [row]}
+    if output_dir is not None:
+        write_results(output_dir, results)
+    return results
+
+
+def _image_shape(path):
+    """``(height, width)`` of an image file from its header; None without a file."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _prediction_in_frame(pred, label, raw_shape, dataset, path):
+    """A prediction at the evaluated label's size, or at the image's own
+    (``raw_shape``): the latter gets the label's preprocessing."""
+    from ..io.images import preprocess_labels, stego_resize_crop
+
+    pred = np.asarray(pred).astype(np.int64)
+    if pred.shape == label.shape:
+        return pred
+    if pred.shape != raw_shape:
+        raise ValueError(f"{path}: a {pred.shape[1]}x{pred.shape[0]} prediction fits neither the evaluated label "
+                         f"({label.shape[1]}x{label.shape[0]}) nor its image"
+                         + ("" if raw_shape is None else f" ({raw_shape[1]}x{raw_shape[0]})"))
+    size = getattr(dataset, "size", None)
+    if getattr(dataset, "preprocessing", "crop") == "stego":
+        framed = stego_resize_crop(pred, size)
+    elif size is None:
+        from ..io.images import center_crop
+
+        framed = center_crop(pred)
+    else:
+        framed = preprocess_labels(pred, size)
+    return framed
 
 
 def score_labels(A, setting, size, workers=None):
@@ -350,7 +472,9 @@ BUNDLE_FIELDS = ("model_id", "sd_version", "torch_version", "dtype", "device", "
 
 
 def describe_source(source):
-    """One line for a report: ``bundle PATH (model id, dtype)`` or the attention folder."""
+    """One line for a report: ``bundle PATH (model id, dtype)``, the attention folder, or the predictions."""
+    if source.get("predictions_dir"):
+        return f"label maps in {source['predictions_dir']}"
     model = source.get("model")
     parts = []
     if model is not None:
@@ -421,25 +545,105 @@ def _check_attention_files(state_path, files, attention_dir, have_model):
                          f"use another output directory, or resume=False / --no-resume to start over")
 
 
-def _attention(sample_id, get_image, model, attention_dir, timestep):
-    """``(attention, identity of its file or None)``."""
-    from ..io.attention import load_attention, save_attention
+class AttentionSource:
+    """The attention of each image: read from ``attention_dir`` (each file
+    checked against its record: :func:`diffseg.io.attention.attention_record`)
+    or computed by ``model`` (and then saved there with its record)."""
 
-    path = attention_dir / f"{sample_id}.npz" if attention_dir is not None else None
-    if path is not None and path.is_file():
-        identity = _file_identity(path)  # before reading: a rewrite during the read shows on resume
-        return load_attention(path), identity
-    if model is None:
-        raise FileNotFoundError(f"attention_dir: no attention file for {sample_id!r}: {path}")
-    image = get_image()
-    if image is None:
-        raise ValueError(f"sample {sample_id!r} has no image to run the model on")
-    attn = model.attention(image, timestep)
-    if path is None:
-        return attn, None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_attention(path, attn)
-    return attn, _file_identity(path)
+    def __init__(self, model, attention_dir, dataset, timestep):
+        self.model, self.dir, self.timestep = model, attention_dir, timestep
+        self.decoder = getattr(dataset, "decoder", None)
+        self.preprocessing = getattr(dataset, "preprocessing", "crop")
+        self.size = getattr(dataset, "size", None)
+        self.bundle = None  # the bundle every file must come from: the model's, or the first file's
+        if model is not None:
+            from ..io.attention import attention_record
+
+            self.bundle = attention_record(image_shape=(1, 1), exif_applied=False, exif_rotated=False, decoder=None,
+                                           frame="crop", timestep=timestep, model=model)["bundle"]
+        self.unrecorded = 0  # files from an older diffseg: nothing to check them against
+
+    def get(self, sample_id, get_image, image_path, label_path):
+        """``(attention, identity of its file or None)``."""
+        from ..io.attention import load_attention
+
+        path = self.dir / f"{sample_id}.npz" if self.dir is not None else None
+        if path is not None and path.is_file():
+            identity = _file_identity(path)  # before reading: a rewrite during the read shows on resume
+            self.check(path, image_path, label_path)
+            return load_attention(path), identity
+        if self.model is None:
+            raise FileNotFoundError(f"attention_dir: no attention file for {sample_id!r}: {path}")
+        image = get_image()
+        if image is None:
+            raise ValueError(f"sample {sample_id!r} has no image to run the model on")
+        attn = self.model.attention(image, self.timestep)
+        if path is None:
+            return attn, None
+        self.save(path, attn, image, image_path)
+        return attn, _file_identity(path)
+
+    def save(self, path, attn, image, image_path):
+        from ..io.attention import attention_record, save_attention
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jpeg = image_path is not None and _is_jpeg(image_path)
+        record = attention_record(image_path=image_path, image_shape=image.shape, exif_applied=False,
+                                  exif_rotated=False, decoder=self.decoder if jpeg else None, frame="crop",
+                                  timestep=self.timestep, model=self.model)
+        save_attention(path, attn, record=record)
+
+    def check(self, path, image_path, label_path):
+        """Refuse a file made from another image (content, size, EXIF
+        rotation, decoding), with other settings or by another bundle."""
+        from ..io.attention import file_sha256, read_attention_record
+
+        record = read_attention_record(path)
+        if record is None:
+            self.unrecorded += 1
+            return
+        image, why = record.get("image") or {}, None
+        expected = self._expected_size(image_path, label_path)
+        if image.get("exif_rotated"):
+            why = ("its image was turned by its EXIF orientation, but dataset labels are stored unturned "
+                   "(`diffseg attention --stored-orientation`)")
+        elif expected is not None and (image.get("height"), image.get("width")) != expected:
+            why = (f"it was made from a {image.get('width')}x{image.get('height')} image, the dataset's is "
+                   f"{expected[1]}x{expected[0]} (width x height)")
+        elif record.get("frame") != "crop":
+            why = f"it holds the attention of the {record.get('frame')} frame; evaluation uses the centre crop"
+        elif record.get("timestep") != self.timestep:
+            why = f"it was made at timestep {record.get('timestep')}, the settings say {self.timestep}"
+        elif image_path is not None and Path(image_path).is_file() and image.get("sha256") is not None \
+                and image["sha256"] != file_sha256(image_path):
+            why = f"it was made from another image than {image_path} (different content)"
+        elif image.get("decoder") is not None and self.decoder is not None and image["decoder"] != self.decoder:
+            why = (f"its JPEG was decoded with decoder={image['decoder']!r}, the dataset's is {self.decoder!r} "
+                   "(see docs/evaluation.md)")
+        elif self.bundle is None:
+            self.bundle = record.get("bundle")
+        elif record.get("bundle") != self.bundle:
+            why = (f"it was made by another bundle ({_short(record.get('bundle'), 120)}; "
+                   f"expected {_short(self.bundle, 120)})")
+        if why:
+            raise ValueError(f"attention file {path} does not match: {why}")
+
+    def _expected_size(self, image_path, label_path):
+        """``(height, width)`` of the image the model must have seen, from the files' headers."""
+        if self.preprocessing == "stego":
+            return (self.size, self.size)
+        for source in (image_path, label_path):
+            if source is not None and Path(source).is_file():
+                from PIL import Image
+
+                with Image.open(source) as im:
+                    return im.size[1], im.size[0]
+        return None
+
+
+def _is_jpeg(path):
+    with open(path, "rb") as f:
+        return f.read(3) == b"\xff\xd8\xff"
 
 
 def _save_state(path, config, done, metrics, seconds, files):
@@ -515,25 +719,31 @@ def _pct(x, digits=2):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 
 
+PROTOCOL_NAMES = {"per-image": "Hungarian matching per image (DiffSeg, DiffCut)",
+                  "per-dataset": "Hungarian matching over the dataset, DiffSeg's frame",
+                  "stego": "Hungarian matching over the dataset, STEGO's frame (PiCIE, STEGO)"}
+
+
 def markdown_table(results):
-    """Results dict (from :func:`evaluate`) -> a markdown report."""
+    """Results dict (from :func:`evaluate` or :func:`score_predictions`) -> a markdown report."""
     ds = results["dataset"]
-    protocol = {"per-image": "Hungarian matching per image (DiffSeg, DiffCut)",
-                "per-dataset": "Hungarian matching over the dataset (PiCIE, STEGO)"}
-    shared = results["settings"][0]["settings"]
-    weights = shared["weights"]
+    shared = results["settings"][0]["settings"] or {}  # None: scored predictions
     lines = [
         f"# DiffSeg evaluation: {ds.get('name', 'dataset')}",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| protocol | {protocol.get(results['protocol'], results['protocol'])} |",
+        f"| protocol | {PROTOCOL_NAMES.get(results['protocol'], results['protocol'])} |",
         f"| images | {results['images']} |",
         f"| classes | {ds.get('n_classes')} |",
         f"| label size | {ds.get('size')} |",
-        f"| attention | {describe_source(results['attention'])} |",
-        f"| timestep | {shared['timestep']} |",
-        f"| resolution weights | {'proportional to resolution' if weights is None else weights} |",
+        f"| source | {describe_source(results['attention'])} |",
+    ]
+    if shared:
+        weights = shared["weights"]
+        lines += [f"| timestep | {shared['timestep']} |",
+                  f"| resolution weights | {'proportional to resolution' if weights is None else weights} |"]
+    lines += [
         f"| seconds per image | {results['seconds_per_image']:.3f} "
         f"(reading, attention and aggregation: {results['attention_seconds_per_image']:.3f}) |",
         "",
@@ -541,8 +751,9 @@ def markdown_table(results):
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in results["settings"]:
-        s = row["settings"]
-        lines.append(f"| {row['label']} | {s['grid']} | {'yes' if s['refine'] else 'no'} "
+        s = row["settings"] or {}
+        grid, refine = s.get("grid", "-"), {True: "yes", False: "no"}.get(s.get("refine"), "-")
+        lines.append(f"| {row['label']} | {grid} | {refine} "
                      f"| {_pct(row['pixel_accuracy'])} | {_pct(row['miou'])} "
                      f"| {row['images']} | {row['seconds_per_image']:.3f} |")
     lines += ["", "## Per-class IoU (%)", "",
