@@ -4,8 +4,8 @@
 #   1. sdist (python -m build --sdist) from a clean copy of the tree;
 #   2. a wheel from that sdist without torch (build isolation: the core needs
 #      only setuptools and numpy), installed in a fresh venv: the planted
-#      example is segmented, `diffseg --version` and `diffseg demo` work, and
-#      there is no shim;
+#      example is segmented, `diffseg --version` and `diffseg demo` work,
+#      there is no shim, and the test suite passes there (its torch tests skip);
 #   3. a wheel from the same sdist with torch==2.13.0 installed
 #      (--no-build-isolation), installed next to that torch: diffseg._torch is
 #      built and imports.
@@ -89,6 +89,12 @@ except ImportError as e:
 else:
     raise SystemExit("a shim in a build without torch")
 '
+
+step "the test suite against the core-only install (the tests that need torch skip)"
+"$work/core/bin/python" -m pip install --quiet pytest hypothesis
+# the console script, from outside the source tree: the installed package is the one imported
+(cd "$work" && "$work/core/bin/pytest" -q -m "not reliability" -p no:cacheprovider --rootdir "$work/src" \
+    -c "$work/src/pyproject.toml" "$work/src/tests")
 
 step "wheel from the sdist with $torch_spec (--no-build-isolation)"
 "$python" -m venv "$work/torch"
