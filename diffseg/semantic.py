@@ -291,17 +291,21 @@ def _missing_word_message(word, tokens, spans, occurrences, words, targets):
             "must appear in the prompt")
 
 
-def _word_list(words):
+def _word_list(words, name="words"):
+    """``words`` as a list of non-blank strings; errors name the argument ``name``."""
     if isinstance(words, str):
-        raise TypeError("words must be a list of words, not one string (e.g. ['cat', 'grass'])")
+        raise TypeError(f"{name} must be a list of words, not one string (e.g. ['cat', 'grass', 'sky'])")
     try:
         words = list(words)
     except TypeError:
-        raise TypeError(f"words must be a list of words, got {type(words).__name__}") from None
+        raise TypeError(f"{name} must be a list of words, got {type(words).__name__}") from None
     if not words:
-        raise ValueError("words (the vocabulary) must not be empty")
-    for w in words:
-        _normal_word(w)
+        raise ValueError(f"{name} is empty: give at least one word")
+    for i, w in enumerate(words):
+        if not isinstance(w, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(w).__name__}")
+        if not w.strip():
+            raise ValueError(f"{name}[{i}] is blank")
     return words
 
 

@@ -116,23 +116,11 @@ def _weights(value):
 
 
 def _vocabulary(value):
+    from .semantic import _word_list
+
     if value is None:
         return None
-    if isinstance(value, str):
-        raise TypeError("vocabulary must be a list of words, not one string (e.g. ['cat', 'grass', 'sky'])")
-    try:
-        words = tuple(value)
-    except TypeError:
-        raise TypeError(f"vocabulary must be a list of words, got {type(value).__name__}") from None
-    if not words:
-        raise ValueError("vocabulary is empty: give at least one word, or None for no names")
-    out = []
-    for i, w in enumerate(words):
-        if not isinstance(w, str):
-            raise TypeError(f"vocabulary[{i}] must be a string, got {type(w).__name__}")
-        if not w.strip():
-            raise ValueError(f"vocabulary[{i}] is blank")
-        out.append(" ".join(w.split()))
+    out = [" ".join(w.split()) for w in _word_list(value, "vocabulary")]
     seen = set()
     for w in out:
         if w.lower() in seen:

@@ -56,6 +56,12 @@ def _one_error_line(err, *words):
 @pytest.mark.parametrize("argv, word", [
     (["segment", "x.png", "--timestep", "-5"], "--timestep"),
     (["segment", "x.png", "--grid", "0"], "--grid"),
+    (["segment", "x.png", "--grid", "100"], "--grid"),
+    (["segment", "x.png", "--iterations", "0"], "--iterations"),
+    (["segment", "x.png", "--frame", "full"], "--frame"),
+    (["segment", "x.png", "--vocabulary", "cat,Cat"], "--vocabulary"),
+    (["eval", "--preset", "ade20k", "--root", "r"], "--preset"),
+    (["eval", "--dataset", "folder", "--protocol", "stego", "--model", "m"], "--protocol stego"),
     (["segment", "x.png", "--kl-threshold", "0.9,-1"], "--kl-threshold"),
     (["segment", "x.png", "--threads", "-2"], "--threads"),
     (["attention", "x.png", "-o", "o", "--timestep", "abc"], "--timestep"),

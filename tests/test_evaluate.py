@@ -690,3 +690,27 @@ def test_predictions_at_the_image_size_get_the_label_preprocessing(tmp_path):
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(tmp_path / "preds" / "im00.labels.png")
     with pytest.raises(ValueError, match="im00.labels.png: a 9x7 prediction fits neither"):
         score_predictions(folder, tmp_path / "preds", progress=False)
+
+
+def test_results_record_the_bundle(folder, tmp_path):
+    """results.json / results.md name the bundle and its metadata, not "model Model"."""
+    bundle = tmp_path / "b" / "diffseg_bundle.pt"
+    bundle.parent.mkdir()
+    bundle.write_bytes(b"x")
+
+    class Model:
+        path = str(bundle)
+        metadata = {"model_id": "CompVis/stable-diffusion-v1-4", "dtype": "float32", "created": "2026-12-01",
+                    "sd_version": "1.x", "unrelated": "not recorded"}
+
+        def attention(self, image, timestep=None):
+            return planted_attention(np.zeros((4, 4), int), np.random.default_rng(0))
+
+    res = evaluate(folder, Model(), limit=1, grid=GRID, output_dir=tmp_path / "out", progress=False)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["attention"]
+    assert saved["model"]["path"] == str(bundle.resolve())
+    assert saved["bundle_metadata"] == {"model_id": "CompVis/stable-diffusion-v1-4", "dtype": "float32",
+                                        "created": "2026-12-01", "sd_version": "1.x"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert f"| source | bundle {bundle.resolve()} (CompVis/stable-diffusion-v1-4, float32) |" in md
+    assert res["attention"] == saved

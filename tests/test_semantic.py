@@ -168,10 +168,10 @@ def test_word_token_indices_non_ascii():
 
 
 @pytest.mark.parametrize("words,exc,match", [
-    ([], ValueError, "must not be empty"),
+    ([], ValueError, "words is empty"),
     ("cat", TypeError, "not one string"),
     ([" "], ValueError, "blank"),
-    ([3], TypeError, "strings"),
+    ([3], TypeError, r"words\[0\] must be a string"),
     (None, TypeError, "list of words"),
 ])
 def test_word_token_indices_bad_words(words, exc, match):
@@ -264,7 +264,7 @@ def test_name_segments_bad_inputs():
         name_segments(labels.astype(np.float32), logits, tokens, words)
     with pytest.raises(ValueError, match="token columns"):
         name_segments(labels, logits[..., :4], tokens, words)
-    with pytest.raises(ValueError, match="must not be empty"):
+    with pytest.raises(ValueError, match="words is empty"):
         name_segments(labels, logits, tokens, [])
     with pytest.raises(ValueError, match="'d' is not in the prompt"):
         name_segments(labels, logits, tokens, ["a", "d"])
