@@ -63,16 +63,18 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def attention_record(*, image_path=None, image_shape, exif_applied, exif_rotated, decoder, frame, timestep,
-                     model=None):
-    """What made an attention file: a JSON-able dict.
+def attention_record(*, image_path=None, image_shape, exif_applied=False, exif_rotated=False, decoder=None,
+                     frame="crop", timestep=300, model=None):
+    """What made an attention file: a JSON-able dict for :func:`save_attention`.
 
     ``image_path``: the source file (hashed; None for an in-memory image);
     ``image_shape``: the image as the model saw it (after any rotation);
     ``exif_applied``: whether EXIF orientation was applied, ``exif_rotated``
-    whether that changed the image; ``decoder``: ``"official"`` or
-    ``"accurate"`` (Pillow); ``frame``, ``timestep``; ``model``: its
-    ``metadata`` (bundle) is recorded."""
+    whether that changed the image; ``decoder``: how a JPEG source was
+    decoded, ``"official"`` or ``"accurate"`` (Pillow; None for other
+    formats); ``frame``, ``timestep``: those of the pass; ``model``: its
+    ``metadata`` (the bundle) is recorded. The defaults are an evaluation
+    dataset's: stored orientation, the centre crop, timestep 300."""
     metadata = getattr(model, "metadata", None) or {}
     return {
         "image": {"sha256": None if image_path is None else file_sha256(image_path),
