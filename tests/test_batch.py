@@ -141,7 +141,13 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="images"):
         segment_many(images(1)[0], model)
     with pytest.raises(ValueError, match="workers"):
-        segment_many(images(1), model, workers=0)
+        segment_many(images(1), model, workers=0)  # the C core's threads
+    with pytest.raises(ValueError, match="pool_size"):
+        segment_many(images(1), model, pool_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        segment_many(images(1), model, batch_size=0)
+    with pytest.raises(TypeError, match="unknown setting.*pool"):
+        segment_many(images(1), model, pool=2)
     with pytest.raises(ValueError, match="max_pending"):
         segment_many(images(1), model, max_pending=0)
     with pytest.raises(ValueError, match="grid"):
