@@ -16,6 +16,7 @@ from diffseg.distributed import evaluate_dataset, segment_dataset  # noqa: E402
 from diffseg.evaluation.datasets import FolderDataset  # noqa: E402
 from diffseg.evaluation.runner import evaluate  # noqa: E402
 
+FINE = 0.3  # random tiny-SD attention: one segment at the default 1.1, many at 0.3
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -50,10 +51,12 @@ def test_segment_dataset_equals_serial(local_ray, tiny_bundle, tiny_model, image
     """By default one actor uses every core, as a serial run does: the labels
     are equal exactly (libtorch's sums depend on its thread count)."""
     paths = sorted(str(p) for p in image_dir.glob("*.png"))
-    records = segment_dataset(paths, tiny_bundle, grid=8, as_list=True)
+    records = segment_dataset(paths, tiny_bundle, grid=8, kl_threshold=FINE, as_list=True)
     assert [r["path"] for r in records] == paths and [r["index"] for r in records] == list(range(5))
     for r, path in zip(records, paths):
-        np.testing.assert_array_equal(r["labels"], diffseg.segment(path, tiny_model, grid=8))
+        want = diffseg.segment(path, tiny_model, grid=8, kl_threshold=FINE)
+        assert want.max() >= 2  # many segments: the comparison can fail
+        np.testing.assert_array_equal(r["labels"], want)
 
 
 def test_actors_share_the_cores(local_ray, tiny_bundle, tiny_model, image_dir):
@@ -64,7 +67,7 @@ def test_actors_share_the_cores(local_ray, tiny_bundle, tiny_model, image_dir):
     assert actor_threads(None, 2) == 1 and actor_threads(None, 1) == 2 and actor_threads(None, (1, 4)) == 1
     assert actor_threads(3, 2) == 3
     paths = sorted(str(p) for p in image_dir.glob("*.png"))
-    settings = diffseg.Settings(grid=8, kl_threshold=0.5)
+    settings = diffseg.Settings(grid=8, kl_threshold=FINE)
     records = segment_dataset(paths, tiny_bundle, settings, actors=2, ray_batch_size=2, as_list=True)
     before = diffseg.get_num_threads()
     diffseg.set_num_threads(1)
@@ -79,15 +82,17 @@ def test_dataset_input_gets_index_and_stored_orientation(local_ray, tiny_bundle,
     """A ray.data Dataset without an index column: records get their row
     numbers; read_images gives the images as stored (no EXIF rotation)."""
     ds = ray.data.read_images(str(image_dir), include_paths=True)
-    records = segment_dataset(ds, tiny_bundle, grid=8, as_list=True)
+    records = segment_dataset(ds, tiny_bundle, grid=8, kl_threshold=FINE, as_list=True)
     assert [r["index"] for r in records] == list(range(5))
     for r in records:
         rgb = diffseg.load_image(r["path"], exif_transpose=False)
-        np.testing.assert_array_equal(r["labels"], diffseg.segment(rgb, tiny_model, grid=8))
+        want = diffseg.segment(rgb, tiny_model, grid=8, kl_threshold=FINE)
+        assert want.max() >= 2
+        np.testing.assert_array_equal(r["labels"], want)
 
 
 def test_evaluate_dataset_equals_serial(local_ray, tiny_bundle, tiny_model, eval_dataset, tmp_path):
-    thresholds = [1.1, 0.5]
+    thresholds = [1.1, FINE]
     serial = evaluate(eval_dataset, tiny_model, kl_threshold=thresholds, grid=8, progress=False)
     distributed = evaluate_dataset(eval_dataset, tiny_bundle, kl_threshold=thresholds, grid=8, actors=2,
                                    ray_batch_size=2, output_dir=tmp_path)
@@ -108,9 +113,9 @@ def test_cli_segment_ray_writes_the_serial_files(local_ray, tiny_bundle, image_d
     """Byte-identical files, with the defaults: one actor uses every core, as
     the serial run does."""
     assert cli.main(["segment", str(image_dir), "-o", str(tmp_path / "serial"), "--model", tiny_bundle,
-                     "--grid", "8", "-q", "--format", FORMATS]) == 0
+                     "--grid", "8", "--kl-threshold", str(FINE), "-q", "--format", FORMATS]) == 0
     assert cli.main(["segment", str(image_dir), "-o", str(tmp_path / "ray"), "--model", tiny_bundle,
-                     "--grid", "8", "-q", "--format", FORMATS, "--ray"]) == 0
+                     "--grid", "8", "--kl-threshold", str(FINE), "-q", "--format", FORMATS, "--ray"]) == 0
     serial = sorted(p.name for p in (tmp_path / "serial").iterdir())
     assert len(serial) == 15 and serial == sorted(p.name for p in (tmp_path / "ray").iterdir())
     for name in serial:
@@ -143,7 +148,7 @@ def test_cli_ray_quiet_and_one_prefix_per_error(tiny_bundle, image_dir, tmp_path
 def test_cli_eval_ray_equals_serial(local_ray, tiny_bundle, eval_dataset, tmp_path):
     common = ["eval", "--dataset", "folder", "--image-dir", str(eval_dataset.image_dir), "--label-dir",
               str(eval_dataset.label_dir), "--n-classes", "4", "--size", "64", "--model", tiny_bundle,
-              "--grid", "8", "--no-progress"]
+              "--grid", "8", "--kl-threshold", str(FINE), "--no-progress"]
     assert cli.main(common + ["-o", str(tmp_path / "serial")]) == 0
     assert cli.main(common + ["-o", str(tmp_path / "ray"), "--ray", "--actors", "2"]) == 0
     serial = json.loads((tmp_path / "serial" / "results.json").read_text())
