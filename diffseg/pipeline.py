@@ -65,7 +65,8 @@ def _source_key(source, cross_attention):
         p = p / BUNDLE_FILE
     if p.is_file():
         st = p.stat()
-        return (str(p.resolve()), (st.st_size, st.st_mtime_ns), cross_attention)
+        bundle = p.suffix == ".pt"  # what it is; cross_attention only chooses how a checkpoint is exported
+        return (str(p.resolve()), (st.st_size, st.st_mtime_ns), None if bundle else cross_attention)
     return (str(p.resolve()), checkpoint_fingerprint(p), cross_attention)
 
 
