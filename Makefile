@@ -15,7 +15,12 @@ SOURCES := $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.py) setup.py p
 # `make test TORCH_INDEX=` takes PyPI's (CUDA) build instead.
 TORCH := torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+ifeq ($(TORCH_INDEX),)
+TORCH_INSTALL = $(PIP) install "$(TORCH)"
+else
+# A CPU build the configured indexes already offer (a local wheel, a mirror) first, else the CPU index.
+TORCH_INSTALL = $(PIP) install "$(TORCH)+cpu" 2>/dev/null || $(PIP) install "$(TORCH)" --index-url $(TORCH_INDEX)
+endif
 CORE_STAMP := $(VENV)/.diffseg-core
 TORCH_STAMP := $(VENV)/.diffseg-torch
 DEV_STAMP := $(VENV)/.diffseg-dev
@@ -35,7 +40,7 @@ $(CORE_STAMP): $(SOURCES) | $(PY)
 # torch first, then the package built against it (the libtorch shim needs
 # torch at build time, hence --no-build-isolation).
 $(TORCH_STAMP): $(SOURCES) | $(PY)
-	$(PIP) install "$(TORCH)" $(TORCH_FROM)
+	$(TORCH_INSTALL)
 	$(PIP) install numpy
 	$(PIP) install --no-build-isolation -e ".[torch]"
 	touch $@ $(CORE_STAMP)
