@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,7 +336,8 @@ def test_cli_coco_stuff_subprocess(tmp_path):
     cmd = [sys.executable, "-m", "diffseg", "eval", "--dataset", "coco-stuff-27",
            "--root", str(tmp_path), "--attention-dir", str(tmp_path / "attn"), "--size", "32",
            "--grid", str(GRID), "-o", str(out), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    # cwd away from the source tree: the installed package runs, not the unbuilt sources
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"]["name"] == "coco-stuff-27" and res["images"] == 3
