@@ -379,3 +379,107 @@ def test_c_example_program(tiny_bundle, tmp_path):
     labels = np.fromfile(prefix + ".labels", dtype=np.int32).reshape(S, S)
     expected = diffseg.segment_attention(c_attn, size=(S, S))
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_unknown_exceptions_become_error_codes(tiny_bundle):
+    """An exception that is not a std::exception must not cross extern "C"
+    (it would terminate the process): each entry catches (...). In a
+    subprocess, so that a regression cannot take pytest down."""
+    code = f"""
+import numpy as np, diffseg._torch as t
+t._test_inject(t.TEST_THROW_UNKNOWN)
+try:
+    t.Model({tiny_bundle!r})
+except RuntimeError as e:
+    print("caught:", e)
+m = t.Model({tiny_bundle!r})
+t._test_inject(t.TEST_THROW_UNKNOWN)
+try:
+    m.call("encode", [np.zeros((1, 3, 64, 64), np.float32)])
+except RuntimeError as e:
+    print("caught:", e)
+print(m.call("encode", [np.zeros((1, 3, 64, 64), np.float32)])[0].shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("caught: unknown C++ exception") == 2, r.stdout
+    assert "(1, 4, 8, 8)" in r.stdout  # the model still works
+
+
+def test_message_that_cannot_be_built_falls_back_to_a_static_one(tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    _torch._test_inject(_torch.TEST_MESSAGE_FAILS)
+    with pytest.raises(_torch.BundleError, match=r"^out of memory \(while formatting an error message\)$"):
+        _torch.Model(missing)  # the error code (EIO: BundleError) is kept
+    with pytest.raises(_torch.BundleError, match="cannot open"):  # the next message is built again
+        _torch.Model(missing)
+
+
+def test_cpu_features_agree_with_torch():
+    """The shim's cpuinfo against torch's own report (an independent path)."""
+    import torch
+
+    from diffseg.sd import hardware
+
+    known = torch._C._cpu._get_cpu_capability()
+    for name in hardware.FEATURES:
+        assert _torch.cpu_feature(name) == known[name], name
+    assert _torch.cpu_feature("no_such_feature") is None
+    with pytest.raises(TypeError, match="name must be a str"):
+        _torch.cpu_feature(3)
+    assert hardware.cpu_features() == {name: known[name] for name in hardware.FEATURES}
+
+
+def test_large_buffers_are_reused_across_runs(tiny_model):
+    """A 512 px pass of the tiny model allocates 64 MiB attention buffers:
+    after the first pass, later ones take no new memory from the system and
+    page-fault next to nothing."""
+    import resource
+
+    image = example_image(512, seed=3)
+    tiny_model.attention(image)
+    first = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tiny_model.attention(image)
+    first = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - first
+    obtained = _torch.memory_stats()["obtained"]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        tiny_model.attention(image)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    stats = _torch.memory_stats()
+    assert stats["obtained"] == obtained and stats["kept"] > 64 << 20
+    assert stats["kept"] <= 2 * stats["peak"]
+    # 64 MiB of fresh pages alone would be 16384 faults
+    assert faults < 4000, (faults, first)
+
+
+def test_memory_is_returned_when_off_and_at_the_last_close(tiny_bundle):
+    code = f"""
+import numpy as np, diffseg, diffseg._torch as t
+x = np.random.RandomState(0).uniform(-1, 1, (3, 512, 512)).astype(np.float32)
+m = diffseg.load_model({tiny_bundle!r})
+m.attention(x)
+print("kept", t.memory_stats()["kept"] > 0)
+t.set_memory_reuse(False)
+print("off", t.memory_stats()["kept"])
+t.set_memory_reuse(True)
+m.attention(x)
+m.close()
+print("closed", t.memory_stats()["kept"], t.memory_stats()["in_use"] < (64 << 20))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept True" in r.stdout and "off 0" in r.stdout and "closed 0 True" in r.stdout, r.stdout
+
+
+def test_reuse_can_be_turned_off_by_the_environment(tiny_bundle):
+    code = f"""
+import numpy as np, diffseg, diffseg._torch as t
+m = diffseg.load_model({tiny_bundle!r})
+m.attention(np.zeros((3, 512, 512), np.float32))
+print("kept", t.memory_stats()["kept"])
+"""
+    env = dict(os.environ, DIFFSEG_REUSE_MEMORY="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept 0" in r.stdout
