@@ -3,7 +3,7 @@
 #               Stable Diffusion bundle when IMAGE=... is given, else planted
 #               synthetic attention, no weights needed)
 #   make test   set up .venv and run the test suite (CI runs it first, then
-#               test-reliability, test-asan and the release checks)
+#               test-reliability, test-aoti, test-asan and the release checks)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ SOURCES := $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.py) setup.py p
 # The torch wheel is pinned: a plain "torch" requirement pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-reliability bench test-asan clean
+.PHONY: demo test test-reliability test-aoti bench test-asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,15 @@ else
 endif
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not reliability"
+	$(PY) -m pytest -q -m "not reliability and not aoti"
 
 # Slow fuzzing, concurrency, leak, damaged-bundle and build-from-C tests.
 test-reliability: $(STAMP)
 	$(PY) -m pytest -q -m reliability
+
+# The AOTInductor backend: compiles a tiny package once (minutes).
+test-aoti: $(STAMP)
+	$(PY) -m pytest -q -m aoti
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
