@@ -398,6 +398,13 @@ def test_bfloat16_bundle_equals_eager_bfloat16(bf16_bundles, soft_sd_dir):
                 np.testing.assert_allclose(got[s].sum(axis=1), 1.0, atol=1e-5)
                 assert rel_diff(got[s], ref[s]) <= 2e-2, s
                 assert rel_diff(got[s], f32[s]) <= 5e-2, s
+        # methods take and return float32 whatever the dtype: encode feeds denoise
+        x, t = image[None], np.full((1,), 300, np.int64)
+        latent = model._model.call("encode", [x])[0]
+        assert latent.dtype == np.float32
+        maps = model._model.call("denoise", [latent, t])[1:]
+        for m, s in zip(maps, got):
+            np.testing.assert_allclose(m[0], got[s], rtol=0, atol=1e-6)
 
 
 def test_dtype_auto_follows_the_machine(monkeypatch):

@@ -464,12 +464,22 @@ t.set_memory_reuse(False)
 print("off", t.memory_stats()["kept"])
 t.set_memory_reuse(True)
 m.attention(x)
+kept = t.memory_stats()["kept"]
+t.set_memory_reuse("paused")  # neither keeps nor hands out; what is kept stays
+m.attention(x)
+print("paused", t.memory_stats()["kept"] == kept > 0)
+t.set_memory_reuse(True)
 m.close()
 print("closed", t.memory_stats()["kept"], t.memory_stats()["in_use"] < (64 << 20))
+try:
+    t.set_memory_reuse(1)
+except TypeError as e:
+    print("refused", e)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kept True" in r.stdout and "off 0" in r.stdout and "closed 0 True" in r.stdout, r.stdout
+    assert "paused True" in r.stdout and "refused set_memory_reuse takes True, False or 'paused'" in r.stdout
 
 
 def test_reuse_can_be_turned_off_by_the_environment(tiny_bundle):

@@ -371,9 +371,16 @@ static PyObject *py_cpu_feature(PyObject *Py_UNUSED(self), PyObject *arg) {
 }
 
 static PyObject *py_set_memory_reuse(PyObject *Py_UNUSED(self), PyObject *arg) {
-    int on = PyObject_IsTrue(arg);
-    if (on < 0) return NULL;
-    int rc = dseg_torch_set_memory_reuse(on);
+    int mode;
+    if (PyUnicode_Check(arg) && PyUnicode_CompareWithASCIIString(arg, "paused") == 0) {
+        mode = 2;
+    } else if (PyBool_Check(arg)) {
+        mode = arg == Py_True;
+    } else {
+        PyErr_Format(PyExc_TypeError, "set_memory_reuse takes True, False or 'paused', got %R", arg);
+        return NULL;
+    }
+    int rc = dseg_torch_set_memory_reuse(mode);
     if (rc != DSEG_TORCH_OK) return shim_error(rc);
     Py_RETURN_NONE;
 }
@@ -412,8 +419,8 @@ static PyMethodDef module_methods[] = {
      "cpu_feature(name) -> bool or None: a feature of this CPU as libtorch's cpuinfo reports it\n"
      "(\"avx512_bf16\", \"amx_bf16\", \"avx2\", ...); None for an unknown name."},
     {"set_memory_reuse", py_set_memory_reuse, METH_O,
-     "set_memory_reuse(on): keep large freed buffers for the next runs (process-wide; see\n"
-     "dseg_torch_set_memory_reuse in csrc/torch/diffseg_torch.h)."},
+     "set_memory_reuse(True | False | 'paused'): keep large freed buffers for the next runs\n"
+     "(process-wide; see dseg_torch_set_memory_reuse in csrc/torch/diffseg_torch.h)."},
     {"memory_stats", py_memory_stats, METH_NOARGS,
      "Bytes of libtorch's large buffers: in_use, kept (for reuse), peak (in use at once), obtained\n"
      "(from the system, ever)."},

@@ -561,24 +561,27 @@ bool is_aoti_package(const char *path) {
 // every pass page-faults (and the kernel zeroes) all of them again: about
 // 2 million faults, seconds of a pass. This allocator, installed as c10's
 // CPU allocator (oneDNN's buffers come through it too, as ideep tensors),
-// keeps blocks of at least kMinBlock bytes on free and hands them out again
-// for requests of down to half their size, from any thread (best fit). The
-// memory kept never exceeds twice the most that was in use at once (a block
-// freed beyond that is unmapped), and all of it is returned when the last
-// model closes or reuse is turned off. Smaller requests go to the default
-// allocator.
+// keeps freed blocks of at least kMinBlock bytes and hands them out again,
+// from any thread: best fit, a larger block split (the rest stays kept),
+// adjacent kept blocks merged, so that what a pass obtains from the system
+// stays close to what it has in use at once (the first pass faults that
+// much, no more). The memory kept never exceeds twice the most that was in
+// use at once (the largest kept blocks are unmapped beyond that), and all of
+// it is returned when the last model closes or reuse is turned off. Smaller
+// requests go to the default allocator.
 
 class ReuseAllocator final : public c10::Allocator {
   public:
     static constexpr size_t kMinBlock = size_t(1) << 20;
-    static constexpr size_t kGranule = size_t(64) << 10;
+    static constexpr size_t kGranule = size_t(64) << 10;  // block sizes and split points: whole pages
+    static constexpr size_t kKeepFactor = 2;
 
     explicit ReuseAllocator(c10::Allocator *fallback) : fallback_(fallback) {}
 
     c10::DataPtr allocate(size_t n) override {
         if (!enabled_.load() || n < kMinBlock) return fallback_->allocate(n);
         const size_t size = (n + kGranule - 1) / kGranule * kGranule;
-        void *p = take(size);
+        char *p = take(size);
         if (p == nullptr) p = map_fresh(size);
         return {p, p, &ReuseAllocator::release, c10::Device(c10::DeviceType::CPU)};
     }
@@ -589,16 +592,14 @@ class ReuseAllocator final : public c10::Allocator {
 
     void copy_data(void *dest, const void *src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
-    void set_enabled(bool on) {
-        enabled_.store(on);
-        if (!on) drop_cached();
-    }
+    void set_enabled(bool on) { enabled_.store(on); }
 
     // Unmap every kept block (memory back to the system).
     void drop_cached() {
         std::lock_guard<std::mutex> lock(mutex_);
-        for (auto &kv : free_) munmap(kv.second, kv.first);
-        free_.clear();
+        for (auto &kv : by_addr_) munmap(kv.first, kv.second);
+        by_addr_.clear();
+        by_size_.clear();
         cached_ = 0;
         peak_ = in_use_;
     }
@@ -625,64 +626,107 @@ class ReuseAllocator final : public c10::Allocator {
     }
 
   private:
-    static constexpr size_t kSlackDivisor = 2;  // reuse a block for requests down to half its size
-    // Kept memory is bounded by this times the most in use at once: blocks of
-    // many sizes make a pass need more kept blocks than its peak in use.
-    static constexpr size_t kKeepFactor = 2;
-
-    void *take(size_t size) {
+    // The smallest kept block of at least `size` bytes, split if larger.
+    char *take(size_t size) {
         std::lock_guard<std::mutex> lock(mutex_);
-        auto it = free_.lower_bound(size);
-        if (it == free_.end() || it->first - size > it->first / kSlackDivisor) return nullptr;
-        void *p = it->second;
-        size_t block = it->first;
-        free_.erase(it);
-        cached_ -= block;
-        note_in_use(p, block);
-        return p;
-    }
-
-    void *map_fresh(size_t size) {
-        void *p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) throw std::bad_alloc();
-        std::lock_guard<std::mutex> lock(mutex_);
-        mapped_total_ += size;
+        auto it = by_size_.lower_bound(size);
+        if (it == by_size_.end()) return nullptr;
+        char *p = it->second;
+        const size_t block = it->first;
+        unkeep(p, block);
+        if (block > size) keep(p + size, block - size);
         note_in_use(p, size);
         return p;
     }
 
-    void note_in_use(void *p, size_t size) {
+    char *map_fresh(size_t size) {
+        void *p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        std::lock_guard<std::mutex> lock(mutex_);
+        mapped_total_ += size;
+        note_in_use(static_cast<char *>(p), size);
+        return static_cast<char *>(p);
+    }
+
+    void note_in_use(char *p, size_t size) {
         sizes_[p] = size;
         in_use_ += size;
         if (in_use_ > peak_) peak_ = in_use_;
     }
 
-    static void release(void *p) {
+    void keep(char *p, size_t size) {
+        by_addr_[p] = size;
+        by_size_.emplace(size, p);
+        cached_ += size;
+    }
+
+    void unkeep(char *p, size_t size) {
+        auto range = by_size_.equal_range(size);
+        for (auto it = range.first; it != range.second; ++it)
+            if (it->second == p) {
+                by_size_.erase(it);
+                break;
+            }
+        by_addr_.erase(p);
+        cached_ -= size;
+    }
+
+    // Keep a freed block, merged with kept neighbours (any adjacent pages may
+    // be merged: munmap takes any range of pages).
+    void keep_merged(char *p, size_t size) {
+        auto next = by_addr_.lower_bound(p);
+        if (next != by_addr_.end() && next->first == p + size) {
+            size_t n = next->second;
+            unkeep(next->first, n);
+            size += n;
+        }
+        auto after = by_addr_.lower_bound(p);
+        if (after != by_addr_.begin()) {
+            auto prev = std::prev(after);
+            if (prev->first + prev->second == p) {
+                char *q = prev->first;
+                size_t n = prev->second;
+                unkeep(q, n);
+                p = q;
+                size += n;
+            }
+        }
+        keep(p, size);
+        while (cached_ > kKeepFactor * peak_ && !by_size_.empty()) {
+            auto largest = std::prev(by_size_.end());
+            char *q = largest->second;
+            size_t n = largest->first;
+            unkeep(q, n);
+            munmap(q, n);
+        }
+    }
+
+    static void release(void *ptr) {
         ReuseAllocator *self = instance_;
+        char *p = static_cast<char *>(ptr);
         std::unique_lock<std::mutex> lock(self->mutex_);
         auto it = self->sizes_.find(p);
         if (it == self->sizes_.end()) {  // a small block of the fallback (raw_deallocate)
             lock.unlock();
-            self->fallback_->raw_deleter()(p);
+            self->fallback_->raw_deleter()(ptr);
             return;
         }
         size_t size = it->second;
         self->sizes_.erase(it);
         self->in_use_ -= size;
-        if (self->enabled_.load() && self->cached_ + size <= kKeepFactor * self->peak_) {
-            self->free_.emplace(size, p);
-            self->cached_ += size;
-        } else {
+        if (self->enabled_.load())
+            self->keep_merged(p, size);
+        else
             munmap(p, size);
-        }
     }
 
     static ReuseAllocator *instance_;
     c10::Allocator *fallback_;
     std::atomic<bool> enabled_{true};
     std::mutex mutex_;
-    std::multimap<size_t, void *> free_;        // size -> kept block
-    std::unordered_map<void *, size_t> sizes_;  // blocks in use
+    std::map<char *, size_t> by_addr_;          // kept blocks by address
+    std::multimap<size_t, char *> by_size_;     // the same, by size
+    std::unordered_map<char *, size_t> sizes_;  // blocks in use
     size_t in_use_ = 0, cached_ = 0, peak_ = 0, mapped_total_ = 0;
 };
 
@@ -820,10 +864,13 @@ int dseg_torch_cpu_feature(const char *name) {
     }
 }
 
-int dseg_torch_set_memory_reuse(int on) {
+int dseg_torch_set_memory_reuse(int mode) {
+    if (mode < 0 || mode > 2) return fail_static(DSEG_TORCH_EINVAL, "mode must be 0 (off), 1 (on) or 2 (paused)");
     try {
         injection_point();
-        ReuseAllocator::install()->set_enabled(on != 0);
+        ReuseAllocator *reuse = ReuseAllocator::install();
+        reuse->set_enabled(mode == 1);
+        if (mode == 0) reuse->drop_cached();
         clear_error();
         return DSEG_TORCH_OK;
     } catch (const std::exception &e) {

@@ -88,16 +88,18 @@ int dseg_torch_cuda_available(void);
 int dseg_torch_cpu_feature(const char *name);
 
 /*
- * Memory reuse across runs (process-wide; on = 1, off = 0). On: large
+ * Memory reuse across runs (process-wide; mode 1 on, 0 off, 2 paused). On: large
  * buffers that libtorch frees (activations, attention scores, weights
  * reordered for oneDNN) are kept and handed out again instead of being
  * returned to the system and page-faulted afresh on the next run; the memory
  * kept never exceeds twice the most that was in use at once, and it is returned
  * when the last model closes. Off: large buffers go back to the system as
- * soon as they are freed (kept ones too). The first call installs a CPU
- * allocator in libtorch (c10) that stays.
+ * soon as they are freed (kept ones too). Paused: as off, but what is kept
+ * stays for when reuse is on again (to measure without it in the same
+ * process). The first call installs a CPU allocator in libtorch (c10) that
+ * stays.
  */
-int dseg_torch_set_memory_reuse(int on);
+int dseg_torch_set_memory_reuse(int mode);
 
 /* Bytes of libtorch's large buffers: [0] in use, [1] kept for reuse, [2] the
  * most in use at once, [3] ever obtained from the system (all 0 before

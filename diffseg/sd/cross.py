@@ -132,7 +132,8 @@ def prompt_modules(pipe, sink, cross_sink):
             cross_sink.reset()
             cross_sink.enabled = True
             try:
-                eps = self.unet(latent, t, encoder_hidden_states=context.to(self.unet.dtype), return_dict=False)[0]
+                eps = self.unet(latent.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype),
+                                return_dict=False)[0]
             finally:
                 cross_sink.enabled = False
             maps = sink.maps()

@@ -48,7 +48,7 @@ With ``backend="aoti"`` the bundle is an AOTInductor package
 ``torch.export`` (dynamic batch, height and width) and compiled ahead of time
 with Inductor (weights frozen and prepacked) into two models, ``encode`` and
 ``denoise``; the shim runs ``forward`` as one after the other. Compiling takes
-minutes (about 15 for SD v1.5 on 2 cores), reported as it goes. A package
+minutes (about 6 for SD v1.5 on 2 cores), reported as it goes. A package
 holds machine code for the exporting CPU's vector instructions
 (``aoti_cpu_isa``): it runs on CPUs that have them. Cross-attention bundles
 are TorchScript only.
@@ -95,7 +95,9 @@ def _modules(pipe, sink, embedding):
 
         def forward(self, image):
             posterior = self.vae.encode(image.to(self.dtype)).latent_dist
-            return posterior.mean * self.scaling
+            # float32 out (and in, below): a bundle's methods take and return
+            # float32 whatever its dtype, so encode's latent feeds denoise.
+            return (posterior.mean * self.scaling).float()
 
     class UNetAttention(torch.nn.Module):
         def __init__(self, unet):
@@ -104,6 +106,7 @@ def _modules(pipe, sink, embedding):
             self.register_buffer("uncond", embedding)
 
         def forward(self, latent, t):
+            latent = latent.to(self.unet.dtype)
             sink.reset()
             # repeat, not expand: a linear layer on a stride-0 batch makes torch.export
             # specialise the batch size (it branches on batch == 1).
@@ -312,13 +315,13 @@ def _aoti_metadata(layout, specs):
     return meta
 
 
-def _aoti_compile(program, metadata, progress, what):
+def _aoti_compile(program, metadata, progress, what, duration):
     """AOTInductor compile of an exported program (weights frozen: prepacked
     once for oneDNN) -> its files for packaging."""
     import torch
 
     t0 = time.perf_counter()
-    _say(progress, f"compiling the {what} with AOTInductor (minutes: about 15 for SD v1.5 on 2 cores) ...")
+    _say(progress, f"compiling the {what} with AOTInductor ({duration} for SD v1.5 on 2 cores) ...")
     args, kwargs = program.example_inputs
     options = {"aot_inductor.package": True, "freezing": True, "aot_inductor.metadata": metadata}
     files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=options)
@@ -355,8 +358,8 @@ def _aoti_package(encoder, unet_wrapper, examples, geometry, layout, path, descr
     # (it holds a copy of the weights).
     with tempfile.TemporaryDirectory(prefix=".aoti-build-", dir=Path(path).parent) as build, \
             temporary_cache_dir(build), torch.no_grad():
-        files = {"encode": _aoti_compile(encode, encode_meta, progress, "VAE encoder"),
-                 "denoise": _aoti_compile(denoise, denoise_meta, progress, "UNet")}
+        files = {"encode": _aoti_compile(encode, encode_meta, progress, "VAE encoder", "under a minute"),
+                 "denoise": _aoti_compile(denoise, denoise_meta, progress, "UNet", "about 5 minutes")}
         text = describe({"aoti_compile_seconds": round(time.perf_counter() - t0, 1),
                          "aoti_peak_rss_gb": round(_peak_rss_gb(), 2),
                          "aoti_cpu_isa": str(torch._inductor.cpu_vec_isa.pick_vec_isa()),
@@ -454,7 +457,7 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
         # batch of 2 for torch.export, which would specialise a batch of 1.
         batch = 1 if backend == "torchscript" else 2
         examples = (torch.zeros(batch, 3, size, size, device=device),
-                    torch.zeros(batch, latent_channels, latent_size, latent_size, device=device, dtype=torch_dtype),
+                    torch.zeros(batch, latent_channels, latent_size, latent_size, device=device),
                     torch.full((1,), DEFAULT_TIMESTEP, dtype=torch.int64, device=device))
         names = _layer_names(unet_wrapper, sink, examples, multiple // vae_factor)
     layer_res = [s for _, s in names]
@@ -525,7 +528,7 @@ def export_bundle(source=DEFAULT_MODEL, out_dir="diffseg-bundle", *, size=512, d
         plain size and methods. TorchScript bundles only.
     backend : ``"torchscript"`` or ``"aoti"``
         A TorchScript archive (exported in seconds) or an AOTInductor package
-        (compiled ahead of time: minutes, about 15 for SD v1.5 on 2 cores,
+        (compiled ahead of time: minutes, about 6 for SD v1.5 on 2 cores,
         and several GB of memory; for this machine's CPU instructions).
         See docs/performance.md for their speed.
     progress : bool
