@@ -4,7 +4,7 @@
 #               with IMAGE=photo.jpg, segment that photo with Stable Diffusion
 #               (installs torch and diffusers first)
 #   make test   set up .venv with everything and run the test suite (CI runs
-#               it first, then test-reliability, test-asan and the release checks)
+#               it first, then test-reliability, test-aoti, test-asan and the release checks)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,7 +25,7 @@ CORE_STAMP := $(VENV)/.diffseg-core
 TORCH_STAMP := $(VENV)/.diffseg-torch
 DEV_STAMP := $(VENV)/.diffseg-dev
 
-.PHONY: demo test test-reliability bench test-asan clean
+.PHONY: demo test test-reliability test-aoti bench test-asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,11 +58,15 @@ demo: $(CORE_STAMP)
 endif
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -m "not reliability"
+	$(PY) -m pytest -q -m "not reliability and not aoti"
 
 # Slow fuzzing, concurrency, leak, damaged-bundle and build-from-C tests.
 test-reliability: $(DEV_STAMP)
 	$(PY) -m pytest -q -m reliability
+
+# The AOTInductor backend: compiles a tiny package once (minutes).
+test-aoti: $(DEV_STAMP)
+	$(PY) -m pytest -q -m aoti
 
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_core.py

@@ -279,3 +279,142 @@ def test_shim_built_when_torch_installed():
     except ImportError as e:
         pytest.fail(f"diffseg._torch is not built although torch {torch.__version__} is installed ({e}); "
                     "rebuild with `pip install --no-build-isolation -e .`")
+
+
+def test_layer_levels_come_from_the_unet_structure():
+    from diffseg.sd.capture import layer_level
+
+    assert layer_level("down_blocks.0.attentions.1.transformer_blocks.0.attn1", 4) == 0
+    assert layer_level("mid_block.attentions.0.transformer_blocks.0.attn1", 4) == 3
+    assert layer_level("up_blocks.1.attentions.2.transformer_blocks.0.attn1", 4) == 2
+    assert layer_level("up_blocks.3.attentions.0.transformer_blocks.0.attn1", 4) == 0
+    with pytest.raises(ValueError, match="in no down, mid or up block"):
+        layer_level("attn1", 4)
+
+
+def test_capture_keys_nothing_by_tensor_sizes(tiny_sd_dir):
+    """Each processor knows its level, resolution and head chunk statically
+    (torch.export with dynamic sizes cannot key a dictionary by a size)."""
+    from diffseg.sd.capture import CaptureAttnProcessor, install_capture
+
+    pipe = load_tiny_sd(tiny_sd_dir)
+    install_capture(pipe.unet, latent_size=16)
+    procs = [p for p in pipe.unet.attn_processors.values() if isinstance(p, CaptureAttnProcessor)]
+    assert len(procs) == 16
+    assert sorted({(p.level, p.resolution) for p in procs}) == [(0, 16), (1, 8), (2, 4), (3, 2)]
+    assert all(1 <= p.chunk <= 2 for p in procs)
+
+
+def test_bundle_is_flushed_before_the_rename(tiny_sd_dir, tmp_path, monkeypatch):
+    """A crash after the rename must not leave a truncated bundle under the
+    final name: the file is fsynced before os.replace, the folder after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(str(dst))))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "flushed"
+    export.export_bundle(tiny_sd_dir, out, size=64)
+    i = events.index(("replace", export.BUNDLE_FILE))
+    assert events[i - 1][0] == "fsync" and events[i - 1][1].endswith(".pt")  # the temporary file
+    assert events[i + 1] == ("fsync", "flushed")  # the folder
+
+
+@pytest.fixture(scope="module")
+def soft_sd_dir(tmp_path_factory):
+    """The tiny SD without sharpened attention: the test model's sharpened
+    random attention magnifies bfloat16 rounding tenfold (max relative
+    differences of 0.15-0.5 against float32, docs/performance.md)."""
+    return build_tiny_sd(str(tmp_path_factory.mktemp("soft_sd")), sample_size=128, sharpen=1.0)
+
+
+@pytest.fixture(scope="module")
+def bf16_bundles(soft_sd_dir, tmp_path_factory):
+    """(float32, bfloat16) bundles of the soft tiny SD."""
+    from diffseg.sd.hardware import native_bfloat16
+
+    f32 = export.export_bundle(soft_sd_dir, tmp_path_factory.mktemp("f32"), size=128)
+    out = tmp_path_factory.mktemp("bf16")
+    if native_bfloat16():
+        return f32, export.export_bundle(soft_sd_dir, out, size=128, dtype="bfloat16")
+    with pytest.warns(diffseg.sd.hardware.PrecisionWarning, match="no native bfloat16"):
+        return f32, export.export_bundle(soft_sd_dir, out, size=128, dtype="bfloat16")
+
+
+def _eager_bfloat16_attention(tiny_sd_dir, image):
+    """Eager diffusers in bfloat16, its own attention processor with
+    ``upcast_attention`` (scores and softmax in float32, as the bundle's
+    capture): the oracle of a bfloat16 bundle."""
+    from sd_tiny import ReferenceCapture
+
+    pipe = load_tiny_sd(tiny_sd_dir).to(dtype=torch.bfloat16)
+    for name, module in pipe.unet.named_modules():
+        if name.endswith("attn1"):
+            module.upcast_attention = module.upcast_softmax = True
+    capture = ReferenceCapture(pipe.unet)
+    with torch.no_grad():
+        x = torch.from_numpy(image)[None].to(torch.bfloat16)
+        latent = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        emb, _ = pipe.encode_prompt("", "cpu", 1, False)
+        pipe.unet(latent, 300, encoder_hidden_states=emb, return_dict=False)
+    groups = {}
+    for _, m in capture.maps:
+        groups.setdefault(int(round(m.shape[-1] ** 0.5)), []).append(m[0].double().numpy())
+    return {s: np.mean(v, axis=0) for s, v in groups.items()}
+
+
+def test_bfloat16_bundle_equals_eager_bfloat16(bf16_bundles, soft_sd_dir):
+    """bfloat16 weights and activations, attention probabilities computed and
+    returned in float32: within 2e-2 of eager diffusers in bfloat16 (with
+    float32 attention: the two round differently) and 5e-2 of the float32
+    bundle. On a CPU without native bfloat16 it runs emulated, with a warning
+    when opened."""
+    import warnings
+
+    pytest.importorskip("diffseg._torch")
+    f32_bundle, bf16_bundle = bf16_bundles
+    assert read_metadata(bf16_bundle)["dtype"] == "bfloat16"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = diffseg.load_model(bf16_bundle)
+    native = diffseg.sd.hardware.native_bfloat16()
+    assert any(issubclass(w.category, diffseg.sd.hardware.PrecisionWarning) for w in caught) == (not native)
+    with model, diffseg.load_model(f32_bundle) as f32_model:
+        for seed in range(2):
+            image = np.random.RandomState(seed).uniform(-1, 1, (3, 128, 128)).astype(np.float32)
+            got = model.attention(image)
+            ref = _eager_bfloat16_attention(soft_sd_dir, image)
+            f32 = f32_model.attention(image)
+            for s in got:
+                assert got[s].dtype == np.float32
+                np.testing.assert_allclose(got[s].sum(axis=1), 1.0, atol=1e-5)
+                assert rel_diff(got[s], ref[s]) <= 2e-2, s
+                assert rel_diff(got[s], f32[s]) <= 5e-2, s
+        # methods take and return float32 whatever the dtype: encode feeds denoise
+        x, t = image[None], np.full((1,), 300, np.int64)
+        latent = model._model.call("encode", [x])[0]
+        assert latent.dtype == np.float32
+        maps = model._model.call("denoise", [latent, t])[1:]
+        for m, s in zip(maps, got):
+            np.testing.assert_allclose(m[0], got[s], rtol=0, atol=1e-6)
+
+
+def test_dtype_auto_follows_the_machine(monkeypatch):
+    from diffseg.sd import hardware
+
+    monkeypatch.setattr(hardware, "cpu_features", lambda: {"amx_bf16": True, "avx512_bf16": False})
+    assert hardware.resolve_dtype("auto") == "bfloat16"
+    assert hardware.resolve_dtype("auto", "cuda:0") == "float16"
+    assert hardware.resolve_dtype("float32") == "float32"
+    monkeypatch.setattr(hardware, "cpu_features", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert hardware.resolve_dtype("auto") == "float32"
+    with pytest.warns(hardware.PrecisionWarning, match="no native bfloat16"):
+        hardware.warn_if_slow("bfloat16", "cpu")

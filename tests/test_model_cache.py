@@ -1,8 +1,13 @@
 """load_model before any export: the bundle cache's key and lock, and the
-checks that must fail at once (a mistyped path, a core-only install).
-No torch needed: the export and the shim are replaced by fakes."""
+checks that must fail at once (a mistyped path, a photo given as the model,
+a core-only install). No torch needed: the export and the shim are replaced
+by fakes."""
+import importlib.util
+import json
+import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +18,14 @@ import diffseg
 from diffseg import pipeline
 from diffseg.sd import export as export_mod
 from diffseg.sd import model as model_mod
-from diffseg.sd.bundle import BUNDLE_FILE
+from diffseg.sd.bundle import BUNDLE_FILE, FORMAT, FORMAT_VERSION
+
+
+def write_fake_bundle(path):
+    """A zip with the metadata of a bundle of this format version (what the
+    cache checks without torch)."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/extra/diffseg.json", json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION}))
 
 
 @pytest.fixture
@@ -27,7 +39,7 @@ def fake_export(tmp_path, monkeypatch):
         exports.append(source)
         time.sleep(0.5)
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / BUNDLE_FILE).write_bytes(b"bundle")
+        write_fake_bundle(Path(folder) / BUNDLE_FILE)
 
     monkeypatch.setattr(export_mod, "export_bundle", export_bundle)
     monkeypatch.setattr(model_mod, "Model", lambda path, **kw: Path(path))
@@ -103,12 +115,77 @@ def test_core_only_install_fails_before_exporting(tmp_path, monkeypatch, capsys)
 def test_missing_torch_for_export_is_said_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(model_mod, "_shim", lambda: None)
-    real = model_mod.importlib.util.find_spec
-    monkeypatch.setattr(model_mod.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "diffusers" else real(name, *a))
-    with pytest.raises(ImportError, match=r"needs (\w+, )*diffusers(, \w+)*: pip install"):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs (\w+, )*diffusers(, \w+)*, not installed here.*pip install"):
         diffseg.load_model("owner/model")
     assert "exporting" not in capsys.readouterr().err
+    assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+def test_a_photo_as_the_model_fails_before_exporting(fake_export, tmp_path, capsys):
+    """`-m photo.jpg`: refused before any announcement, lock or export."""
+    photo = _jpeg(tmp_path / "photo.jpg")
+    with pytest.raises(ValueError, match="photo.jpg is neither a bundle"):
+        diffseg.load_model(photo)
+    folder = tmp_path / "not_a_pipeline"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="model_index.json"):
+        diffseg.load_model(folder)
+    assert fake_export == [] and "exporting" not in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_failed_export_leaves_no_lock(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_mod, "_shim", lambda: None)
+    monkeypatch.setattr(model_mod, "_check_can_export", lambda source: None)
+
+    def failing_export(source, folder, **kw):
+        raise ValueError("cannot load the checkpoint")
+
+    monkeypatch.setattr(export_mod, "export_bundle", failing_export)
+    with pytest.raises(ValueError, match="cannot load"):
+        diffseg.load_model(checkpoint)
+    assert list((tmp_path / "cache").iterdir()) == []  # no lock file, no half-made entry
+
+
+def test_lock_files_are_removed_after_exports(fake_export, checkpoint, tmp_path):
+    diffseg.load_model(checkpoint)
+    diffseg.load_model(checkpoint)
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].is_dir()  # the bundle folder, no lock file
+
+
+def test_removed_lock_file_still_serialises_exports(tmp_path):
+    """A waiter that wakes up holding the lock of a file its holder has removed
+    takes the lock of the current file: never two holders at once."""
+    lock = tmp_path / "x.lock"
+    inside, overlaps = [], []
+
+    def hold():
+        with model_mod._export_lock(lock):
+            inside.append(1)
+            if len(inside) > 1:
+                overlaps.append(1)
+            time.sleep(0.2)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert overlaps == [] and not lock.exists()
+
+
+def test_damaged_cached_bundle_is_exported_again(fake_export, checkpoint, capsys):
+    first = diffseg.load_model(checkpoint)
+    (first / BUNDLE_FILE).write_bytes(b"PK\x03\x04 cut short")  # an export cut short by a crash
+    capsys.readouterr()
+    assert diffseg.load_model(checkpoint) == first and len(fake_export) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "exporting" in err and "using the cached bundle" not in err
 
 
 def test_bad_image_fails_before_the_model(tmp_path, monkeypatch):
@@ -123,3 +200,17 @@ def test_bad_image_fails_before_the_model(tmp_path, monkeypatch):
         diffseg.segment(tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="grid"):
         diffseg.segment(tmp_path / "x.jpg", grid=100)  # bad settings fail first
+
+
+def test_cli_export_without_torch_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """A core-only install: `diffseg export` gives the install advice of
+    `diffseg segment` (torch, then a rebuild), not "No module named 'torch'"."""
+    from diffseg.cli import main
+
+    for name in ("torch", "diffusers", "transformers"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec says missing
+    assert main(["export", "owner/model", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "diffseg export: error:" in err and "No module named" not in err and "halted" not in err
+    assert "pip install torch==2.13.0" in err and "--no-build-isolation" in err
+    assert not (tmp_path / "out").exists()

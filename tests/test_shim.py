@@ -19,6 +19,7 @@ import diffseg  # noqa: E402
 
 # TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+from diffseg import reference  # noqa: E402
 from diffseg.io.images import preprocess_image  # noqa: E402
 from diffseg.sd.bundle import FORMAT_VERSION  # noqa: E402
 from sd_tiny import reference_attention  # noqa: E402
@@ -195,6 +196,11 @@ def test_sizes_come_from_the_module_not_the_json(tiny_bundle, tmp_path):
         assert model.metadata["image_size"] == "big"
         maps, eps = model.run(example_image(128), eps=True)
     assert [m.shape for m in maps] == [(256, 256), (64, 64), (16, 16), (4, 4)] and eps.shape == (4, 16, 16)
+    with diffseg.Model(tiny_bundle) as untouched:
+        maps0, eps0 = untouched.run(example_image(128), eps=True)
+    for m, m0 in zip(maps, maps0):  # the same graph, the same values
+        np.testing.assert_array_equal(m, m0)
+    np.testing.assert_array_equal(eps, eps0)
 
 
 GOOD_LAYOUT = {"format_version": 2, "image_size": 64, "image_channels": 3, "latent_size": 8, "latent_channels": 4,
@@ -358,7 +364,8 @@ def test_c_example_program(tiny_bundle, tmp_path):
     prefix = str(tmp_path / "out")
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
-    r = subprocess.run([exe, tiny_bundle, "1", prefix], capture_output=True, text=True, env=env, timeout=600)
+    # kl 0.3: several segments on the tiny model (at 1.1 it gives one, which proves little)
+    r = subprocess.run([exe, tiny_bundle, "1", prefix, "0.3"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 maps: 16 8 4 2" in r.stdout
     assert "call error: method 'no_such_method': the bundle has no such method" in r.stdout
@@ -377,5 +384,121 @@ def test_c_example_program(tiny_bundle, tmp_path):
         np.testing.assert_allclose(c_map.reshape(py_map.shape), py_map, rtol=1e-4, atol=1e-6)
     c_attn = {int(round(m.shape[0] ** 0.5)): c.reshape(m.shape) for c, m in zip(c_maps, maps)}
     labels = np.fromfile(prefix + ".labels", dtype=np.int32).reshape(S, S)
-    expected = diffseg.segment_attention(c_attn, size=(S, S))
+    grid = min(16, max(c_attn))
+    expected = reference.segment_attention(c_attn, kl_threshold=[0.3] * 3, grid=grid, size=(S, S))
+    assert len(np.unique(expected)) > 1
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_unknown_exceptions_become_error_codes(tiny_bundle):
+    """An exception that is not a std::exception must not cross extern "C"
+    (it would terminate the process): each entry catches (...). In a
+    subprocess, so that a regression cannot take pytest down."""
+    code = f"""
+import numpy as np, diffseg._torch as t
+t._test_inject(t.TEST_THROW_UNKNOWN)
+try:
+    t.Model({tiny_bundle!r})
+except RuntimeError as e:
+    print("caught:", e)
+m = t.Model({tiny_bundle!r})
+t._test_inject(t.TEST_THROW_UNKNOWN)
+try:
+    m.call("encode", [np.zeros((1, 3, 64, 64), np.float32)])
+except RuntimeError as e:
+    print("caught:", e)
+print(m.call("encode", [np.zeros((1, 3, 64, 64), np.float32)])[0].shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("caught: unknown C++ exception") == 2, r.stdout
+    assert "(1, 4, 8, 8)" in r.stdout  # the model still works
+
+
+def test_message_that_cannot_be_built_falls_back_to_a_static_one(tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    _torch._test_inject(_torch.TEST_MESSAGE_FAILS)
+    with pytest.raises(_torch.BundleError, match=r"^out of memory \(while formatting an error message\)$"):
+        _torch.Model(missing)  # the error code (EIO: BundleError) is kept
+    with pytest.raises(_torch.BundleError, match="cannot open"):  # the next message is built again
+        _torch.Model(missing)
+
+
+def test_cpu_features_agree_with_torch():
+    """The shim's cpuinfo against torch's own report (an independent path)."""
+    import torch
+
+    from diffseg.sd import hardware
+
+    known = torch._C._cpu._get_cpu_capability()
+    for name in hardware.FEATURES:
+        assert _torch.cpu_feature(name) == known[name], name
+    assert _torch.cpu_feature("no_such_feature") is None
+    with pytest.raises(TypeError, match="name must be a str"):
+        _torch.cpu_feature(3)
+    assert hardware.cpu_features() == {name: known[name] for name in hardware.FEATURES}
+
+
+def test_large_buffers_are_reused_across_runs(tiny_model):
+    """A 512 px pass of the tiny model allocates 64 MiB attention buffers:
+    after the first pass, later ones take no new memory from the system and
+    page-fault next to nothing."""
+    import resource
+
+    image = example_image(512, seed=3)
+    tiny_model.attention(image)
+    first = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tiny_model.attention(image)
+    first = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - first
+    obtained = _torch.memory_stats()["obtained"]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        tiny_model.attention(image)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    stats = _torch.memory_stats()
+    assert stats["obtained"] == obtained and stats["kept"] > 64 << 20
+    assert stats["kept"] <= 2 * stats["peak"]
+    # 64 MiB of fresh pages alone would be 16384 faults
+    assert faults < 4000, (faults, first)
+
+
+def test_memory_is_returned_when_off_and_at_the_last_close(tiny_bundle):
+    code = f"""
+import numpy as np, diffseg, diffseg._torch as t
+x = np.random.RandomState(0).uniform(-1, 1, (3, 512, 512)).astype(np.float32)
+m = diffseg.load_model({tiny_bundle!r})
+m.attention(x)
+print("kept", t.memory_stats()["kept"] > 0)
+t.set_memory_reuse(False)
+print("off", t.memory_stats()["kept"])
+t.set_memory_reuse(True)
+m.attention(x)
+kept = t.memory_stats()["kept"]
+t.set_memory_reuse("paused")  # neither keeps nor hands out; what is kept stays
+m.attention(x)
+print("paused", t.memory_stats()["kept"] == kept > 0)
+t.set_memory_reuse(True)
+m.close()
+print("closed", t.memory_stats()["kept"], t.memory_stats()["in_use"] < (64 << 20))
+try:
+    t.set_memory_reuse(1)
+except TypeError as e:
+    print("refused", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept True" in r.stdout and "off 0" in r.stdout and "closed 0 True" in r.stdout, r.stdout
+    assert "paused True" in r.stdout and "refused set_memory_reuse takes True, False or 'paused'" in r.stdout
+
+
+def test_reuse_can_be_turned_off_by_the_environment(tiny_bundle):
+    code = f"""
+import numpy as np, diffseg, diffseg._torch as t
+m = diffseg.load_model({tiny_bundle!r})
+m.attention(np.zeros((3, 512, 512), np.float32))
+print("kept", t.memory_stats()["kept"])
+"""
+    env = dict(os.environ, DIFFSEG_REUSE_MEMORY="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept 0" in r.stdout

@@ -315,11 +315,17 @@ def test_bad_metadata(bundle, tmp_path):
         got = outcome(path)
         assert got.startswith("open: bundle"), (name, got)
         assert message in got, (name, got)
+    with diffseg.Model(bundle) as untouched:
+        expected = untouched.run(image(), eps=True)
     for name, edit in IGNORED_METADATA:
         path = tmp_path / "meta.pt"
         edit_metadata(bundle, path, edit)
         record(case=f"ignored metadata: {name}")
         assert outcome(path) == "ran", name
+        with diffseg.Model(path) as model:  # the graph decides, not the JSON: the same values
+            maps, eps = model.run(image(), eps=True)
+        for m, m0 in zip(maps + [eps], expected[0] + [expected[1]]):
+            np.testing.assert_array_equal(m, m0, err_msg=name)
 
 
 # ---------------------------------------------------------------- other torch versions

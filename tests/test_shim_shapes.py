@@ -228,7 +228,7 @@ def test_bad_sizes_and_batches(tiny_model, monkeypatch):
             tiny_model.attention(np.zeros(shape, np.float32))
     # Above MAX_GRID_POSITIONS (64x128 at the finest grid: 512x1024 here, 1:2; for SD at 512 px
     # the finest grid is 64x64, so whole frames of aspect up to 2:1; this bundle has 16x16 at 128 px).
-    tiny_model.grids(512, 1024)
+    assert tiny_model.grids(512, 1024) == [(64, 128), (32, 64), (16, 32), (8, 16)]  # at the bound: accepted
     with pytest.raises(ValueError, match=r"gives a 64x136 attention grid, above the bound of 8192 positions"
                                          r".*use frame='crop'.*at most 32:1 with frame='whole'"):
         tiny_model.attention(np.zeros((3, 512, 1088), np.float32))

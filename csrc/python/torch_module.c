@@ -358,6 +358,47 @@ static PyObject *py_cuda_available(PyObject *Py_UNUSED(self), PyObject *Py_UNUSE
     return PyBool_FromLong(ok);
 }
 
+static PyObject *py_cpu_feature(PyObject *Py_UNUSED(self), PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "name must be a str, got %s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int has = dseg_torch_cpu_feature(name);
+    if (has < 0) Py_RETURN_NONE;
+    return PyBool_FromLong(has);
+}
+
+static PyObject *py_set_memory_reuse(PyObject *Py_UNUSED(self), PyObject *arg) {
+    int mode;
+    if (PyUnicode_Check(arg) && PyUnicode_CompareWithASCIIString(arg, "paused") == 0) {
+        mode = 2;
+    } else if (PyBool_Check(arg)) {
+        mode = arg == Py_True;
+    } else {
+        PyErr_Format(PyExc_TypeError, "set_memory_reuse takes True, False or 'paused', got %R", arg);
+        return NULL;
+    }
+    int rc = dseg_torch_set_memory_reuse(mode);
+    if (rc != DSEG_TORCH_OK) return shim_error(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_memory_stats(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    int64_t st[4];
+    dseg_torch_memory_stats(st);
+    return Py_BuildValue("{s:L,s:L,s:L,s:L}", "in_use", (long long)st[0], "kept", (long long)st[1], "peak",
+                         (long long)st[2], "obtained", (long long)st[3]);
+}
+
+static PyObject *py_test_inject(PyObject *Py_UNUSED(self), PyObject *arg) {
+    long what = PyLong_AsLong(arg);
+    if (what == -1 && PyErr_Occurred()) return NULL;
+    dseg_torch_test_inject((int)what);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_torch_version(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
     return PyUnicode_FromString(dseg_torch_version());
 }
@@ -374,6 +415,16 @@ static PyMethodDef module_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Intra-op threads of libtorch."},
     {"cuda_available", py_cuda_available, METH_NOARGS, "True when libtorch can use CUDA."},
     {"torch_version", py_torch_version, METH_NOARGS, "Version of the libtorch the shim was built with."},
+    {"cpu_feature", py_cpu_feature, METH_O,
+     "cpu_feature(name) -> bool or None: a feature of this CPU as libtorch's cpuinfo reports it\n"
+     "(\"avx512_bf16\", \"amx_bf16\", \"avx2\", ...); None for an unknown name."},
+    {"set_memory_reuse", py_set_memory_reuse, METH_O,
+     "set_memory_reuse(True | False | 'paused'): keep large freed buffers for the next runs\n"
+     "(process-wide; see dseg_torch_set_memory_reuse in csrc/torch/diffseg_torch.h)."},
+    {"memory_stats", py_memory_stats, METH_NOARGS,
+     "Bytes of libtorch's large buffers: in_use, kept (for reuse), peak (in use at once), obtained\n"
+     "(from the system, ever)."},
+    {"_test_inject", py_test_inject, METH_O, "For diffseg's tests: see dseg_torch_test_inject."},
     {"_wait_for_runs", py_wait_for_runs, METH_NOARGS,
      "atexit hook: refuse new runs and wait for those in progress in other threads."},
     {NULL, NULL, 0, NULL},
@@ -421,5 +472,7 @@ PyMODINIT_FUNC PyInit__torch(void) {
     }
     PyModule_AddIntConstant(m, "FORMAT_VERSION", DSEG_TORCH_FORMAT_VERSION);
     PyModule_AddIntConstant(m, "MAX_MAPS", DSEG_TORCH_MAX_MAPS);
+    PyModule_AddIntConstant(m, "TEST_MESSAGE_FAILS", DSEG_TORCH_TEST_MESSAGE_FAILS);
+    PyModule_AddIntConstant(m, "TEST_THROW_UNKNOWN", DSEG_TORCH_TEST_THROW_UNKNOWN);
     return m;
 }

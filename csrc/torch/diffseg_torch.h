@@ -2,15 +2,22 @@
  * diffseg torch shim: run a DiffSeg model bundle (VAE encoder + UNet that
  * returns its self-attention maps) through libtorch, from plain C.
  *
- * A bundle is the file written by `diffseg export` (diffseg_bundle.pt): a
- * TorchScript module whose forward(image, t) returns (eps, map_0, map_1, ...)
- * for images of any batch size and of any height and width that are
- * multiples of image_size / min(map_res), and whose attributes give its layout (format_version, image_size,
- * image_channels, latent_size, latent_channels, default_timestep,
- * map_resolutions, device_type), plus descriptive JSON metadata as an extra
- * file ("diffseg.json") that the shim hands out unparsed.
- * The C API is backend-neutral: nothing here names TorchScript types, so
- * another backend (AOTInductor .pt2) can implement the same functions.
+ * A bundle is the file written by `diffseg export`, in one of two backends
+ * behind the same functions:
+ *   - diffseg_bundle.pt: a TorchScript module whose forward(image, t) returns
+ *     (eps, map_0, map_1, ...) for images of any batch size and of any height
+ *     and width that are multiples of image_size / min(map_res), and whose
+ *     attributes give its layout (format_version, image_size, image_channels,
+ *     latent_size, latent_channels, default_timestep, map_resolutions,
+ *     device_type);
+ *   - diffseg_bundle.pt2 (`--backend aoti`; a path ending in ".pt2"): an
+ *     AOTInductor package of two compiled models, encode and denoise, whose
+ *     metadata gives the same layout ("diffseg.<name>" strings) and the
+ *     inputs each accepts ("diffseg.inputs": dtype and per-dimension ranges;
+ *     the shim refuses other shapes, on which compiled code is unsafe);
+ *     forward runs denoise(encode(image), t).
+ * Both hold descriptive JSON metadata as an extra file ("diffseg.json") that
+ * the shim hands out unparsed.
  *
  * Conventions
  *   - Buffers are dense, row-major (C-contiguous) float32 or int64.
@@ -75,9 +82,40 @@ int dseg_torch_get_num_threads(void);
 /* 1 when libtorch can use CUDA in this process. */
 int dseg_torch_cuda_available(void);
 
+/* A feature of the running CPU as libtorch's cpuinfo reports it, by name
+ * ("avx512_bf16", "amx_bf16", "avx2", "avx512_f", "fma3", ...): 1 present,
+ * 0 absent, -1 unknown name. */
+int dseg_torch_cpu_feature(const char *name);
+
 /*
- * Open a bundle. device: "cpu", "cuda" or "cuda:N" (NULL means "cpu"); it
- * must be the device the bundle was exported for. num_threads > 0 sets
+ * Memory reuse across runs (process-wide; mode 1 on, 0 off, 2 paused). On: large
+ * buffers that libtorch frees (activations, attention scores, weights
+ * reordered for oneDNN) are kept and handed out again instead of being
+ * returned to the system and page-faulted afresh on the next run; the memory
+ * kept never exceeds twice the most that was in use at once, and it is returned
+ * when the last model closes. Off: large buffers go back to the system as
+ * soon as they are freed (kept ones too). Paused: as off, but what is kept
+ * stays for when reuse is on again (to measure without it in the same
+ * process). The first call installs a CPU allocator in libtorch (c10) that
+ * stays.
+ */
+int dseg_torch_set_memory_reuse(int mode);
+
+/* Bytes of libtorch's large buffers: [0] in use, [1] kept for reuse, [2] the
+ * most in use at once, [3] ever obtained from the system (all 0 before
+ * dseg_torch_set_memory_reuse was first called). */
+void dseg_torch_memory_stats(int64_t stats[4]);
+
+/* For diffseg's tests only: make the next error message of this thread fail
+ * to build (DSEG_TORCH_TEST_MESSAGE_FAILS), or the next open/call throw a
+ * non-standard C++ exception inside the shim (DSEG_TORCH_TEST_THROW_UNKNOWN). */
+enum { DSEG_TORCH_TEST_MESSAGE_FAILS = 1, DSEG_TORCH_TEST_THROW_UNKNOWN = 2 };
+void dseg_torch_test_inject(int what);
+
+/*
+ * Open a bundle: a TorchScript archive, or an AOTInductor package when the
+ * path ends in ".pt2". device: "cpu", "cuda" or "cuda:N" (NULL means "cpu");
+ * it must be the device the bundle was exported for. num_threads > 0 sets
  * libtorch's intra-op threads (process-wide); 0 leaves them unchanged.
  * On success *out is a handle to close with dseg_torch_close().
  */
@@ -100,7 +138,8 @@ const char *dseg_torch_metadata(const dseg_torch_model *model);
  * only what keeps it safe (pointers, dtypes, ranks, sizes, finite floats).
  *
  * A diffseg bundle exports (latent grid h x w = height/8 x width/8 for SD,
- * any batch size B, height and width multiples of image_size / min(map_res)):
+ * any batch size B, height and width multiples of image_size / min(map_res);
+ * an AOTInductor bundle bounds them, see "diffseg.inputs" above):
  *   forward(image (B,3,H,W) float32 in [-1,1], t (1,) int64)
  *       -> [eps (B,latent_channels,h,w), map_0 (B,n_0,n_0), map_1, ...]
  *   encode(image) -> latent (B,latent_channels,h,w)

@@ -2,12 +2,13 @@
  * DiffSeg from plain C: the libtorch shim (attention maps) + the C core
  * (aggregate, merge, nms). No Python.
  *
- *   example BUNDLE [THREADS [OUT_PREFIX]]
+ *   example BUNDLE [THREADS [OUT_PREFIX [KL_THRESHOLD]]]
  *
  * Runs the bundle on a synthetic image (a deterministic pattern, exactly
  * representable in float32), segments the attention, and prints a summary.
  * With OUT_PREFIX it writes OUT_PREFIX.attn (the maps, float32, in the
  * bundle's output order) and OUT_PREFIX.labels (int32, image_size^2).
+ * KL_THRESHOLD (default 1.1) is used in each of the 3 merge iterations.
  *
  * Build: see csrc/torch/build.py (example_commands) or tests/test_shim.py.
  */
@@ -33,11 +34,16 @@ static int write_file(const char *prefix, const char *suffix, const void *data, 
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s BUNDLE [THREADS [OUT_PREFIX]]\n", argv[0]);
+        fprintf(stderr, "usage: %s BUNDLE [THREADS [OUT_PREFIX [KL_THRESHOLD]]]\n", argv[0]);
         return 2;
     }
     const int threads = argc > 2 ? atoi(argv[2]) : 0;
     const char *prefix = argc > 3 ? argv[3] : NULL;
+    const double kl = argc > 4 ? atof(argv[4]) : 1.1;
+    if (!(kl > 0)) {
+        fprintf(stderr, "KL_THRESHOLD must be a positive number, not %s\n", argv[4]);
+        return 2;
+    }
     int status = 1;
     float *image = NULL, *maps_data = NULL, *A = NULL, *proposals = NULL;
     int32_t *labels = NULL;
@@ -127,7 +133,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "aggregate failed: %s\n", dseg_last_error());
         goto done;
     }
-    const double thresholds[3] = {1.1, 1.1, 1.1};
+    const double thresholds[3] = {kl, kl, kl};
     int n_proposals = 0, n_labels = 0;
     if (dseg_merge(A, R, grid, thresholds, 3, proposals, &n_proposals, NULL) != DSEG_OK) {
         fprintf(stderr, "merge failed: %s\n", dseg_last_error());

@@ -2,17 +2,30 @@
 model wrapper, ``diffseg info`` and the CLI, and reading a bundle's metadata
 without torch.
 
-A bundle is a TorchScript zip file (``diffseg_bundle.pt``). The libtorch shim
-reads the bundle's layout from attributes of the scripted module
-(:data:`SHIM_ATTRIBUTES`); the descriptive metadata is the extra file
-``diffseg.json`` (stored in the zip as ``<archive>/extra/diffseg.json``), read
-by Python only.
+A bundle is one zip file, in one of two backends:
+
+* ``torchscript``: a TorchScript archive (``diffseg_bundle.pt``); the libtorch
+  shim reads the layout from attributes of the scripted module
+  (:data:`SHIM_ATTRIBUTES`);
+* ``aoti``: an AOTInductor package (``diffseg_bundle.pt2``) holding two
+  compiled models, ``encode`` and ``denoise``; the shim reads the same layout
+  from the models' metadata (``diffseg.<attribute>`` strings) and checks
+  inputs against ``diffseg.inputs`` (see csrc/torch/diffseg_torch.h).
+
+Either way the descriptive metadata is the extra file ``diffseg.json``
+(stored in the zip as ``<archive>/extra/diffseg.json``), read by Python only.
 
 Format versions: 1 kept the layout in ``diffseg.json`` only; 2 adds the module
-attributes. The shim reads version 2 only.
+attributes (and is the version of every AOTInductor package). The shim reads
+version 2 only.
 """
+import contextlib
 import json
+import os
 import zipfile
+from pathlib import Path
+
+from .._util import temp_name
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 """The checkpoint of the official code."""
@@ -21,11 +34,19 @@ FORMAT_VERSION = 2
 # Attributes of the scripted bundle read by the shim (csrc/torch/diffseg_torch.cpp).
 SHIM_ATTRIBUTES = ("format_version", "image_size", "image_channels", "latent_size", "latent_channels",
                    "default_timestep", "map_resolutions", "device_type")
-BUNDLE_FILE = "diffseg_bundle.pt"
+BACKENDS = ("torchscript", "aoti")
+BUNDLE_FILES = {"torchscript": "diffseg_bundle.pt", "aoti": "diffseg_bundle.pt2"}
+BUNDLE_FILE = BUNDLE_FILES["torchscript"]
+DEFAULT_BACKEND = "torchscript"
+"""The faster backend on the CPUs measured (docs/performance.md), and the one
+that exports in seconds rather than minutes."""
 METADATA_NAME = "diffseg.json"  # TorchScript extra file
 DEFAULT_TIMESTEP = 300
 LAYER_MODES = ("per-resolution", "all")
 DTYPES = ("float32", "float16", "bfloat16")
+# "auto": bfloat16 on a CPU with native bfloat16 (AVX512-BF16 or AMX), float16
+# on CUDA, float32 elsewhere (diffseg.sd.hardware.resolve_dtype).
+DTYPE_CHOICES = DTYPES + ("auto",)
 
 
 # Far above any real metadata (a few KiB): a damaged zip can claim any size.
@@ -60,3 +81,47 @@ def read_metadata(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {METADATA_NAME} is not a JSON object")
     return data
+
+
+def bundle_file(folder):
+    """The bundle file in ``folder``: that of the default backend if present,
+    else the other backend's; None when the folder holds neither."""
+    folder = Path(folder)
+    order = [DEFAULT_BACKEND] + [b for b in BACKENDS if b != DEFAULT_BACKEND]
+    for backend in order:
+        if (folder / BUNDLE_FILES[backend]).is_file():
+            return folder / BUNDLE_FILES[backend]
+    return None
+
+
+def backend_of(path):
+    """The backend of a bundle file, by its name (``.pt2``: AOTInductor)."""
+    return "aoti" if Path(path).suffix == ".pt2" else "torchscript"
+
+
+def fsync_path(path, *, directory=False):
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def durable_path(path):
+    """Yield a temporary path beside ``path``; when the block succeeds, the
+    file is flushed to disk, renamed over ``path`` atomically and the rename
+    itself flushed (the folder), so that a crash or power loss leaves either
+    the old file or the complete new one, never a truncated bundle under the
+    final name. On failure the temporary file is removed."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent, directory=True)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,25 +1,25 @@
 """The capturing attention processor: self-attention that computes its
 softmax probabilities explicitly (SDPA hides them) and accumulates their head
 mean per resolution (or per layer). Installed on a diffusers UNet before
-tracing, it makes the attention maps outputs of the exported graph: libtorch
-cannot add hooks to a loaded TorchScript module."""
-import math
+tracing or ``torch.export``, it makes the attention maps outputs of the
+exported graph: libtorch cannot add hooks to a loaded module.
 
-# Head chunks whose score matrix stays under this many bytes (memory bound of
-# the explicit attention: a whole 64x64 layer of SD at 8 heads is 512 MiB).
+Export-friendly by construction: each processor knows its layer's name and
+resolution level (from its place in the UNet, not from a tensor size) and
+its head chunk (from the export's example size), so nothing is keyed by a
+size that is symbolic under ``torch.export`` with dynamic height, width and
+batch; the accumulation is out of place (no ``out=`` buffers, which a
+compiler would copy)."""
+
+# Head chunks whose score matrix, at the export's example size and batch 1,
+# stays under this many bytes (a whole 64x64 layer of SD at 8 heads is 512 MiB).
 SCORE_CHUNK_BYTES = 64 << 20
 
 
 class _Sink:
-    """Collects the head-averaged self-attention of one forward pass.
-
-    Probabilities are accumulated in place into one buffer per resolution
-    (mean over heads, then over layers) or per layer (``mode="all"``); one
-    score buffer per shape is reused by every layer and head. Under tracing
-    these become in-place ops on a few tensors of the graph, so a pass
-    allocates no (n, n) matrix per head (page-faulting fresh 64 MiB buffers
-    40 times is a measurable part of the attention cost on CPU).
-    """
+    """Collects the head-averaged self-attention of one forward pass: the
+    running sum per resolution level (mean over heads, then over the layers
+    of that level), or each layer's head mean (``mode="all"``)."""
 
     def __init__(self, mode):
         self.mode = mode
@@ -28,39 +28,31 @@ class _Sink:
         self.reset()
 
     def reset(self):
-        self.sums = {}     # resolution -> running sum of per-layer head means
-        self.counts = {}   # resolution -> number of layers summed
+        self.sums = {}     # level -> running sum of per-layer head means
+        self.counts = {}   # level -> number of layers summed
         self.layers = []   # per-layer head means (mode "all")
-        self.buffers = {}  # shape -> reusable score buffer
 
-    def accumulator(self, name, batch, n, like):
-        """The (batch, n, n) float32 tensor that this layer's head mean is added to."""
-        import torch
+    def running(self, level):
+        """What a layer of ``level`` adds its head mean to: the level's sum so
+        far (None for its first layer, and always in mode "all")."""
+        return None if self.mode == "all" else self.sums.get(level)
 
-        side = math.isqrt(n)
+    def store(self, name, level, resolution, total):
+        """Record a layer's result: ``total`` = :meth:`running` + its head mean."""
         if self.record_names:
-            self.names.append((name, side))
+            self.names.append((name, resolution))
         if self.mode == "all":
-            acc = torch.zeros(batch, n, n, dtype=torch.float32, device=like.device)
-            self.layers.append(acc)
-            return acc
-        if side not in self.sums:
-            self.sums[side] = torch.zeros(batch, n, n, dtype=torch.float32, device=like.device)
-            self.counts[side] = 0
-        self.counts[side] += 1
-        return self.sums[side]
+            self.layers.append(total)
+        else:
+            self.sums[level] = total
+            self.counts[level] = self.counts.get(level, 0) + 1
 
-    def buffer(self, rows, n_q, n_k, like):
-        import torch
-
-        key = (rows, n_q, n_k)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(rows, n_q, n_k, dtype=torch.float32, device=like.device)
-        return self.buffers[key]
-
-    def means(self, resolutions):
-        """Per-resolution means over layers (mode "per-resolution")."""
-        return [self.sums[s].div_(float(self.counts[s])) for s in resolutions]
+    def maps(self):
+        """The pass's outputs: per-level means, highest resolution (level 0)
+        first, or the per-layer maps in execution order (mode "all")."""
+        if self.mode == "all":
+            return list(self.layers)
+        return [self.sums[level] / float(self.counts[level]) for level in sorted(self.sums)]
 
 
 class CaptureAttnProcessor:
@@ -68,14 +60,16 @@ class CaptureAttnProcessor:
     (SDPA would hide them) and adds their head mean to a sink.
 
     Same arithmetic as diffusers' ``AttnProcessor`` (softmax over keys of
-    q kᵀ · scale, then probabilities @ v), with the probabilities in float32;
-    heads are processed in chunks whose score matrix stays under
-    ``SCORE_CHUNK_BYTES``.
+    q kᵀ · scale, then probabilities @ v), with the probabilities in float32
+    whatever the model's dtype; heads are processed ``chunk`` at a time.
     """
 
-    def __init__(self, sink, name):
+    def __init__(self, sink, name, level, resolution, chunk):
         self.sink = sink
         self.name = name
+        self.level = level
+        self.resolution = resolution  # side of the layer's grid at the export's example size
+        self.chunk = chunk
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -89,28 +83,25 @@ class CaptureAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, n_k, batch)
             mask = mask.view(batch, heads, -1, mask.shape[-1]).float()
 
-        chunk = max(1, min(heads, SCORE_CHUNK_BYTES // max(1, 4 * batch * n_q * n_k)))
         # Scaling the (n, d) queries is cheaper than scaling the (n, n) scores.
-        q = (q.float() * attn.scale).contiguous()
-        k_t = k.float().transpose(-1, -2).contiguous()
-        v = v.contiguous()
-        acc = self.sink.accumulator(self.name, batch, n_q, q)
-        buf = self.sink.buffer(batch * chunk, n_q, n_k, q)
+        q = q.float() * attn.scale
+        k_t = k.float().transpose(-1, -2)
+        total = self.sink.running(self.level)
+        inv_heads = 1.0 / heads
         outputs = []
-        for h0 in range(0, heads, chunk):
-            h1 = min(heads, h0 + chunk)
+        for h0 in range(0, heads, self.chunk):
+            h1 = min(heads, h0 + self.chunk)
             c = h1 - h0
-            scores = buf[: batch * c]
-            torch.bmm(q[:, h0:h1].reshape(batch * c, n_q, head_dim),
-                      k_t[:, h0:h1].reshape(batch * c, head_dim, n_k), out=scores)
+            scores = torch.bmm(q[:, h0:h1].reshape(batch * c, n_q, head_dim),
+                               k_t[:, h0:h1].reshape(batch * c, head_dim, n_k))
             if mask is not None:
-                scores.add_(mask[:, h0:h1].reshape(batch * c, -1, n_k))
-            torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place, row by row
-            out = torch.bmm(scores.to(v.dtype), v[:, h0:h1].reshape(batch * c, n_k, head_dim))
+                scores = scores + mask[:, h0:h1].reshape(batch * c, -1, n_k)
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.bmm(probs.to(v.dtype), v[:, h0:h1].reshape(batch * c, n_k, head_dim))
             outputs.append(out.view(batch, c, n_q, head_dim))
-            head_sum = scores.view(batch, n_q, n_k) if c == 1 else scores.view(batch, c, n_q, n_k).sum(dim=1)
-            acc.add_(head_sum, alpha=1.0 / heads)
-
+            head_sum = probs.view(batch, n_q, n_k) if c == 1 else probs.view(batch, c, n_q, n_k).sum(dim=1)
+            total = head_sum * inv_heads if total is None else torch.add(total, head_sum, alpha=inv_heads)
+        self.sink.store(self.name, self.level, self.resolution, total)
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return attention_output(attn, out, state)
 
@@ -168,14 +159,40 @@ def attention_output(attn, out, state):
     return hidden_states / attn.rescale_output_factor
 
 
-def install_capture(unet, mode="per-resolution"):
+def layer_level(name, n_levels):
+    """Resolution level of an attention layer from its place in the UNet:
+    ``down_blocks.i`` -> i, ``up_blocks.j`` -> n_levels - 1 - j, the mid block
+    -> n_levels - 1 (level 0 is the latent grid itself)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1])
+    if parts[0] == "up_blocks" and len(parts) > 1 and parts[1].isdigit():
+        return n_levels - 1 - int(parts[1])
+    if parts[0] == "mid_block":
+        return n_levels - 1
+    raise ValueError(f"attention layer {name!r} is in no down, mid or up block of the UNet")
+
+
+def install_capture(unet, mode="per-resolution", latent_size=None):
     """Put a :class:`CaptureAttnProcessor` on every ``attn1`` of ``unet``
-    (other layers keep their processors). Returns the sink."""
+    (other layers keep their processors). ``latent_size``: the latent side of
+    the export's example (default: the UNet's ``sample_size``), which sets
+    each layer's head chunk. Returns the sink."""
+    n_levels = len(unet.config.block_out_channels)
+    if latent_size is None:
+        latent_size = unet.config.sample_size
+        latent_size = latent_size if isinstance(latent_size, int) else max(latent_size)
+    modules = dict(unet.named_modules())
     sink = _Sink(mode)
     processors = {}
     for name, proc in unet.attn_processors.items():
         if ".attn1." in name:
-            processors[name] = CaptureAttnProcessor(sink, name.rsplit(".processor", 1)[0])
+            layer = name.rsplit(".processor", 1)[0]
+            level = layer_level(layer, n_levels)
+            side = max(1, latent_size >> level)
+            heads = modules[layer].heads
+            chunk = max(1, min(heads, SCORE_CHUNK_BYTES // (4 * side ** 4)))
+            processors[name] = CaptureAttnProcessor(sink, layer, level, side, chunk)
         else:
             processors[name] = proc
     if not any(isinstance(p, CaptureAttnProcessor) for p in processors.values()):

@@ -101,7 +101,7 @@ TOKENIZER_PREFIX = "tokenizer."
 TEXT_TOKENS = 77
 
 
-def prompt_modules(pipe, sink, cross_sink, mode):
+def prompt_modules(pipe, sink, cross_sink):
     """The eager modules behind a bundle's prompt methods (traced by the export):
 
     * text encoder: ``(B, 77) int64 token ids -> (B, 77, D) float32``, the
@@ -132,10 +132,11 @@ def prompt_modules(pipe, sink, cross_sink, mode):
             cross_sink.reset()
             cross_sink.enabled = True
             try:
-                eps = self.unet(latent, t, encoder_hidden_states=context.to(self.unet.dtype), return_dict=False)[0]
+                eps = self.unet(latent.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype),
+                                return_dict=False)[0]
             finally:
                 cross_sink.enabled = False
-            maps = list(sink.layers) if mode == "all" else sink.means(sorted(sink.sums, reverse=True))
+            maps = sink.maps()
             cross = cross_sink.means()
             sink.reset()
             cross_sink.reset()

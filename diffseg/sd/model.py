@@ -25,8 +25,8 @@ it does not, opening raises ``BundleError`` with the same advice: export the
 bundle again). ``warnings.simplefilter("error", diffseg.BundleVersionWarning)``
 makes the mismatch an error.
 """
+import contextlib
 import hashlib
-import importlib.util
 import os
 import re
 import sys
@@ -35,12 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .._util import file_lock
+from .._util import env_flag
 from ..core import average_layers
 from ..io.images import FRAMES, load_image, preprocess_image, whole_frame_geometry
-from .bundle import BUNDLE_FILE, DEFAULT_MODEL, FORMAT, FORMAT_VERSION, METADATA_NAME, read_metadata
+from .bundle import (BACKENDS, BUNDLE_FILES, DEFAULT_BACKEND, DEFAULT_MODEL, DTYPE_CHOICES, FORMAT, FORMAT_VERSION,
+                     METADATA_NAME, bundle_file, read_metadata)
+from .hardware import missing_isa_features, resolve_dtype, warn_if_slow
 
 CACHE_ENV = "DIFFSEG_CACHE"
+REUSE_ENV = "DIFFSEG_REUSE_MEMORY"
+"""Set to 0 to return large freed buffers to the system after each run
+(memory reuse is on by default: it spares page faults, seconds per pass)."""
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".bin")
 
 MAX_GRID_POSITIONS = 64 * 128
 """Most positions of the finest attention grid a run may have (64x128 latents
@@ -109,10 +115,10 @@ def checkpoint_fingerprint(path):
 
 
 def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", layers="per-resolution",
-                      fingerprint=None, cross_attention=False):
+                      fingerprint=None, cross_attention=False, backend="torchscript"):
     """Cache folder of the bundle for a model id: keyed by model (and, for a
     local checkpoint, its :func:`checkpoint_fingerprint`), torch version,
-    device, size, dtype, layers and cross-attention."""
+    device, size, dtype, layers, cross-attention and backend."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "--", str(model_id)).strip("-") or "model"
     if fingerprint is not None:
         safe += f"__src-{fingerprint}"
@@ -122,6 +128,8 @@ def cached_bundle_dir(model_id, *, device="cpu", size=512, dtype="float32", laye
         key += f"__{layers}"
     if cross_attention:
         key += "__cross"
+    if backend != "torchscript":
+        key += f"__{backend}"
     return cache_dir() / key
 
 
@@ -160,16 +168,37 @@ def _bundle_metadata(path, error):
 
 
 def _resolve_bundle(path):
-    """A bundle file, or a folder holding ``diffseg_bundle.pt``; None if not a path on disk."""
+    """A bundle file, or a folder holding one (``diffseg_bundle.pt`` or
+    ``.pt2``); None if not a path on disk."""
     p = Path(os.fspath(path)).expanduser()
     if p.is_dir():
-        f = p / BUNDLE_FILE
-        if not f.is_file():
-            raise FileNotFoundError(f"{p} holds no {BUNDLE_FILE} (write one with `diffseg export SOURCE {p}`)")
+        f = bundle_file(p)
+        if f is None:
+            raise FileNotFoundError(f"{p} holds no {' or '.join(BUNDLE_FILES.values())} "
+                                    f"(write one with `diffseg export SOURCE {p}`)")
         return f
     if p.is_file():
         return p
     return None
+
+
+def _reuse_memory():
+    """Whether the shim keeps large freed buffers for the next runs
+    (``DIFFSEG_REUSE_MEMORY``, default on)."""
+    value = os.environ.get(REUSE_ENV, "").strip()
+    return value == "" or env_flag(REUSE_ENV)
+
+
+def _check_runnable(path, metadata, device, error):
+    """Refuse a package compiled for instructions this CPU lacks (it would
+    die of an illegal instruction); warn about an emulated precision."""
+    isa = metadata.get("aoti_cpu_isa")
+    missing = missing_isa_features(isa) if isa and not str(device).startswith("cuda") else []
+    if missing:
+        raise error(f"bundle: {path} was compiled (AOTInductor) for {str(isa).upper()} CPUs; this CPU lacks "
+                    f"{', '.join(missing)}: export it again on this machine, or use the TorchScript backend "
+                    "(`diffseg export --backend torchscript`)")
+    warn_if_slow(metadata.get("dtype"), device, stacklevel=4)
 
 
 class Model:
@@ -178,7 +207,8 @@ class Model:
     Parameters
     ----------
     path : str or path
-        ``diffseg_bundle.pt`` or the folder holding it.
+        ``diffseg_bundle.pt`` (TorchScript), ``diffseg_bundle.pt2``
+        (AOTInductor), or the folder holding one.
     device : str
         ``"cpu"`` or ``"cuda[:N]"``; must be the device the bundle was exported for.
     threads : int, optional
@@ -198,6 +228,8 @@ class Model:
         self.path = str(bundle)
         self.device = device
         self.metadata = _bundle_metadata(self.path, _torch.BundleError)
+        _check_runnable(self.path, self.metadata, device, _torch.BundleError)
+        _torch.set_memory_reuse(_reuse_memory())
         try:
             self._model = _torch.Model(self.path, self.device, int(threads or 0))
         except _torch.BundleError as e:
@@ -226,6 +258,11 @@ class Model:
         """Side of the square image of ``frame="crop"`` (512 for SD 1.x); the
         short side of ``frame="whole"``."""
         return self.info["image_size"]
+
+    @property
+    def backend(self):
+        """``"torchscript"`` or ``"aoti"`` (AOTInductor)."""
+        return self.metadata.get("backend", "torchscript")
 
     @property
     def resolutions(self):
@@ -485,13 +522,79 @@ def _looks_like_hub_id(source):
 
 def _check_can_export(source):
     """Fail before announcing an export that cannot run (core-only install)."""
-    missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"exporting {source} needs {', '.join(missing)}: "
-                          "pip install torch==2.13.0 diffusers transformers, or pass an exported bundle")
+    from .export import check_export_dependencies
+
+    try:
+        check_export_dependencies()
+    except ImportError as e:
+        raise ImportError(f"{source}: {e}; or pass an exported bundle") from None
 
 
-def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="float32", cross_attention=False):
+def _check_source(path, source):
+    """Refuse, before any lock or export, a local path that is no checkpoint:
+    a file without a checkpoint suffix (a photo given as the model), a folder
+    that is no diffusers pipeline."""
+    if path.is_file() and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"model: {source} is neither a bundle ({', '.join(BUNDLE_FILES.values())}) nor a "
+                         f"checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) nor a diffusers folder")
+    if path.is_dir():
+        from .checkpoint import _check_pipeline_folder
+
+        try:
+            _check_pipeline_folder(path)
+        except ValueError as e:
+            raise ValueError(f"model: {e} (nor a bundle folder)") from None
+
+
+@contextlib.contextmanager
+def _export_lock(path):
+    """Exclusive lock on the file ``path`` for one export at a time, removed
+    on release. A waiter that wakes up holding the lock of a file its holder
+    has since removed locks the current file instead (compares inodes), so
+    removing the file never lets two exports run at once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            f.close()
+            raise
+        if current:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock (see above)
+        f.close()
+
+
+def _cached_bundle(folder):
+    """The bundle file of a cache folder if it is a readable diffseg bundle
+    of this format version; None if there is none. A damaged one (an export
+    cut short, a bad disk) is removed, with a notice, to be exported again."""
+    path = bundle_file(folder)
+    if path is None:
+        return None
+    try:
+        _bundle_metadata(path, ValueError)
+    except ValueError as e:
+        print(f"diffseg: the cached bundle {path} is damaged ({e}); exporting it again", file=sys.stderr)
+        path.unlink()
+        return None
+    return path
+
+
+def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="float32", cross_attention=False,
+               backend=None):
     """Open a model bundle.
 
     ``path_or_id``: a bundle file or folder, or a checkpoint (hub id, diffusers
@@ -499,32 +602,45 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
     ``CompVis/stable-diffusion-v1-4``) that is exported on first use into
     :func:`cache_dir` and reused afterwards. The cache is keyed by model (for a
     local checkpoint, also the sizes and mtimes of its files, so one rebuilt
-    in place is exported again), torch version, device, size and dtype; a
-    reused bundle is reported on stderr. Concurrent processes exporting the
-    same checkpoint wait for one export (a lock file in the cache).
+    in place is exported again), torch version, device, size, dtype and
+    backend; a reused bundle is checked (its metadata readable) and reported
+    on stderr. Concurrent processes exporting the same checkpoint wait for one
+    export (a lock file in the cache, removed afterwards).
     ``cross_attention=True`` exports (and caches separately) a bundle that can
     also encode prompts (semantic labels; see :func:`export_bundle`); it does
-    not apply to an already exported bundle.
+    not apply to an already exported bundle. ``dtype`` and ``backend``
+    (``"torchscript"``, the default, or ``"aoti"``) are those of
+    :func:`export_bundle` and apply to exports only, as ``size``.
 
     Raises ``FileNotFoundError`` at once for a path that does not exist (an
-    argument that is not a hub id ``owner/name``) and ``ImportError`` before
-    any export when the libtorch shim or torch/diffusers are missing.
+    argument that is not a hub id ``owner/name``), ``ValueError`` for a local
+    path that is no checkpoint (a photo given as the model) and
+    ``ImportError`` before any export when the libtorch shim or
+    torch/diffusers are missing.
     """
     source = DEFAULT_MODEL if path_or_id is None else os.fspath(path_or_id)
+    backend = DEFAULT_BACKEND if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     device = check_device(device)  # before a slow export for a device that cannot run it
     p = Path(source).expanduser()
-    if p.is_file() and p.suffix == ".pt" or (p.is_dir() and (p / BUNDLE_FILE).is_file()):
+    if p.is_file() and p.suffix in (".pt", ".pt2") or (p.is_dir() and bundle_file(p) is not None):
         return Model(p, device=device, threads=threads)
-    if not p.exists() and (p.suffix == ".pt" or not _looks_like_hub_id(source)):
+    if not p.exists() and (p.suffix in (".pt", ".pt2") or not _looks_like_hub_id(source)):
         raise FileNotFoundError(f"model: no such bundle, checkpoint file or folder: {source} "
                                 "(a hub id looks like 'CompVis/stable-diffusion-v1-4')")
-    _shim()  # an export is useless without the shim to run it
     local = p.exists()
+    if local:
+        _check_source(p, source)
+    _shim()  # an export is useless without the shim to run it
+    dtype = resolve_dtype(dtype, device)
     folder = cached_bundle_dir(str(p.resolve()) if local else source, device=device, size=size, dtype=dtype,
                                fingerprint=checkpoint_fingerprint(p) if local else None,
-                               cross_attention=bool(cross_attention))
-    with file_lock(folder.with_name(folder.name + ".lock")):  # one export per checkpoint at a time
-        if (folder / BUNDLE_FILE).is_file():
+                               cross_attention=bool(cross_attention), backend=backend)
+    with _export_lock(folder.with_name(folder.name + ".lock")):  # one export per checkpoint at a time
+        if _cached_bundle(folder) is not None:
             print(f"diffseg: using the cached bundle {folder} for {source}", file=sys.stderr)
         else:
             _check_can_export(source)
@@ -532,5 +648,5 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
 
             print(f"diffseg: exporting {source} to {folder} (once)", file=sys.stderr)
             export_bundle(source, folder, size=size, device=device, dtype=dtype,
-                          cross_attention=bool(cross_attention))
+                          cross_attention=bool(cross_attention), backend=backend)
     return Model(folder, device=device, threads=threads)
