@@ -5,7 +5,14 @@ real v1 topology, saved as a local diffusers folder, and its exported bundle.
 Built once per session, offline; tests using them are skipped when torch or
 diffusers is not installed.
 """
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +62,24 @@ def one_core_thread():
     diffseg.set_num_threads(1)
     yield
     diffseg.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def c_example(tmp_path_factory):
+    """csrc/torch/example.c built against the shim and the core (plain C, no
+    Python): the path of the program. Our sources compile without warnings."""
+    if shutil.which("gcc") is None or shutil.which("g++") is None:
+        pytest.skip("needs gcc and g++")
+    pytest.importorskip("torch")
+    sys.path.insert(0, REPO)
+    try:
+        from csrc.torch.build import example_commands
+    finally:
+        sys.path.remove(REPO)
+    exe = str(tmp_path_factory.mktemp("c_example") / "example")
+    for cmd in example_commands(exe):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        if any(src.endswith(("diffseg_torch.cpp", "example.c")) for src in cmd):
+            assert "warning" not in r.stderr, r.stderr[-4000:]
+    return exe
