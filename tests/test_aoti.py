@@ -24,8 +24,7 @@ from diffseg.sd.export import AOTI_MAX_BATCH  # noqa: E402
 from sd_tiny import reference_attention  # noqa: E402
 
 
-pytestmark = [pytest.mark.aoti,
-              pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")]
+pytestmark = pytest.mark.aoti
 
 
 @pytest.fixture(scope="session")

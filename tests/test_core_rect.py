@@ -376,3 +376,15 @@ def test_merge_takes_the_shape_it_is_told_not_the_attention_keys():
         assert P.shape[1:] == shape
         np.testing.assert_allclose(P, reference.merge(A, grid=1, kl_threshold=(1.0,), shape=shape),
                                    rtol=1e-6)
+
+
+def test_merge_without_shape_takes_the_square_grid():
+    """The merge sees only A: told no shape, it reads N positions as a square
+    grid (a 1 x 4 key's A is merged as 2 x 2, like a 2 x 2 key's), and refuses
+    an N that is no square, naming the remedy."""
+    A = diffseg.aggregate({(1, 4): np.full((4, 4), 0.25, np.float32)})
+    assert diffseg.merge(A, grid=1, kl_threshold=(1.0,)).shape[1:] == (2, 2)
+    assert diffseg.merge(A, grid=1, kl_threshold=(1.0,), shape=(1, 4)).shape[1:] == (1, 4)
+    A = diffseg.aggregate({(2, 4): np.full((8, 8), 0.125, np.float32)})
+    with pytest.raises(ValueError, match=r"give shape=\(H, W\).*8 positions is not a square number"):
+        diffseg.merge(A, grid=1, kl_threshold=(1.0,))

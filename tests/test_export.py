@@ -13,9 +13,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import diffseg  # noqa: E402
-
-# TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 from diffseg.sd import checkpoint, export  # noqa: E402
 from sd_tiny import build_tiny_sd, load_tiny_sd, reference_attention  # noqa: E402
 

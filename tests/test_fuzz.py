@@ -46,6 +46,10 @@ def fuzz_settings(n):
 FLT_MAX = float(np.finfo(np.float32).max)
 ACCEPTED = (ValueError, TypeError)
 
+
+def square(n):
+    return math.isqrt(n) ** 2 == n
+
 # ---------------------------------------------------------------------------
 # Array generation: a seed-driven NumPy base (fast, shrinks well), a few
 # special values at drawn positions, optional zero rows, then dtype + layout.
@@ -517,15 +521,16 @@ def test_fuzz_rectangular_aggregate_and_merge(case):
         P = diffseg.merge(A, grid=grid, kl_threshold=(tau,), shape=shape)
     except ACCEPTED as e:
         event(f"rect merge raised {type(e).__name__}")
-        assert shape != (H, W) or not 1 <= grid <= min(H, W) or (shape is None and H != W) \
+        assert shape != (H, W) or not 1 <= grid <= min(H, W) or (shape is None and not square(H * W)) \
             or isinstance(grid, bool), f"merge refused a valid call: {e}"
         return
     finally:
         diffseg.core.use_gemm("builtin")
     event("rect merge ok")
     # the merge sees only A (N x N): an accepted shape is the grid it was told
-    # (it may differ from the key's, e.g. (1, 2) for a (2, 1) key)
-    H, W = tuple(shape) if shape is not None else (H, W)
+    # (it may differ from the key's, e.g. (1, 2) for a (2, 1) key); told none,
+    # it takes the square grid (a 1 x 4 key's A is merged as 2 x 2, as documented)
+    H, W = tuple(shape) if shape is not None else (math.isqrt(H * W),) * 2
     assert P.shape[1:] == (H, W)
     rows, cols = reference.anchor_grid((H, W), grid)
     anchors = (rows[:, None] * W + cols[None, :]).ravel()

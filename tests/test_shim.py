@@ -16,8 +16,6 @@ _torch = pytest.importorskip("diffseg._torch", reason="diffseg._torch not built 
 
 import diffseg  # noqa: E402
 
-# TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 from diffseg import reference  # noqa: E402
 from diffseg.io.images import preprocess_image  # noqa: E402
 from diffseg.sd.bundle import FORMAT_VERSION  # noqa: E402

@@ -36,8 +36,7 @@ import diffseg  # noqa: E402
 from diffseg.sd.model import BundleVersionWarning  # noqa: E402
 from run_in_subprocess import in_child, isolated, record, run_python  # noqa: E402
 
-pytestmark = [pytest.mark.reliability,  # `make test-reliability`
-              pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")]
+pytestmark = pytest.mark.reliability  # `make test-reliability`
 
 BUNDLE_ENV = "DIFFSEG_TEST_TINY_BUNDLE"
 S = 128  # image side of the tiny bundle

@@ -7,8 +7,6 @@ import pytest
 
 from diffseg.io.images import FrameGeometry, preprocess_image, whole_frame_geometry
 
-# TorchScript (torch.jit.*) is deprecated upstream but is the bundle format.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 
 # ---------------------------------------------------------------- whole-frame geometry (no torch)
 
