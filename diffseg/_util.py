@@ -19,18 +19,32 @@ def temp_name(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, *, durable=False):
     """Yield a temporary path beside ``path``; when the block succeeds it
     replaces ``path`` atomically, else it is removed. Readers never see a
-    half-written file."""
+    half-written file. ``durable=True`` also flushes the file to disk before
+    the rename and the rename itself (the folder) after it, so that a crash or
+    power loss leaves the old file or the whole new one (model bundles)."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent, directory=True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _fsync(path, *, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -44,17 +58,35 @@ def atomic_write(path, mode="w"):
 
 @contextlib.contextmanager
 def file_lock(path):
-    """Exclusive advisory lock (``fcntl.flock``) on ``path`` (created if
-    missing) for the duration of the block; blocks until it is free."""
+    """Exclusive advisory lock (``fcntl.flock``) on the file ``path`` (created
+    if missing) for the duration of the block; blocks until it is free. The
+    file is removed on release. A waiter that wakes up holding the lock of a
+    file its holder has since removed locks the current file instead (compares
+    inodes), so removing the file never lets two holders in at once."""
     import fcntl
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            f.close()
+            raise
+        if current:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock (see above)
+        f.close()
 
 
 def progress_bar(**kwargs):

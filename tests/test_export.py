@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 
 import diffseg  # noqa: E402
 from diffseg.sd import checkpoint, export  # noqa: E402
+from diffseg.sd.bundle import BUNDLE_FILE  # noqa: E402
 from sd_tiny import build_tiny_sd, load_tiny_sd, reference_attention  # noqa: E402
 
 
@@ -144,7 +145,7 @@ def all_layers_bundle(tiny_sd_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("all_layers")
     rc = main(["export", tiny_sd_dir, str(out), "--size", "128", "--layers", "all"])
     assert rc == 0
-    return str(out / export.BUNDLE_FILE)
+    return str(out / BUNDLE_FILE)
 
 
 def test_layers_all(all_layers_bundle, tiny_pipe):
@@ -212,7 +213,7 @@ def test_bad_arguments(tiny_sd_dir, tmp_path):
     (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="not supported"):
         export.export_bundle(xl, tmp_path)
-    assert not (tmp_path / export.BUNDLE_FILE).exists()
+    assert not (tmp_path / BUNDLE_FILE).exists()
 
 
 def _no_probe(timeout=5.0):
@@ -320,7 +321,7 @@ def test_bundle_is_flushed_before_the_rename(tiny_sd_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "flushed"
     export.export_bundle(tiny_sd_dir, out, size=64)
-    i = events.index(("replace", export.BUNDLE_FILE))
+    i = events.index(("replace", BUNDLE_FILE))
     assert events[i - 1][0] == "fsync" and events[i - 1][1].endswith(".pt")  # the temporary file
     assert events[i + 1] == ("fsync", "flushed")  # the folder
 

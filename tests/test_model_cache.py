@@ -157,28 +157,6 @@ def test_lock_files_are_removed_after_exports(fake_export, checkpoint, tmp_path)
     assert len(entries) == 1 and entries[0].is_dir()  # the bundle folder, no lock file
 
 
-def test_removed_lock_file_still_serialises_exports(tmp_path):
-    """A waiter that wakes up holding the lock of a file its holder has removed
-    takes the lock of the current file: never two holders at once."""
-    lock = tmp_path / "x.lock"
-    inside, overlaps = [], []
-
-    def hold():
-        with model_mod._export_lock(lock):
-            inside.append(1)
-            if len(inside) > 1:
-                overlaps.append(1)
-            time.sleep(0.2)
-            inside.pop()
-
-    threads = [threading.Thread(target=hold) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert overlaps == [] and not lock.exists()
-
-
 def test_damaged_cached_bundle_is_exported_again(fake_export, checkpoint, capsys):
     first = diffseg.load_model(checkpoint)
     (first / BUNDLE_FILE).write_bytes(b"PK\x03\x04 cut short")  # an export cut short by a crash

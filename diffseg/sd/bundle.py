@@ -19,13 +19,9 @@ Format versions: 1 kept the layout in ``diffseg.json`` only; 2 adds the module
 attributes (and is the version of every AOTInductor package). The shim reads
 version 2 only.
 """
-import contextlib
 import json
-import os
 import zipfile
 from pathlib import Path
-
-from .._util import temp_name
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 """The checkpoint of the official code."""
@@ -97,31 +93,3 @@ def bundle_file(folder):
 def backend_of(path):
     """The backend of a bundle file, by its name (``.pt2``: AOTInductor)."""
     return "aoti" if Path(path).suffix == ".pt2" else "torchscript"
-
-
-def fsync_path(path, *, directory=False):
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def durable_path(path):
-    """Yield a temporary path beside ``path``; when the block succeeds, the
-    file is flushed to disk, renamed over ``path`` atomically and the rename
-    itself flushed (the folder), so that a crash or power loss leaves either
-    the old file or the complete new one, never a truncated bundle under the
-    final name. On failure the temporary file is removed."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent, directory=True)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

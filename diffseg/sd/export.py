@@ -65,10 +65,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .._util import atomic_write
-from .bundle import (BACKENDS, BUNDLE_FILE, BUNDLE_FILES, DEFAULT_BACKEND, DEFAULT_MODEL, DEFAULT_TIMESTEP,
-                     DTYPE_CHOICES, FORMAT, FORMAT_VERSION, LAYER_MODES, METADATA_NAME, SHIM_ATTRIBUTES,
-                     durable_path)
+from .._util import atomic_path, atomic_write
+from .bundle import (BACKENDS, BUNDLE_FILES, DEFAULT_BACKEND, DEFAULT_MODEL, DEFAULT_TIMESTEP,
+                     DTYPE_CHOICES, FORMAT, FORMAT_VERSION, LAYER_MODES, METADATA_NAME, SHIM_ATTRIBUTES)
 from .capture import install_capture
 from .cross import TEXT_TOKENS, install_cross_capture, prompt_modules, tokenizer_files
 from .checkpoint import _check_supported, _sd_version, load_pipeline
@@ -194,7 +193,8 @@ def check_export_dependencies():
             "is built too")
 
 
-def _check_options(layers, dtype, backend, cross_attention):
+def check_export_options(layers, dtype, backend, cross_attention):
+    """ValueError naming the option that :func:`export_bundle` cannot take."""
     if layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     if dtype not in DTYPE_CHOICES:
@@ -277,7 +277,7 @@ def _trace(encoder, unet_wrapper, examples, layout, prompt_parts):
 def _save_torchscript(bundle, path, text, extra):
     import torch
 
-    with durable_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path, durable=True) as tmp, warnings.catch_warnings():
         # TorchScript is deprecated upstream (a DeprecationWarning in torch 2.13, a
         # FutureWarning in 2.14) but still loads.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
@@ -364,7 +364,7 @@ def _aoti_package(encoder, unet_wrapper, examples, geometry, layout, path, descr
                          "aoti_peak_rss_gb": round(_peak_rss_gb(), 2),
                          "aoti_cpu_isa": str(torch._inductor.cpu_vec_isa.pick_vec_isa()),
                          "aoti_max_batch": AOTI_MAX_BATCH, "aoti_max_side": AOTI_MAX_SIDE})
-        with durable_path(path) as tmp:
+        with atomic_path(path, durable=True) as tmp:
             package_pt2(str(tmp), aoti_files=files, extra_files={METADATA_NAME: text})
     return text
 
@@ -432,7 +432,7 @@ def export_pipeline(pipe, out_dir, *, size=512, device="cpu", dtype="float32", l
     """Export an already loaded ``StableDiffusionPipeline`` (see :func:`export_bundle`)."""
     import torch
 
-    _check_options(layers, dtype, backend, cross_attention)
+    check_export_options(layers, dtype, backend, cross_attention)
     device = _normalise_device(device)
     dtype = resolve_dtype(dtype, device)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -534,7 +534,7 @@ def export_bundle(source=DEFAULT_MODEL, out_dir="diffseg-bundle", *, size=512, d
     progress : bool
         Report the slow steps (AOTInductor compiles: time, peak memory) on stderr.
     """
-    _check_options(layers, dtype, backend, cross_attention)
+    check_export_options(layers, dtype, backend, cross_attention)
     _normalise_device(device)
     check_export_dependencies()
     source = os.fspath(source)

@@ -25,7 +25,6 @@ it does not, opening raises ``BundleError`` with the same advice: export the
 bundle again). ``warnings.simplefilter("error", diffseg.BundleVersionWarning)``
 makes the mismatch an error.
 """
-import contextlib
 import hashlib
 import os
 import re
@@ -35,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .._util import env_flag
+from .._util import env_flag, file_lock
 from ..core import average_layers
 from ..io.images import FRAMES, load_image, preprocess_image, whole_frame_geometry
-from .bundle import (BACKENDS, BUNDLE_FILES, DEFAULT_BACKEND, DEFAULT_MODEL, DTYPE_CHOICES, FORMAT, FORMAT_VERSION,
-                     METADATA_NAME, bundle_file, read_metadata)
+from .bundle import (BUNDLE_FILES, DEFAULT_BACKEND, DEFAULT_MODEL, FORMAT, FORMAT_VERSION, METADATA_NAME, bundle_file,
+                     read_metadata)
+from .export import check_export_options
 from .hardware import missing_isa_features, resolve_dtype, warn_if_slow
 
 CACHE_ENV = "DIFFSEG_CACHE"
@@ -546,37 +546,6 @@ def _check_source(path, source):
             raise ValueError(f"model: {e} (nor a bundle folder)") from None
 
 
-@contextlib.contextmanager
-def _export_lock(path):
-    """Exclusive lock on the file ``path`` for one export at a time, removed
-    on release. A waiter that wakes up holding the lock of a file its holder
-    has since removed locks the current file instead (compares inodes), so
-    removing the file never lets two exports run at once."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        f = open(path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                current = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            f.close()
-            raise
-        if current:
-            break
-        f.close()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # still holding the lock (see above)
-        f.close()
-
-
 def _cached_bundle(folder):
     """The bundle file of a cache folder if it is a readable diffseg bundle
     of this format version; None if there is none. A damaged one (an export
@@ -620,10 +589,7 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
     """
     source = DEFAULT_MODEL if path_or_id is None else os.fspath(path_or_id)
     backend = DEFAULT_BACKEND if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    check_export_options("per-resolution", dtype, backend, cross_attention)  # before any work
     device = check_device(device)  # before a slow export for a device that cannot run it
     p = Path(source).expanduser()
     if p.is_file() and p.suffix in (".pt", ".pt2") or (p.is_dir() and bundle_file(p) is not None):
@@ -639,7 +605,7 @@ def load_model(path_or_id=None, *, device="cpu", threads=None, size=512, dtype="
     folder = cached_bundle_dir(str(p.resolve()) if local else source, device=device, size=size, dtype=dtype,
                                fingerprint=checkpoint_fingerprint(p) if local else None,
                                cross_attention=bool(cross_attention), backend=backend)
-    with _export_lock(folder.with_name(folder.name + ".lock")):  # one export per checkpoint at a time
+    with file_lock(folder.with_name(folder.name + ".lock")):  # one export per checkpoint at a time
         if _cached_bundle(folder) is not None:
             print(f"diffseg: using the cached bundle {folder} for {source}", file=sys.stderr)
         else:
